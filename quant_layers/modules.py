@@ -1,0 +1,163 @@
+"""Simulated-quantization modules and the swap that puts them into a Hugging Face model.
+
+The modules hold parameters and call `quantize`; they contain no search logic. Until `set_quant_params`
+is called they compute exactly what the module they replaced computed.
+
+QuantLinear, with activation format F_a, per-tensor activation clipping range m_a, per-input-channel
+integer shifts k (LLM-FP4's pre-shifted exponent bias, Eq. 8) and per-output-channel weight range m_w:
+
+    y = Q_a(x * 2^k; m_a) @ W_fold^T + bias,    W_fold[o, c] = Q_w(W[o, c]; m_w[o]) * 2^-k[c]
+
+which equals the explicit per-channel quantization Q_a(x; m_a * 2^-k) @ Q_w(W)^T, because
+Q(x; m * 2^-k) = 2^-k * Q(2^k * x; m) for integer k. The weight is quantized once, when the
+parameters are set, and stored in the model dtype: evaluation never re-quantizes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant_layers.formats import QuantFormat
+from quant_layers.quantize import quantize
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear with static weight and input-activation fake quantization."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_format: QuantFormat | None = None
+        self.act_format: QuantFormat | None = None
+        self.register_buffer("act_max_value", None)
+        self.register_buffer("act_channel_scale", None)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_format is not None or self.act_format is not None
+
+    def set_quant_params(
+        self,
+        weight_format: QuantFormat | None,
+        weight_max_value: torch.Tensor | None,
+        act_format: QuantFormat | None,
+        act_max_value: torch.Tensor | None,
+        act_channel_shift: torch.Tensor | None = None,
+    ) -> None:
+        """Quantize the weight once (per-row range weight_max_value [out]) and set the activation quantizer.
+
+        act_max_value: [] (per tensor); act_channel_shift: [in] integers >= 0, or None.
+        May be called once: the full-precision weight is replaced by its quantized values.
+        """
+        if self.is_quantized:
+            raise RuntimeError("quantization parameters are already set on this module")
+        weight = self.weight.detach()
+        if weight_format is not None:
+            weight = quantize(weight, weight_format, weight_max_value.to(weight.device).view(-1, 1))
+        if act_channel_shift is not None:
+            shift = act_channel_shift.to(device=weight.device, dtype=torch.float32)
+            weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
+            self.act_channel_scale = torch.exp2(shift).to(weight.dtype)
+        # A new Parameter, never an in-place write: a tied embedding must keep its own values.
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_format = weight_format
+        self.act_format = act_format
+        if act_format is not None:
+            self.act_max_value = act_max_value.to(device=weight.device, dtype=torch.float32).reshape(())
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Q_a(x * 2^k; m_a): what the folded weight multiplies."""
+        if self.act_format is None:
+            return x
+        if self.act_channel_scale is not None:
+            x = x * self.act_channel_scale
+        return quantize(x, self.act_format, self.act_max_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight={self.weight_format}, act={self.act_format}, "
+            f"act_shift={self.act_channel_scale is not None}"
+        )
+
+
+class QuantEmbedding(nn.Module):
+    """Wraps an nn.Embedding (or a subclass such as Gemma's scaled embedding) whose table is
+    fake-quantized once, one clipping range per token row."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.weight_format: QuantFormat | None = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_format is not None
+
+    def set_quant_params(self, weight_format: QuantFormat, weight_max_value: torch.Tensor) -> None:
+        """Quantize the table once with per-row range weight_max_value [num_embeddings]."""
+        if self.is_quantized:
+            raise RuntimeError("quantization parameters are already set on this module")
+        weight = self.weight.detach()
+        weight = quantize(weight, weight_format, weight_max_value.to(weight.device).view(-1, 1))
+        self.embedding.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_format = weight_format
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight_format}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def swap_modules(model: nn.Module, linear: bool = True, lm_head: bool = True, embedding: bool = True) -> dict[str, nn.Module]:
+    """Replace nn.Linear and the token embedding of a Hugging Face causal LM in place.
+
+    linear: every nn.Linear except the output head; lm_head: the output head; embedding: the input
+    token embedding. A tied head/embedding becomes two modules with their own weights, and the config
+    is untied so that `tie_weights()` (called by lm-eval) does not join them again.
+    Returns {qualified name: new module}.
+    """
+    head = model.get_output_embeddings()
+    token_embedding = model.get_input_embeddings()
+    swapped: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if module is head and isinstance(module, nn.Linear):
+            if lm_head:
+                swapped[name] = QuantLinear(module)
+        elif type(module) is nn.Linear and linear:
+            swapped[name] = QuantLinear(module)
+        elif module is token_embedding and isinstance(module, nn.Embedding) and embedding:
+            swapped[name] = QuantEmbedding(module)
+    for name, module in swapped.items():
+        _set_submodule(model, name, module)
+    if swapped:
+        _untie(model)
+    return swapped
+
+
+def _untie(model: nn.Module) -> None:
+    """Mark the config untied (top level and text sub-config) so no later call re-ties the head."""
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
