@@ -11,10 +11,7 @@ b = log2(grid_max / max_value), for readers. Loading uses the max values.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from torch import nn
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear
+from utils.fileio import atomic_write, sha256_file
 
 FILE_FORMAT = "llm-fp4-params"
 VERSION = 1
@@ -102,35 +100,13 @@ def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], d
 def save_params(path: str | Path, layers: dict[str, LayerParams], metadata: dict) -> str:
     """Write `path` (.pt) and its `.safetensors` twin atomically; returns the .pt file's sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, modules = _flatten(layers)
     metadata = {**metadata, "modules": modules}
     payload = {"format": FILE_FORMAT, "version": VERSION, "metadata": metadata, "tensors": tensors}
     twin = path.with_suffix(".safetensors")
-    _atomic_write(twin, lambda f: save_file(tensors, f, metadata={"llm_fp4": json.dumps(metadata)}))
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(twin, lambda f: save_file(tensors, f, metadata={"llm_fp4": json.dumps(metadata)}))
+    atomic_write(path, lambda f: torch.save(payload, f))
     return sha256_file(path)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_params(path: str | Path) -> tuple[dict[str, LayerParams], dict]:

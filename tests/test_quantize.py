@@ -1,0 +1,160 @@
+"""Numerics of the one quantizer, checked against independent plain-Python enumerations of each grid."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from quant_layers.formats import (QuantFormat, exponent_bias_from_max, formats_of_width, fp_format, int_format,
+                                  max_from_exponent_bias, parse_format)
+from quant_layers.quantize import quantize
+
+
+def enumerate_fp_grid(exponent_bits: int, mantissa_bits: int, bias: float) -> list[float]:
+    """Every value of sign + E + M with real bias b, decoded code by code (float64): exponent code 0 holds
+    the subnormals k * 2^(1 - b - M), codes 1..2^E-1 the normals 2^(e - b) * (1 + m / 2^M)."""
+    magnitudes = {k * 2.0 ** (1 - bias - mantissa_bits) for k in range(2**mantissa_bits)}
+    for e in range(1, 2**exponent_bits):
+        for m in range(2**mantissa_bits):
+            magnitudes.add(2.0 ** (e - bias) * (1 + m / 2**mantissa_bits))
+    return sorted({s * v for v in magnitudes for s in (1, -1)})
+
+
+def nearest(grid: list[float], x: float) -> float:
+    return min(grid, key=lambda g: abs(g - x))
+
+
+def test_e2m1_with_max_6_is_the_fp4_grid():
+    values = quantize(torch.linspace(-10, 10, 200001), fp_format(2, 1), 6.0)
+    assert sorted(set(values.tolist())) == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+def test_e2m1_max_6_has_bias_1():
+    assert float(exponent_bias_from_max(fp_format(2, 1), 6.0)) == 1.0
+    assert float(max_from_exponent_bias(fp_format(2, 1), 1.0)) == 6.0
+
+
+def _fits_float32(e: int, m: int, bias: float) -> bool:
+    """The grid's largest and smallest non-zero magnitudes are normal float32 numbers."""
+    return 2.0 ** (2**e - bias) < 2.0**127 and 2.0 ** (1 - bias - m) > 2.0**-126
+
+
+FP_GRIDS = [
+    (e, bits - 1 - e, bias)
+    for bits in range(3, 9)
+    for e in range(1, bits)
+    for bias in (0.0, 1.0, 3.0, -2.0, 0.4, 2.7)
+    if _fits_float32(e, bits - 1 - e, bias)
+]
+
+
+@pytest.mark.parametrize("exponent_bits,mantissa_bits,bias", FP_GRIDS)
+def test_grid_matches_independent_enumeration(exponent_bits, mantissa_bits, bias):
+    fmt = fp_format(exponent_bits, mantissa_bits)
+    grid = enumerate_fp_grid(exponent_bits, mantissa_bits, bias)
+    max_value = max_from_exponent_bias(fmt, bias)
+    assert float(max_value) == pytest.approx(max(grid), rel=1e-6)
+    # Grid points map to themselves.
+    on_grid = torch.tensor(grid, dtype=torch.float64).float()
+    assert torch.allclose(quantize(on_grid, fmt, max_value), on_grid, rtol=2e-6, atol=0)
+    # Random inputs (and out-of-range ones) land on the nearest grid point.
+    generator = torch.Generator().manual_seed(exponent_bits * 100 + mantissa_bits)
+    x = (torch.rand(2000, generator=generator) * 2 - 1) * 1.3 * max(grid)
+    q = quantize(x, fmt, max_value)
+    expected = torch.tensor([nearest(grid, v) for v in x.double().tolist()])
+    distance_q = (q.double() - x.double()).abs()
+    distance_best = (expected - x.double()).abs()
+    assert torch.all(distance_q <= distance_best + 1e-6 * max(grid))
+    grid_t = torch.tensor(grid)
+    assert torch.all((q.double().view(-1, 1) - grid_t.view(1, -1)).abs().min(dim=1).values <= 2e-6 * grid_t.abs().max())
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+def test_fp_grid_size(bits):
+    for fmt in formats_of_width(bits):
+        values = enumerate_fp_grid(fmt.exponent_bits, fmt.mantissa_bits, 0.0)
+        assert len(values) == 2**bits - 1  # two zeros collapse into one
+        q = quantize(torch.tensor(values), fmt, fmt.grid_max)
+        assert sorted(set(q.tolist())) == values
+
+
+# Ties to even on E2M1 (max 6). Each bucket on its own, with both signs: in binade [2^e, 2^(e+1)) the step is
+# 2^(e-1); a value exactly between two grid points goes to the one whose mantissa code is even.
+TIES = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0)]
+
+
+@pytest.mark.parametrize("value,expected", TIES)
+def test_ties_round_to_even(value, expected):
+    fmt = fp_format(2, 1)
+    assert float(quantize(torch.tensor(value), fmt, 6.0)) == expected
+    assert float(quantize(torch.tensor(-value), fmt, 6.0)) == -expected
+
+
+@pytest.mark.parametrize("value,expected", [(0.5, 0.0), (1.5, 2.0), (2.5, 2.0), (-3.5, -4.0), (6.5, 6.0)])
+def test_int_ties_round_to_even(value, expected):
+    assert float(quantize(torch.tensor(value), int_format(4), 7.0)) == expected
+
+
+def test_int_grid_and_saturation():
+    q = quantize(torch.linspace(-20, 20, 4001), int_format(4), 7.0)
+    assert sorted(set(q.tolist())) == list(range(-7, 8))
+    assert float(quantize(torch.tensor(0.3), int_format(8), 127.0 * 0.1)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("fmt", [fp_format(2, 1), fp_format(3, 0), fp_format(1, 2), fp_format(4, 3), fp_format(5, 2)])
+def test_max_bias_round_trip(fmt):
+    max_values = torch.tensor([1e-3, 0.37, 1.0, 6.0, 123.4, 5e4])
+    assert torch.allclose(max_from_exponent_bias(fmt, exponent_bias_from_max(fmt, max_values)), max_values, rtol=1e-6)
+    biases = torch.tensor([-3.0, -0.5, 0.0, 1.0, 2.25, 7.0])
+    assert torch.allclose(exponent_bias_from_max(fmt, max_from_exponent_bias(fmt, biases)), biases, atol=1e-5)
+    # The formula of the paper: max = (2 - 2^-M) 2^(2^E - 1 - b).
+    b = 0.7
+    paper = (2 - 2.0 ** -fmt.mantissa_bits) * 2.0 ** (2**fmt.exponent_bits - 1 - b)
+    assert float(max_from_exponent_bias(fmt, b)) == pytest.approx(paper, rel=1e-6)
+
+
+def test_e4m3_matches_torch_float8_below_448():
+    """Outside oracle: OCP FP8 E4M3 (bias 7) equals our E4M3 with max 480 wherever OCP has no NaN code."""
+    fmt = fp_format(4, 3)
+    x = torch.cat([torch.randn(20000) * 40, torch.randn(2000) * 1e-2, torch.linspace(-448, 448, 10001)])
+    ours = quantize(x, fmt, max_from_exponent_bias(fmt, 7.0))
+    reference = x.to(torch.float8_e4m3fn).float()
+    assert torch.equal(ours, reference)
+
+
+def test_per_channel_ranges_broadcast():
+    fmt = fp_format(2, 1)
+    x = torch.tensor([[3.0, 3.0], [3.0, 3.0]])
+    per_row = quantize(x, fmt, torch.tensor([[6.0], [1.5]]))
+    assert per_row.tolist() == [[3.0, 3.0], [1.5, 1.5]]
+    per_column = quantize(torch.full((2, 2), 1.3), fmt, torch.tensor([6.0, 12.0]))
+    assert per_column.tolist() == [[1.5, 1.0], [1.5, 1.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtype_kept_and_idempotent(dtype):
+    fmt = fp_format(2, 1)
+    x = (torch.randn(64, 64) * 3).to(dtype)
+    q = quantize(x, fmt, 6.0)
+    assert q.dtype == dtype
+    assert torch.equal(quantize(q, fmt, 6.0), q)
+    assert torch.equal(quantize(-x, fmt, 6.0), -q)
+
+
+def test_zero_and_nan():
+    fmt = fp_format(2, 1)
+    q = quantize(torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")]), fmt, 6.0)
+    assert q[:2].tolist() == [0.0, 0.0]
+    assert math.isnan(q[2])
+    assert q[3:].tolist() == [6.0, -6.0]
+
+
+def test_format_data():
+    assert [f.name for f in formats_of_width(4)] == ["E3M0", "E2M1", "E1M2"]
+    assert parse_format("e2m1") == fp_format(2, 1) and parse_format("INT4") == int_format(4)
+    assert fp_format(2, 1).grid_max == 12.0 and int_format(4).grid_max == 7.0
+    with pytest.raises(ValueError):
+        QuantFormat("fp", 4, 0)
+    with pytest.raises(ValueError):
+        parse_format("FP4")

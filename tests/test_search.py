@@ -1,0 +1,138 @@
+"""The per-layer search: exact batched losses, planted optima, monotonicity, shifts."""
+
+import pytest
+import torch
+
+from quant_layers.formats import exponent_bias_from_max, fp_format, int_format, max_from_exponent_bias
+from quant_layers.quantize import quantize
+from utils.search import (Budget, LinearProblem, LinearState, SearchSpace, channel_shift, minmax_state,
+                          search_linear, search_table)
+
+E2M1 = fp_format(2, 1)
+HALF_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0])  # E2M1 values below its max 6
+
+
+def planted(rows: int, cols: int, scale: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Values on scale * E2M1 grid (max 6 * scale) that never use +-6: the row maximum is 4 * scale, so the
+    only exact range is 6 * scale = 1.5 x MinMax."""
+    v = HALF_GRID[torch.randint(0, 7, (rows, cols), generator=generator)]
+    v = v * torch.where(torch.rand(rows, cols, generator=generator) < 0.5, -1.0, 1.0)
+    v[:, 0] = 4.0
+    return v * scale
+
+
+def brute_force_loss(x, w, weight_format, weight_max, act_format, act_range):
+    xq = quantize(x.double(), act_format, act_range.double())
+    wq = quantize(w.double(), weight_format, weight_max.double().view(-1, 1))
+    return ((xq @ wq.T - x.double() @ w.double().T) ** 2).sum(0)  # per output row
+
+
+@pytest.mark.parametrize("tokens", [256, 8])  # quadratic form (N >= in) and direct path (N < in)
+def test_weight_losses_match_brute_force(tokens):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(tokens, 32, generator=g), torch.randn(12, 32, generator=g)
+    problem = LinearProblem(x, w, Budget(1 << 20))
+    act_range = torch.rand(32, generator=g) + 1.5
+    candidates = SearchSpace(0.3, 1.2, 7).candidates(E2M1, problem.weight_absmax)
+    losses = problem.weight_losses(E2M1, candidates, E2M1, act_range)
+    expected = torch.stack([brute_force_loss(x, w, E2M1, c, E2M1, act_range) for c in candidates])
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_features", [64, 8])  # input-space quadratic form (in < out) and direct (out <= in)
+def test_act_losses_match_brute_force(out_features):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(200, 16, generator=g), torch.randn(out_features, 16, generator=g)
+    problem = LinearProblem(x, w, Budget(1 << 16))  # small budget: several token and candidate chunks
+    weight_max = w.abs().amax(1) * 0.8
+    weight_q = quantize(w, E2M1, weight_max.view(-1, 1))
+    ranges = torch.rand(9, 16, generator=g) * 3 + 0.5
+    losses = problem.act_losses(E2M1, ranges, weight_q)
+    expected = torch.stack([brute_force_loss(x, w, E2M1, weight_max, E2M1, r).sum() for r in ranges])
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_search_recovers_planted_optimum():
+    g = torch.Generator().manual_seed(2)
+    row_scale = torch.rand(16, 1, generator=g) + 0.5
+    w = planted(16, 32, row_scale, g)
+    x = planted(512, 32, torch.tensor(0.7), g)
+    problem = LinearProblem(x, w, Budget(1 << 24))
+    space = SearchSpace(0.5, 2.0, 6)  # g in {0.5, 0.75, ..., 1.75} and 1: 1.5 is the planted optimum
+    best, minmax = search_linear(problem, E2M1, E2M1, space, rounds=2, shifts=False)
+    assert minmax.loss > 1e-3
+    assert best.loss < 1e-9
+    assert best.weight_format == E2M1 and best.act_format == E2M1
+    torch.testing.assert_close(best.weight_max_value, 1.5 * problem.weight_absmax)
+    torch.testing.assert_close(best.act_max_value, 1.5 * problem.act_absmax)
+
+
+def test_search_picks_the_planted_format():
+    """Weights exactly on an E1M2 grid: starting from E2M1, the search must move to E1M2 with zero weight error."""
+    g = torch.Generator().manual_seed(3)
+    e1m2 = fp_format(1, 2)
+    codes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])  # E1M2, bias 0
+    w = codes[torch.randint(0, 8, (8, 32), generator=g)] * torch.where(torch.rand(8, 32, generator=g) < .5, -1., 1.)
+    w[:, 0] = 3.5  # the E1M2 maximum with bias 0
+    x = torch.randn(256, 32, generator=g)
+    problem = LinearProblem(x, w, Budget(1 << 24))
+    best, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.5, 1.5, 4), rounds=1, shifts=False)
+    assert best.weight_format == e1m2
+    torch.testing.assert_close(quantize(w, e1m2, best.weight_max_value.view(-1, 1)), w)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shifts", [False, True])
+def test_search_never_worse_than_minmax(seed, shifts):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 24, generator=g) * torch.exp2(torch.randint(-3, 4, (24,), generator=g).float())
+    x[0, 0] = 40.0  # an outlier
+    w = torch.randn(20, 24, generator=g) * 0.1
+    problem = LinearProblem(x, w, Budget(1 << 22))
+    best, minmax = search_linear(problem, E2M1, E2M1, SearchSpace(0.01, 1.2, 12), rounds=2, shifts=shifts)
+    assert problem.loss(best) <= problem.loss(minmax) * (1 + 1e-5)
+    assert best.loss == pytest.approx(problem.loss(best), rel=1e-3)
+    assert problem.loss(best) < 0.9 * problem.loss(minmax)  # an outlier leaves room to gain
+
+
+def test_channel_shift_by_hand():
+    """E2M1: bias(max) = log2(12 / max). Tensor max 6 -> b_a = 1. Channel maxima 6, 1.5, 0.7, 0.01 ->
+    b_c = 1, 3, 4.1, 10.2 -> round -> 1, 3, 4, 10 -> k = 0, 2, 3, 9 -> clamp to 2^E - 1 = 3."""
+    shift = channel_shift(E2M1, torch.tensor([6.0]), torch.tensor([6.0, 1.5, 0.7, 0.01]))
+    assert shift.tolist() == [[0, 2, 3, 3]]
+
+
+def test_bias_space_multiplies_the_exponent_bias():
+    absmax = torch.tensor([6.0, 0.75])  # E2M1 biases 1 and 4
+    candidates = SearchSpace(0.5, 1.5, 2, space="bias").candidates(E2M1, absmax)
+    biases = exponent_bias_from_max(E2M1, candidates)
+    torch.testing.assert_close(biases, torch.tensor([[0.5, 2.0], [1.0, 4.0]]))
+    max_candidates = SearchSpace(0.5, 1.5, 2).candidates(E2M1, absmax)
+    torch.testing.assert_close(max_candidates, torch.tensor([[3.0, 0.375], [6.0, 0.75]]))
+    torch.testing.assert_close(max_from_exponent_bias(E2M1, torch.tensor(1.0)), torch.tensor(6.0))
+
+
+def test_candidate_multipliers():
+    g = SearchSpace(0.01, 1.2, 100).multipliers()
+    assert len(g) == 101 and float(g[0]) == pytest.approx(0.01) and 1.0 in g.tolist()
+    assert float(g[-1]) == pytest.approx(0.01 + 99 * 1.19 / 100)
+
+
+def test_minmax_state_and_int_format():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(64, 8, generator=g), torch.randn(4, 8, generator=g)
+    state = minmax_state(LinearProblem(x, w, Budget(1 << 20)), int_format(4), int_format(4))
+    torch.testing.assert_close(state.weight_max_value, w.abs().amax(1))
+    assert float(state.act_max_value) == float(x.abs().max())
+    assert isinstance(state, LinearState) and state.act_channel_shift is None
+
+
+def test_search_table_is_no_worse_than_minmax():
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 16, generator=g)
+    table[3, 3] = 30.0
+    fmt, ranges, mse, mse_minmax = search_table(table, E2M1, SearchSpace(0.2, 1.2, 10), Budget(1 << 20))
+    assert mse <= mse_minmax and ranges.shape == (50,)
+    direct = float((quantize(table, fmt, ranges.view(-1, 1)) - table).square().mean())
+    assert mse == pytest.approx(direct, rel=1e-5)
+    assert search_table(table, E2M1, None, Budget(1 << 20))[2] == pytest.approx(mse_minmax)

@@ -1,0 +1,133 @@
+"""Command line of main.py: the original LLM-FP4 flags, plus a few of our own, and their validation."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from configs import CONFIG_NAMES, QBits
+
+HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
+MODEL_ARG_KEYS = ("pretrained", "use_accelerate", "dtype", "trust_remote_code", "revision")
+PAPER_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande"
+
+
+class UsageError(ValueError):
+    """A bad command line: one line saying what and how to fix it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + exits 2; we want one line via UsageError
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="main.py", description="LLM-FP4: FP post-training quantization (calibrate, save, evaluate with lm-eval).")
+    p.add_argument("--model", default="hf-causal-experimental",
+                   help="lm-eval model type; hf-causal-experimental is an alias of lm-eval 0.4's 'hf'")
+    p.add_argument("--model_args", default="",
+                   help="pretrained=PATH|HUB_ID|FILE.gguf (empty: the embedded SmolLM2-135M-Instruct), "
+                        "use_accelerate=True (device_map=auto), dtype=auto|float32|bfloat16|float16, "
+                        "trust_remote_code=False, revision=main")
+    p.add_argument("--tasks", default=PAPER_TASKS, help="comma-separated lm-eval task names")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--batch_size", default="1", help="evaluation batch size: an integer or 'auto'")
+    p.add_argument("--no_cache", action="store_true",
+                   help="accepted for the original commands; lm-eval 0.4 does not cache model answers unless asked")
+    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--limit", type=float, default=None,
+                   help="evaluate only the first N documents of each task (a fraction if < 1)")
+    p.add_argument("--output_path", default=None,
+                   help="results JSON file (lm-eval's results + a 'quantization' block); default results/<run>.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and of lm-eval")
+    p.add_argument("--quant_config", default=None,
+                   help=f"one of {', '.join(CONFIG_NAMES)}; omit for the full-precision model")
+    p.add_argument("--qbits", type=int, nargs="+", default=[4, 4, 4, 2, 2, 2],
+                   help="W A E w_exp a_exp e_exp: bits of weights, activations, embedding, then their (starting) "
+                        "exponent bits; 16 bits = not quantized")
+    p.add_argument("--calib_size", type=int, default=32, help="number of calibration sequences")
+    p.add_argument("--calib_seqlen", type=int, default=1024, help="tokens per calibration sequence")
+    p.add_argument("--calib_data", default=None,
+                   help="calibration text: .txt or .jsonl with a 'text' field (default: C4, or its packaged excerpt offline)")
+    p.add_argument("--search_round", type=int, default=3, help="rounds of weight-then-activation search")
+    p.add_argument("--search_intervals", type=float, nargs="+", default=[0.01, 1.2, 100],
+                   help="a b n: candidates g_i = a + i(b-a)/n, i < n, plus g = 1 (MinMax)")
+    p.add_argument("--search_space", choices=("max", "bias"), default="max",
+                   help="candidates multiply the MinMax max value (default) or, as the original code, its exponent bias")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate block l+1 on the outputs of the already quantized block l")
+    p.add_argument("--only_eval", action="store_true", help="skip calibration: load --ptq_param_path and evaluate")
+    p.add_argument("--ptq_param_path", default=None, help="parameter file written by a calibration run")
+    p.add_argument("--search_result_dir", default="search_result", help="where calibration writes parameter files")
+    return p
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    pretrained: str | None = None
+    use_accelerate: bool = False
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise UsageError(f"--model_args {key}={value}: expected True or False")
+
+
+def parse_model_args(text: str) -> ModelArgs:
+    """'pretrained=X,use_accelerate=True' -> ModelArgs; unknown keys are an error."""
+    values: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in MODEL_ARG_KEYS:
+            raise UsageError(f"--model_args: unknown entry {item!r}; known keys: {', '.join(MODEL_ARG_KEYS)}")
+        values[key] = _bool(key, value) if key in ("use_accelerate", "trust_remote_code") else value
+    if values.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--model_args dtype={values['dtype']}: use auto, float32, bfloat16 or float16")
+    return ModelArgs(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; UsageError (one line) on any bad value."""
+    args = build_parser().parse_args(argv)
+    if args.model not in HF_MODEL_TYPES:
+        raise UsageError(f"--model {args.model}: only Hugging Face causal LMs are supported ({', '.join(HF_MODEL_TYPES)})")
+    args.model_args = parse_model_args(args.model_args)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks:
+        raise UsageError("--tasks is empty: give at least one task, e.g. --tasks piqa")
+    try:
+        args.qbits = QBits.parse(args.qbits)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.quant_config is not None and args.quant_config not in CONFIG_NAMES:
+        raise UsageError(f"unknown --quant_config {args.quant_config!r}; choose one of: {', '.join(CONFIG_NAMES)}")
+    if len(args.search_intervals) != 3:
+        raise UsageError("--search_intervals takes 3 numbers: a b n (e.g. 0.01 1.2 100)")
+    low, high, count = args.search_intervals
+    if not (0 < low < high) or count < 1 or not float(count).is_integer():
+        raise UsageError(f"--search_intervals {low:g} {high:g} {count:g}: need 0 < a < b and an integer n >= 1")
+    args.search_intervals = (low, high, int(count))
+    for flag in ("calib_size", "calib_seqlen", "search_round"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_fewshot < 0:
+        raise UsageError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise UsageError(f"--limit must be positive, got {args.limit:g}")
+        args.limit = int(args.limit) if args.limit >= 1 else args.limit
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) >= 1):
+        raise UsageError(f"--batch_size {args.batch_size}: use a positive integer or 'auto'")
+    if args.only_eval and args.quant_config is None:
+        raise UsageError("--only_eval needs --quant_config (and --ptq_param_path)")
+    if args.only_eval and not args.ptq_param_path:
+        raise UsageError("--only_eval needs --ptq_param_path FILE (the file a calibration run wrote under search_result/)")
+    if args.ptq_param_path and not args.only_eval:
+        raise UsageError("--ptq_param_path is read only with --only_eval")
+    return args

@@ -1,0 +1,9 @@
+"""The errors that mean bad input (reported as one line, exit code 2), gathered in one place."""
+
+from utils.calib_data import CalibDataError
+from utils.cli import UsageError
+from utils.models import ModelLoadError
+from utils.params import ParamFileError
+from utils.quant_calib import CalibrationError
+
+USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError)
