@@ -104,8 +104,12 @@ def save_params(path: str | Path, layers: dict[str, LayerParams], metadata: dict
     metadata = {**metadata, "modules": modules}
     payload = {"format": FILE_FORMAT, "version": VERSION, "metadata": metadata, "tensors": tensors}
     twin = path.with_suffix(".safetensors")
-    atomic_write(twin, lambda f: save_file(tensors, f, metadata={"llm_fp4": json.dumps(metadata)}))
-    atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write_both(tmp: str) -> None:  # the .pt is renamed into place only after its twin is written
+        torch.save(payload, tmp)
+        atomic_write(twin, lambda f: save_file(tensors, f, metadata={"llm_fp4": json.dumps(metadata)}))
+
+    atomic_write(path, write_both)
     return sha256_file(path)
 
 

@@ -1,0 +1,125 @@
+"""Parameter files: naming, safe loading, atomic writes, and exact reproduction of the calibrated model."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs import QBits, get_config
+from conftest import make_llama
+from quant_layers.formats import exponent_bias_from_max, fp_format
+from quant_layers.modules import swap_modules
+from utils.params import (ParamFileError, apply_params, load_params, param_file_path, resolve_param_path,
+                          save_params)
+from utils.quant_calib import CalibSettings, calibrate
+from utils.search import SearchSpace
+
+
+def test_file_name_is_the_papers():
+    path = param_file_path("search_result", "FPQ_config_llama", "W4A4E4", 3, (0.01, 1.2, 100))
+    assert str(path) == "search_result/FPQ_config_llama/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
+
+
+def test_original_float_count_spelling_is_accepted(tmp_path):
+    real = tmp_path / "W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
+    real.write_bytes(b"x")
+    assert resolve_param_path(tmp_path / "W4A4E4_search_round3_search_intervals(0.01,1.2,100.0).pt") == real
+    with pytest.raises(ParamFileError, match="not found"):
+        resolve_param_path(tmp_path / "missing.pt")
+
+
+def _calibrated(config_name="FPQ_config_llama", seed=0):
+    model = make_llama(120, seed=seed)
+    config = get_config(config_name)
+    swap_modules(model, config.linear, config.lm_head, config.embedding)
+    ids = torch.randint(0, 120, (3, 24), generator=torch.Generator().manual_seed(0))
+    space = SearchSpace(0.2, 1.2, 6) if config.search else None
+    layers = calibrate(model, ids, CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space, 1))
+    return model, layers, ids
+
+
+@pytest.mark.parametrize("config_name", ["FPQ_config_llama", "MinMax_INT_config_llama"])
+def test_save_load_reproduces_logits_exactly(tmp_path, config_name):
+    model, layers, ids = _calibrated(config_name)
+    path = tmp_path / "params.pt"
+    save_params(path, layers, {"note": "test"})
+    loaded, metadata = load_params(path)
+    assert metadata["note"] == "test" and set(loaded) == set(layers)
+    fresh = make_llama(120)
+    config = get_config(config_name)
+    swap_modules(fresh, config.linear, config.lm_head, config.embedding)
+    apply_params(fresh, loaded)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    # The safetensors twin holds the same tensors.
+    twin = load_file(str(path.with_suffix(".safetensors")))
+    loaded_twin, _ = load_params(path.with_suffix(".safetensors"))
+    for name, p in loaded_twin.items():
+        assert torch.equal(p.weight_max_value, loaded[name].weight_max_value)
+    assert twin.keys() == torch.load(path, weights_only=True)["tensors"].keys()
+
+
+def test_file_content_is_plain_and_biases_are_consistent(tmp_path):
+    _, layers, _ = _calibrated()
+    path = tmp_path / "p.pt"
+    save_params(path, layers, {})
+    payload = torch.load(path, weights_only=True)
+    tensors = payload["tensors"]
+    name = "model.layers.0.mlp.down_proj"
+    fmt = layers[name].weight_format
+    torch.testing.assert_close(tensors[f"{name}.weight_exponent_bias"],
+                               exponent_bias_from_max(fmt, tensors[f"{name}.weight_max_value"]))
+    assert tensors[f"{name}.act_channel_shift"].dtype == torch.int8
+    assert payload["metadata"]["modules"][name]["weight_format"] in ("E3M0", "E2M1", "E1M2")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "llm-fp4-params", "x": Payload()}, f)
+    with pytest.raises(ParamFileError, match="cannot read parameter file"):
+        load_params(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    _, layers, _ = _calibrated("MinMax_config_llama")
+    path = tmp_path / "p.pt"
+    save_params(path, layers, {})
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ParamFileError):
+        load_params(truncated)
+    foreign = tmp_path / "f.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(ParamFileError, match="not an LLM-FP4 parameter file"):
+        load_params(foreign)
+
+
+def test_apply_to_other_shapes_is_refused(tmp_path):
+    _, layers, _ = _calibrated("MinMax_config_llama")
+    other = make_llama(130)  # another vocabulary: embedding and head have other row counts
+    swap_modules(other)
+    with pytest.raises(ParamFileError, match="rows"):
+        apply_params(other, layers)
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    _, layers, _ = _calibrated("MinMax_config_llama")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_params(tmp_path / "p.pt", layers, {})
+    assert not (tmp_path / "p.pt").exists() and not (tmp_path / "p.safetensors").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
