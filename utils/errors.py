@@ -5,5 +5,7 @@ from utils.cli import UsageError
 from utils.models import ModelLoadError
 from utils.params import ParamFileError
 from utils.quant_calib import CalibrationError
+from utils.task_data import TaskDataError
 
-USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError)
+USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError,
+               TaskDataError)

@@ -13,7 +13,7 @@ import torch
 
 from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
-from utils.calib_data import get_calib_data
+from utils.calib_data import load_calib_set
 from utils.cli import UsageError
 from utils.evaluation import evaluate, results_table, write_results
 from utils.models import ModelInfo, load_model
@@ -89,14 +89,14 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     else:
         path = param_file_path(args.search_result_dir, args.quant_config, args.qbits.tag(), args.search_round,
                                args.search_intervals)
-        calib_ids, source = get_calib_data(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen,
-                                           seed=args.seed, source=args.calib_data)
-        metadata["search"]["calib_data"] = source
+        calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
+                               source=args.calib_data)
+        metadata["search"]["calib_data"] = calib.description
         low, high, count = args.search_intervals
         space = SearchSpace(low, high, count, args.search_space) if config.search else None
         settings = CalibSettings(config, args.qbits, space, args.search_round, args.sequential)
         started = time.perf_counter()
-        layers = calibrate(model, calib_ids, settings)
+        layers = calibrate(model, calib.tokens, settings)
         calib_seconds = time.perf_counter() - started
         metadata["search"]["calib_seconds"] = calib_seconds
         save_params(path, layers, metadata)

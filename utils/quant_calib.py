@@ -11,6 +11,7 @@ output; the token embedding by a weight-only search.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -233,5 +234,5 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
         params[name].apply(head)
     if embed_format is not None and not settings.sequential and names.get(embedding) in params:
         params[names[embedding]].apply(embedding)
-    tqdm.write(f"calibration finished in {time.perf_counter() - started:.1f} s")
+    tqdm.write(f"calibration finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return params

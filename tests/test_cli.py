@@ -1,0 +1,102 @@
+"""main.py end to end on a tiny generated Llama: the paper's two commands, --only_eval, and bad input."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.cli import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATE = (
+    "--model hf-causal-experimental --model_args pretrained={model},use_accelerate=True "
+    "--tasks arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande --device cpu --batch_size auto "
+    "--no_cache --num_fewshot 0 --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 --calib_size 32 "
+    "--search_round 3 --search_intervals 0.01 1.2 100"
+)
+EVALUATE = (
+    "--model hf-causal-experimental --model_args pretrained={model},use_accelerate=True "
+    "--tasks arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande --device cpu --batch_size auto "
+    "--no_cache --num_fewshot 0 --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 --only_eval "
+    "--ptq_param_path ./search_result/FPQ_config_llama/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
+)
+
+
+def test_paper_commands_parse(tiny_llama_dir):
+    args = parse_args(shlex.split(CALIBRATE.format(model=tiny_llama_dir)))
+    assert args.model_args.pretrained == str(tiny_llama_dir) and args.model_args.use_accelerate
+    assert args.qbits.tag() == "W4A4E4" and args.search_intervals == (0.01, 1.2, 100)
+    assert args.calib_size == 32 and args.search_round == 3 and not args.only_eval
+    assert len(args.tasks) == 7 and args.batch_size == "auto" and args.no_cache
+    args = parse_args(shlex.split(EVALUATE.format(model=tiny_llama_dir)))
+    assert args.only_eval and args.ptq_param_path.endswith("search_intervals(0.01,1.2,100).pt")
+
+
+def run_main(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=cwd, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_calibrate_then_only_eval_end_to_end(tiny_llama_dir, calib_text_file, tmp_path):
+    """The paper's command shape on a tiny random Llama (CPU, small settings); then --only_eval on the file."""
+    common = ["--model", "hf-causal-experimental", "--model_args", f"pretrained={tiny_llama_dir},use_accelerate=True",
+              "--tasks", "piqa,lambada_openai", "--device", "cpu", "--batch_size", "4", "--no_cache",
+              "--num_fewshot", "0", "--quant_config", "FPQ_config_llama", "--qbits", "4", "4", "4", "2", "2", "2",
+              "--limit", "6"]
+    results = tmp_path / "calibrated.json"
+    first = run_main(*common, "--calib_size", "2", "--calib_seqlen", "48", "--search_round", "2",
+                     "--search_intervals", "0.01", "1.2", "10", "--calib_data", calib_text_file,
+                     "--output_path", results, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    param_file = tmp_path / "search_result/FPQ_config_llama/W4A4E4_search_round2_search_intervals(0.01,1.2,10).pt"
+    assert param_file.is_file() and param_file.with_suffix(".safetensors").is_file()
+    calibrated = json.loads(results.read_text())
+    quant = calibrated["quantization"]
+    assert quant["quant_config"]["name"] == "FPQ_config_llama" and quant["qbits"] == [4, 4, 4, 2, 2, 2]
+    assert quant["param_file_sha256"] and quant["search"]["search_round"] == 2
+    assert "|piqa" in first.stdout.replace(" ", "")  # lm-eval's markdown table
+    again = tmp_path / "only_eval.json"
+    original_spelling = str(param_file).replace(",10).pt", ",10.0).pt")
+    second = run_main(*common, "--only_eval", "--ptq_param_path", original_spelling, "--output_path", again,
+                      cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(again.read_text())["results"] == calibrated["results"]
+    assert json.loads(again.read_text())["quantization"]["param_file_sha256"] == quant["param_file_sha256"]
+
+
+def test_full_precision_run_has_no_quantization(tiny_llama_dir, tmp_path):
+    out = tmp_path / "fp.json"
+    result = run_main("--model_args", f"pretrained={tiny_llama_dir}", "--tasks", "piqa", "--device", "cpu",
+                      "--limit", "4", "--output_path", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["quantization"]["quant_config"] is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--qbits", "4", "4", "4", "2", "2"], "--qbits takes 6 integers"),
+    (["--qbits", "4", "4", "4", "3", "2", "2"], "exponent bits must be in 1..2"),
+    (["--qbits", "0", "4", "4", "2", "2", "2"], "bits must be in 2..16"),
+    (["--quant_config", "FPQ_config_bert"], "unknown --quant_config"),
+    (["--only_eval", "--quant_config", "FPQ_config_llama"], "--only_eval needs --ptq_param_path"),
+    (["--search_intervals", "1.2", "0.01", "100"], "need 0 < a < b"),
+    (["--calib_size", "0"], "--calib_size must be at least 1"),
+    (["--limit", "-1"], "--limit must be positive"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
+    (["--model", "openai-completions"], "only Hugging Face causal LMs"),
+    (["--model_args", "pretrained=/no/such/model"], "cannot load model /no/such/model"),
+    (["--tasks", "piqa,no_such_task"], "no_such_task"),
+    (["--quant_config", "FPQ_config_llama", "--only_eval", "--ptq_param_path", "missing.pt"],
+     "parameter file not found"),
+])
+def test_bad_input_is_one_line(argv, message, tiny_llama_dir, tmp_path):
+    base = ["--model_args", f"pretrained={tiny_llama_dir}", "--tasks", "piqa", "--device", "cpu"]
+    merged = base + argv if "--model_args" not in argv else base[2:] + argv
+    result = run_main(*merged, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "search_result").exists() and not (tmp_path / "results").exists()
