@@ -16,6 +16,7 @@ from quant_layers.modules import swap_modules
 from utils.calib_data import load_calib_set
 from utils.cli import UsageError
 from utils.evaluation import evaluate, results_table, write_results
+from utils.fileio import sha256_file
 from utils.models import ModelInfo, load_model
 from utils.params import ParamFileError, apply_params, load_params, param_file_path, resolve_param_path, save_params
 from utils.quant_calib import CalibSettings, calibrate
@@ -101,8 +102,6 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
         metadata["search"]["calib_seconds"] = calib_seconds
         save_params(path, layers, metadata)
         _log(f"saved quantization parameters to {path}")
-    from utils.fileio import sha256_file
-
     return {**metadata, "param_file": str(path), "param_file_sha256": sha256_file(path),
             "calib_seconds": calib_seconds, "only_eval": args.only_eval}
 

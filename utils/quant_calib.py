@@ -23,7 +23,8 @@ from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from utils.models import decoder_layers
 from utils.params import LayerParams
-from utils.search import Budget, LinearProblem, SearchSpace, minmax_state, search_linear, search_table
+from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
+                          search_table)
 
 
 class CalibrationError(RuntimeError):
@@ -170,11 +171,9 @@ def _calibrate_linear(name: str, module: QuantLinear, x: torch.Tensor, settings:
 
 def _calibrate_partial(problem: LinearProblem, weight_format, act_format, per_tensor: bool) -> LayerParams:
     """16-bit weights or activations: MinMax ranges for the quantized side only."""
-    weight_max = problem.weight_absmax.clamp(min=1e-30)
-    if per_tensor:
-        weight_max = weight_max.amax().expand_as(weight_max).clone()
+    weight_max = minmax_weight_max(problem, per_tensor)
     return LayerParams("linear", weight_format, weight_max if weight_format else None, act_format,
-                       problem.act_absmax.clamp(min=1e-30) if act_format else None)
+                       problem.act_absmax.clamp(min=TINY) if act_format else None)
 
 
 def _final_norm(model: nn.Module) -> nn.Module:

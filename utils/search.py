@@ -115,6 +115,8 @@ class LinearProblem:
         self.weight_absmax = self.weight.abs().amax(dim=1)
         self.act_absmax = x.abs().amax()
         self.channel_absmax = x.abs().amax(dim=0)
+        self._stats_for: tuple[QuantFormat, torch.Tensor] | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()
 
     def normalize(self, loss: torch.Tensor) -> torch.Tensor:
         return loss / (self.tokens * self.out_features)
@@ -125,6 +127,23 @@ class LinearProblem:
         w = self.weight
         if self.tokens < self.in_features:
             return self._weight_losses_direct(fmt, candidates, act_format, act_range)
+        gram, v, const = self._weight_stats(act_format, act_range)
+        losses = []
+        step = self.budget.rows(self.out_features * self.in_features)
+        for start in range(0, candidates.shape[0], step):
+            u = quantize(w, fmt, candidates[start : start + step].unsqueeze(-1)) - w
+            losses.append(((u @ gram) * u).sum(-1) + 2 * (u * v).sum(-1) + const)
+        return torch.cat(losses)
+
+    def _weight_stats(self, act_format: QuantFormat, act_range: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G = Xq^T Xq [in, in], V = W (Xq^T D)^T [out, in], const = rows of |D W^T|^2 [out]; D = Xq - X.
+
+        Kept for the last (act_format, act_range) asked: every weight format of a step reuses them.
+        """
+        if self._stats_for is not None and self._stats_for[0] == act_format and self._stats_for[1] is act_range:
+            return self._stats
+        w = self.weight
         gram = torch.zeros(self.in_features, self.in_features, device=w.device)
         cross = torch.zeros_like(gram)
         err_gram = torch.zeros_like(gram)
@@ -134,14 +153,9 @@ class LinearProblem:
             gram += xq.T @ xq
             cross += xq.T @ d
             err_gram += d.T @ d
-        v = w @ cross.T
-        const = ((w @ err_gram) * w).sum(dim=1)
-        losses = []
-        step = self.budget.rows(self.out_features * self.in_features)
-        for start in range(0, candidates.shape[0], step):
-            u = quantize(w, fmt, candidates[start : start + step].unsqueeze(-1)) - w
-            losses.append(((u @ gram) * u).sum(-1) + 2 * (u * v).sum(-1) + const)
-        return torch.cat(losses)
+        self._stats_for = (act_format, act_range)
+        self._stats = (gram, w @ cross.T, ((w @ err_gram) * w).sum(dim=1))
+        return self._stats
 
     def _weight_losses_direct(self, fmt, candidates, act_format, act_range) -> torch.Tensor:
         w = self.weight
@@ -184,12 +198,16 @@ class LinearProblem:
         return float(self.normalize(self.act_losses(state.act_format, ranges, wq))[0])
 
 
+def minmax_weight_max(problem: LinearProblem, per_tensor: bool) -> torch.Tensor:
+    """MinMax weight ranges [out]: each row's absolute maximum, or the whole tensor's repeated per row."""
+    weight_max = problem.weight_absmax.clamp(min=TINY)
+    return weight_max.amax().expand_as(weight_max).clone() if per_tensor else weight_max
+
+
 def minmax_state(problem: LinearProblem, weight_format: QuantFormat, act_format: QuantFormat,
                  per_tensor_weight: bool = False) -> LinearState:
     """Ranges from absolute maxima: per output row (or whole tensor) for W, per tensor for X."""
-    weight_max = problem.weight_absmax.clamp(min=TINY)
-    if per_tensor_weight:
-        weight_max = weight_max.amax().expand_as(weight_max).clone()
+    weight_max = minmax_weight_max(problem, per_tensor_weight)
     state = LinearState(weight_format, weight_max, act_format, problem.act_absmax.clamp(min=TINY), None)
     state.loss = problem.loss(state)
     return state
@@ -200,7 +218,7 @@ def search_weight(problem: LinearProblem, state: LinearState, formats: list[Quan
     """Step (1): best per-row (or per-tensor) weight range for every format; keep the best format."""
     best = state
     act_range = state.act_range()
-    base_absmax = problem.weight_absmax if not per_tensor else problem.weight_absmax.amax().expand(problem.out_features)
+    base_absmax = minmax_weight_max(problem, per_tensor)
     for fmt in formats:
         candidates = space.candidates(fmt, base_absmax)
         if fmt == state.weight_format:
