@@ -87,13 +87,14 @@ def channel_shift(fmt: QuantFormat, act_max: torch.Tensor, channel_absmax: torch
     return shift.to(torch.int64)
 
 
+@dataclass(frozen=True)
 class Budget:
-    """How many rows of `row_elems` float32 values fit the working-memory budget (at least 1)."""
+    """Working memory for one batched loss evaluation, in bytes."""
 
-    def __init__(self, bytes_: int) -> None:
-        self.bytes = bytes_
+    bytes: int
 
     def rows(self, row_elems: int, copies: int = 3) -> int:
+        """How many rows of `row_elems` float32 values fit, `copies` live at once (at least 1)."""
         return max(1, self.bytes // (4 * copies * max(1, row_elems)))
 
 
