@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; rerun the same command to continue a calibration from its checkpoint",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,22 @@ CORPUS = [
     "Question: What do plants need to grow? Answer: water, light and air.",
     "She opened the door, looked at the rain and went back to her book.",
 ] * 20
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates `marker`: the payload of a malicious parameter file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def run_main(*argv, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """main.py as a subprocess, offline (HF_HUB_OFFLINE=1), with text stdout/stderr captured."""
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def make_tokenizer():

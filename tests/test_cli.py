@@ -1,16 +1,13 @@
-"""main.py end to end on a tiny generated Llama: the paper's two commands, --only_eval, and bad input."""
+"""main.py end to end on a tiny generated Llama: the paper's two commands and --only_eval.
+
+Bad input is tested in test_reliability.py."""
 
 import json
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
+from conftest import run_main
 from utils.cli import parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
 CALIBRATE = (
     "--model hf-causal-experimental --model_args pretrained={model},use_accelerate=True "
     "--tasks arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande --device cpu --batch_size auto "
@@ -33,11 +30,6 @@ def test_paper_commands_parse(tiny_llama_dir):
     assert len(args.tasks) == 7 and args.batch_size == "auto" and args.no_cache
     args = parse_args(shlex.split(EVALUATE.format(model=tiny_llama_dir)))
     assert args.only_eval and args.ptq_param_path.endswith("search_intervals(0.01,1.2,100).pt")
-
-
-def run_main(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, argv)], capture_output=True,
-                          text=True, cwd=cwd, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_calibrate_then_only_eval_end_to_end(tiny_llama_dir, calib_text_file, tmp_path):
@@ -73,30 +65,3 @@ def test_full_precision_run_has_no_quantization(tiny_llama_dir, tmp_path):
                       "--limit", "4", "--output_path", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(out.read_text())["quantization"]["quant_config"] is None
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--qbits", "4", "4", "4", "2", "2"], "--qbits takes 6 integers"),
-    (["--qbits", "4", "4", "4", "3", "2", "2"], "exponent bits must be in 1..2"),
-    (["--qbits", "0", "4", "4", "2", "2", "2"], "bits must be in 2..16"),
-    (["--quant_config", "FPQ_config_bert"], "unknown --quant_config"),
-    (["--only_eval", "--quant_config", "FPQ_config_llama"], "--only_eval needs --ptq_param_path"),
-    (["--search_intervals", "1.2", "0.01", "100"], "need 0 < a < b"),
-    (["--calib_size", "0"], "--calib_size must be at least 1"),
-    (["--limit", "-1"], "--limit must be positive"),
-    (["--device", "cuda"], "no CUDA GPU is visible"),
-    (["--model", "openai-completions"], "only Hugging Face causal LMs"),
-    (["--model_args", "pretrained=/no/such/model"], "cannot load model /no/such/model"),
-    (["--tasks", "piqa,no_such_task"], "no_such_task"),
-    (["--quant_config", "FPQ_config_llama", "--only_eval", "--ptq_param_path", "missing.pt"],
-     "parameter file not found"),
-])
-def test_bad_input_is_one_line(argv, message, tiny_llama_dir, tmp_path):
-    base = ["--model_args", f"pretrained={tiny_llama_dir}", "--tasks", "piqa", "--device", "cpu"]
-    merged = base + argv if "--model_args" not in argv else base[2:] + argv
-    result = run_main(*merged, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1]
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "search_result").exists() and not (tmp_path / "results").exists()

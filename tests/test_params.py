@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from configs import QBits, get_config
-from conftest import make_llama
+from conftest import RunsCode, make_llama
 from quant_layers.formats import exponent_bias_from_max, fp_format
 from quant_layers.modules import swap_modules
-from utils.params import (ParamFileError, apply_params, load_params, param_file_path, resolve_param_path,
-                          save_params)
+from utils.params import (ParamFileError, apply_params, load_checkpoint, load_params, param_file_path,
+                          resolve_param_path, save_params)
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search import SearchSpace
 
@@ -75,18 +75,20 @@ def test_file_content_is_plain_and_biases_are_consistent(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_pickle_with_code_is_refused(tmp_path):
+@pytest.mark.parametrize("container", ["torch_zip", "raw_pickle"])
+def test_pickle_with_code_is_refused(tmp_path, container):
+    """A crafted parameter file or checkpoint that would run code on load: refused, and the code never runs."""
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"format": "llm-fp4-params", "x": Payload()}, f)
-    with pytest.raises(ParamFileError, match="cannot read parameter file"):
+    payload = {"format": "llm-fp4-params", "metadata": RunsCode(marker), "tensors": {}}
+    if container == "torch_zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ParamFileError, match="refused to load .*could run code"):
         load_params(path)
+    with pytest.raises(ParamFileError, match="refused to load"):
+        load_checkpoint(path)
     assert not marker.exists()
 
 

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only_eval", action="store_true", help="skip calibration: load --ptq_param_path and evaluate")
     p.add_argument("--ptq_param_path", default=None, help="parameter file written by a calibration run")
     p.add_argument("--search_result_dir", default="search_result", help="where calibration writes parameter files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibration from its checkpoint (<file>.partial.pt), or reuse the "
+                        "finished file; an error if the checkpoint was made for another run. Without it a matching "
+                        "checkpoint is continued too, and one that does not match is replaced")
     return p
 
 
@@ -130,4 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--only_eval needs --ptq_param_path FILE (the file a calibration run wrote under search_result/)")
     if args.ptq_param_path and not args.only_eval:
         raise UsageError("--ptq_param_path is read only with --only_eval")
+    if args.resume and (args.only_eval or args.quant_config is None):
+        raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every writer: atomic writes (temp file + rename) and sha256."""
+"""Small file helpers shared by every writer: atomic writes (temp file + rename), write checks and sha256."""
 
 from __future__ import annotations
 
@@ -9,23 +9,69 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only folder); the message is one line with a fix."""
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync, then rename it to `path`.
 
-    On any failure (including KeyboardInterrupt) the temporary file is removed and `path` is untouched.
+    On any failure (including KeyboardInterrupt) the temporary file is removed and `path` is untouched;
+    an OSError becomes a WriteError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from error
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            raise _write_error(path, error) from error
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """atomic_write of a bytes object."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def temp_prefix(path: Path) -> str:
+    """Name prefix of atomic_write's temporary files for `path` (left behind only by a killed process)."""
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporary files a killed writer of `path` left beside it."""
+    for stale in path.parent.glob(f"{temp_prefix(path)}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, error: OSError) -> WriteError:
+    reason = error.strerror or str(error)
+    return WriteError(f"cannot write {path}: {reason}; free disk space or choose a writable folder")
+
+
+def unwritable_reason(folder: str | Path) -> str | None:
+    """Why files cannot be created in `folder` (or, while it does not exist, its nearest existing parent);
+    None if they can. Creates nothing that outlives the call."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        return f"cannot create files in {existing} ({error.strerror or error})"
+    return None
 
 
 def sha256_file(path: str | Path) -> str:

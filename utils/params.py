@@ -6,25 +6,34 @@ read it without running code:
 metadata: model fingerprint, config, qbits, search arguments, and per module its kind, formats and MSEs.
 Per module tensors: weight_max_value [rows], act_max_value [], act_channel_shift [in] (int8, FPQ only),
 and, for FP formats, the same ranges as exponent biases (weight_exponent_bias, act_exponent_bias),
-b = log2(grid_max / max_value), for readers. Loading uses the max values.
+b = log2(grid_max / max_value), for readers. Loading uses the max values. Equal content gives equal bytes.
+
+While calibrating, progress is kept in a checkpoint beside the target, `<name>.partial.pt`, in the same safe
+format with header "llm-fp4-checkpoint" and metadata["next_block"] (the first block still to calibrate).
 """
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass
+import pickle
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear
-from utils.fileio import atomic_write, sha256_file
+from utils.fileio import atomic_write, sha256_file, write_bytes_atomic
 
 FILE_FORMAT = "llm-fp4-params"
+CHECKPOINT_FORMAT = "llm-fp4-checkpoint"
 VERSION = 1
+_WHAT = {FILE_FORMAT: "parameter file", CHECKPOINT_FORMAT: "calibration checkpoint"}
+_FIX = {FILE_FORMAT: "recalibrate (run without --only_eval)", CHECKPOINT_FORMAT: "run without --resume to start over"}
 
 
 class ParamFileError(ValueError):
@@ -74,6 +83,11 @@ def resolve_param_path(path: str | Path) -> Path:
     raise ParamFileError(f"parameter file not found: {path} (run the calibration first, without --only_eval)")
 
 
+def _plain(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A compact CPU copy with storage of its own: a view would save its whole base storage."""
+    return tensor.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+
 def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
@@ -85,54 +99,81 @@ def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], d
             "mse": p.mse,
             "mse_minmax": p.mse_minmax,
         }
-        for field, fmt in (("weight", p.weight_format), ("act", p.act_format)):
-            value = getattr(p, f"{field}_max_value")
+        for field_name, fmt in (("weight", p.weight_format), ("act", p.act_format)):
+            value = getattr(p, f"{field_name}_max_value")
             if fmt is None or value is None:
                 continue
-            tensors[f"{name}.{field}_max_value"] = value.detach().float().cpu().contiguous()
+            max_value = tensors[f"{name}.{field_name}_max_value"] = _plain(value, torch.float32)
             if fmt.kind == "fp":
-                tensors[f"{name}.{field}_exponent_bias"] = exponent_bias_from_max(fmt, value.detach().float().cpu())
+                tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
-            tensors[f"{name}.act_channel_shift"] = p.act_channel_shift.detach().cpu().to(torch.int8).contiguous()
+            tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
     return tensors, modules
 
 
+def _pt_bytes(file_format: str, tensors: dict[str, torch.Tensor], metadata: dict) -> bytes:
+    """torch.save of the payload into memory. Equal content gives equal bytes: the archive is named 'archive',
+    not after a (random) temp file, and the metadata goes through JSON first, so pickle's memo does not
+    depend on which equal strings happened to be one object."""
+    metadata = json.loads(json.dumps(metadata))
+    buffer = io.BytesIO()
+    torch.save({"format": file_format, "version": VERSION, "metadata": metadata, "tensors": tensors}, buffer)
+    return buffer.getvalue()
+
+
 def save_params(path: str | Path, layers: dict[str, LayerParams], metadata: dict) -> str:
-    """Write `path` (.pt) and its `.safetensors` twin atomically; returns the .pt file's sha256."""
+    """Write `path` (.pt) and its `.safetensors` twin atomically; returns the .pt file's sha256.
+
+    Equal layers and metadata give byte-identical files (no timestamps, no temp names inside)."""
     path = Path(path)
     tensors, modules = _flatten(layers)
     metadata = {**metadata, "modules": modules}
-    payload = {"format": FILE_FORMAT, "version": VERSION, "metadata": metadata, "tensors": tensors}
-    twin = path.with_suffix(".safetensors")
+    pt = _pt_bytes(FILE_FORMAT, tensors, metadata)
+    twin_bytes = save_safetensors(tensors, metadata={"llm_fp4": json.dumps(metadata)})
 
     def write_both(tmp: str) -> None:  # the .pt is renamed into place only after its twin is written
-        torch.save(payload, tmp)
-        atomic_write(twin, lambda f: save_file(tensors, f, metadata={"llm_fp4": json.dumps(metadata)}))
+        Path(tmp).write_bytes(pt)
+        write_bytes_atomic(path.with_suffix(".safetensors"), twin_bytes)
 
     atomic_write(path, write_both)
     return sha256_file(path)
 
 
-def load_params(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
-    """Read a parameter file (.pt with weights_only=True, or .safetensors); returns (layers, metadata)."""
-    path = resolve_param_path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+def _read(path: Path, file_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a .pt (weights_only=True: tensors and plain data only) or .safetensors file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                metadata = json.loads(f.metadata()["llm_fp4"])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        else:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = json.loads(f.metadata()["llm_fp4"])
+            return metadata, {key: f.get_tensor(key) for key in f.keys()}
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # neither torch's zip format nor a pickle
+        raise ParamFileError(f"{path} is not an LLM-FP4 {_WHAT[file_format]} (not a torch file); "
+                             "pass a file written by main.py under search_result/")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the error says it all
+            warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-                raise ParamFileError(f"{path} is not an LLM-FP4 parameter file (no '{FILE_FORMAT}' header)")
-            metadata, tensors = payload["metadata"], payload["tensors"]
-    except ParamFileError:
-        raise
-    except Exception as error:  # torch/safetensors raise many types for truncated or foreign files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ParamFileError(f"cannot read parameter file {path}: {first_line}") from None
+    except pickle.UnpicklingError as error:
+        raise ParamFileError(
+            f"refused to load {path}: it is not plain tensors and data ({_unpickling_detail(error)}), and loading "
+            "it unrestricted could run code; main.py's files never need that: do not trust this file, recalibrate"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise ParamFileError(f"{path} is not an LLM-FP4 {_WHAT[file_format]} (no '{file_format}' header); "
+                             "pass a file written by main.py under search_result/")
+    return payload["metadata"], payload["tensors"]
+
+
+def _unpickling_detail(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only refusal that says what was refused, e.g. 'unsupported GLOBAL posix.system'."""
+    lines = [line.strip() for line in str(error).splitlines() if "nsupported" in line]
+    return lines[0].rstrip(".")[:160] if lines else "weights_only=True refused it"
+
+
+def _layers_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LayerParams]:
     layers = {}
     for name, info in metadata["modules"].items():
         layers[name] = LayerParams(
@@ -145,7 +186,75 @@ def load_params(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
             mse=info["mse"],
             mse_minmax=info["mse_minmax"],
         )
-    return layers, metadata
+    return layers
+
+
+def _load(path: Path, file_format: str) -> tuple[dict[str, LayerParams], dict]:
+    try:
+        metadata, tensors = _read(path, file_format)
+        return _layers_from(metadata, tensors), metadata
+    except ParamFileError:
+        raise
+    except Exception as error:  # torch/safetensors raise many types for truncated or foreign files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ParamFileError(f"cannot read {_WHAT[file_format]} {path}: {first_line[:200]}; the file is damaged "
+                             f"or not written by main.py: {_FIX[file_format]}") from None
+
+
+def load_params(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
+    """Read a parameter file (.pt with weights_only=True, or .safetensors); returns (layers, metadata).
+
+    Any problem (missing, truncated, foreign, carrying code) is a one-line ParamFileError; no code runs."""
+    return _load(resolve_param_path(path), FILE_FORMAT)
+
+
+def checkpoint_path(target: str | Path) -> Path:
+    """Where calibration keeps its progress while it writes `target`: `<target stem>.partial.pt`."""
+    target = Path(target)
+    return target.with_name(f"{target.stem}.partial.pt")
+
+
+@dataclass
+class Checkpoint:
+    """A calibration's progress file: the parameters found so far and the first block still to calibrate.
+
+    layers / next_block: what a resumed calibration continues from (empty / 0: the start). `save` rewrites
+    the file atomically, in the same safe format as parameter files (tensors and plain metadata only)."""
+
+    path: Path
+    metadata: dict
+    layers: dict[str, LayerParams] = field(default_factory=dict)
+    next_block: int = 0
+
+    def save(self, layers: dict[str, LayerParams], next_block: int) -> None:
+        tensors, modules = _flatten(layers)
+        metadata = {**self.metadata, "modules": modules, "next_block": next_block}
+        write_bytes_atomic(self.path, _pt_bytes(CHECKPOINT_FORMAT, tensors, metadata))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
+    """(layers, metadata) of a checkpoint; metadata["next_block"] is the first block still to calibrate."""
+    return _load(Path(path), CHECKPOINT_FORMAT)
+
+
+def _check_shapes(name: str, p: LayerParams, module: nn.Module) -> None:
+    rows = module.weight.shape[0]
+    if p.weight_max_value is not None and p.weight_max_value.numel() != rows:
+        raise ParamFileError(
+            f"module {name!r}: the file has {p.weight_max_value.numel()} weight ranges, the model {rows} rows"
+        )
+    if p.act_max_value is not None and p.act_max_value.numel() != 1:
+        raise ParamFileError(f"module {name!r}: the file has {p.act_max_value.numel()} activation ranges, expected 1")
+    columns = module.weight.shape[1]
+    if p.act_channel_shift is not None and p.act_channel_shift.numel() != columns:
+        raise ParamFileError(f"module {name!r}: the file has {p.act_channel_shift.numel()} channel shifts, "
+                             f"the model {columns} input channels")
+    if (p.weight_format is not None) != (p.weight_max_value is not None) or \
+            (p.act_format is not None) != (p.act_max_value is not None):
+        raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")
 
 
 def apply_params(model: nn.Module, layers: dict[str, LayerParams]) -> None:
@@ -158,9 +267,5 @@ def apply_params(model: nn.Module, layers: dict[str, LayerParams]) -> None:
         expected = QuantEmbedding if p.kind == "embedding" else QuantLinear
         if not isinstance(module, expected):
             raise ParamFileError(f"module {name!r} is not quantizable as {p.kind} under this --quant_config")
-        rows = module.weight.shape[0]
-        if p.weight_max_value is not None and p.weight_max_value.numel() != rows:
-            raise ParamFileError(
-                f"module {name!r}: the file has {p.weight_max_value.numel()} weight ranges, the model {rows} rows"
-            )
+        _check_shapes(name, p, module)
         p.apply(module)

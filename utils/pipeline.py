@@ -16,10 +16,11 @@ from quant_layers.modules import swap_modules
 from utils.calib_data import load_calib_set
 from utils.cli import UsageError
 from utils.evaluation import evaluate, results_table, write_results
-from utils.fileio import sha256_file
+from utils.fileio import WriteError, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
-from utils.params import ParamFileError, apply_params, load_params, param_file_path, resolve_param_path, save_params
-from utils.quant_calib import CalibSettings, calibrate
+from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
+                          param_file_path, resolve_param_path, save_params)
+from utils.quant_calib import CalibrationError, CalibSettings, calibrate
 from utils.search import SearchSpace
 from utils.task_data import get_task_specs
 
@@ -59,20 +60,134 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
     }
 
 
+def _model_words(model: dict) -> str:
+    return f"{model.get('source')}, weights fingerprint {str(model.get('fingerprint'))[:12]}"
+
+
+def _search_difference(saved: dict, current: dict) -> str | None:
+    if saved["quant_config"] != current["quant_config"]:
+        return f"made with another definition of {current['quant_config']['name']} (its configs/ file changed)"
+    for key, value in current["search"].items():
+        if saved["search"].get(key) != value:
+            return f"made with {key} = {saved['search'].get(key)}, not {value}"
+    return None
+
+
+def metadata_difference(saved: dict, current: dict, search: bool = False) -> str | None:
+    """The first difference that makes a file's metadata unusable for this run, in words; None if none.
+
+    Always compared: model fingerprint, --quant_config, --qbits; with `search` (resuming) also the config's
+    definition, the search arguments and the calibration data."""
+    try:
+        if saved["model"]["fingerprint"] != current["model"]["fingerprint"]:
+            return f"calibrated on another model ({_model_words(saved['model'])}) than {_model_words(current['model'])}"
+        if saved["quant_config"]["name"] != current["quant_config"]["name"]:
+            return f"made with --quant_config {saved['quant_config']['name']}, not {current['quant_config']['name']}"
+        if saved["qbits"] != current["qbits"]:
+            return (f"made with --qbits {' '.join(map(str, saved['qbits']))}, "
+                    f"not {' '.join(map(str, current['qbits']))}")
+        return _search_difference(saved, current) if search else None
+    except (KeyError, TypeError, AttributeError):
+        return "written without the run metadata main.py records (model fingerprint, config, qbits, search)"
+
+
 def check_param_metadata(path: Path, saved: dict, current: dict) -> None:
     """ParamFileError naming the first difference that makes a file unusable for this run."""
-    if saved["model"]["fingerprint"] != current["model"]["fingerprint"]:
-        raise ParamFileError(
-            f"{path} was calibrated on another model ({saved['model']['source']}, weights fingerprint "
-            f"{saved['model']['fingerprint'][:12]}) than {current['model']['source']} "
-            f"({current['model']['fingerprint'][:12]}); recalibrate for this model"
-        )
-    if saved["quant_config"]["name"] != current["quant_config"]["name"]:
-        raise ParamFileError(f"{path} was made with --quant_config {saved['quant_config']['name']}, "
-                             f"not {current['quant_config']['name']}")
-    if saved["qbits"] != current["qbits"]:
-        raise ParamFileError(f"{path} was made with --qbits {' '.join(map(str, saved['qbits']))}, "
-                             f"not {' '.join(map(str, current['qbits']))}")
+    difference = metadata_difference(saved, current)
+    if difference:
+        raise ParamFileError(f"{path} was {difference}; use the model and flags it was made with, "
+                             "or recalibrate (run without --only_eval)")
+
+
+def _load_quantized(model, path: Path, metadata: dict) -> None:
+    layers, saved = load_params(path)
+    check_param_metadata(path, saved, metadata)
+    apply_params(model, layers)
+    _log(f"loaded {len(layers)} quantized modules from {path}")
+
+
+def _open_checkpoint(target: Path, metadata: dict, resume: bool) -> Checkpoint:
+    """The checkpoint to continue from if one matches this run; else an empty one (which replaces any other).
+
+    With --resume a checkpoint that cannot be used is an error, so no work is thrown away silently."""
+    checkpoint = Checkpoint(checkpoint_path(target), metadata)
+    for path in (target, target.with_suffix(".safetensors"), checkpoint.path):
+        remove_stale_temps(path)  # left by a killed writer
+    if not checkpoint.path.exists():
+        if resume:
+            _log(f"--resume: no checkpoint {checkpoint.path}; calibrating from the start")
+        return checkpoint
+    try:
+        layers, saved = load_checkpoint(checkpoint.path)
+        difference = metadata_difference(saved, metadata, search=True)
+    except ParamFileError as error:
+        difference = str(error)
+    if difference is None:
+        _log(f"resuming calibration from {checkpoint.path}: {saved['next_block']} decoder blocks already done")
+        return Checkpoint(checkpoint.path, metadata, layers, saved["next_block"])
+    if resume:
+        raise ParamFileError(f"--resume: the checkpoint {checkpoint.path} cannot be continued ({difference}); "
+                             "rerun with the flags it was made with, or without --resume to start over")
+    _log(f"not resuming from {checkpoint.path} ({difference}); starting over, it will be replaced")
+    return checkpoint
+
+
+def _finished_file(path: Path, metadata: dict) -> bool:
+    """--resume after the calibration already finished: whether `path` is this run's complete result."""
+    if not path.exists():
+        return False
+    try:
+        _, saved = load_params(path)
+    except ParamFileError:
+        return False
+    return metadata_difference(saved, metadata, search=True) is None
+
+
+def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
+    low, high, count = args.search_intervals
+    space = SearchSpace(low, high, count, args.search_space) if config.search else None
+    return CalibSettings(config, args.qbits, space, args.search_round, args.sequential)
+
+
+def _calibrate_with_checkpoint(model, calib_ids, settings: CalibSettings, checkpoint: Checkpoint) -> dict:
+    """calibrate(); on non-finite activations the checkpoint goes too (a rerun would stop at the same place)."""
+    try:
+        return calibrate(model, calib_ids, settings, checkpoint)
+    except CalibrationError:
+        checkpoint.remove()
+        raise
+
+
+def _save_final(path: Path, layers: dict, metadata: dict, checkpoint: Checkpoint) -> None:
+    """Write the parameter file, then drop the checkpoint; if the write fails the checkpoint stays."""
+    try:
+        save_params(path, layers, metadata)
+    except WriteError as error:
+        raise WriteError(f"{error}; the checkpoint {checkpoint.path} is kept: rerun the same command to "
+                         "finish from it") from None
+    checkpoint.remove()
+    _log(f"saved quantization parameters to {path}")
+
+
+def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: QuantConfig, metadata: dict
+                        ) -> tuple[Path, dict]:
+    """Calibrate (resuming from a matching checkpoint) and write the parameter file; returns (path, timing)."""
+    path = param_file_path(args.search_result_dir, args.quant_config, args.qbits.tag(), args.search_round,
+                           args.search_intervals)
+    calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
+                           source=args.calib_data)
+    metadata["search"]["calib_data"] = calib.description
+    if args.resume and not checkpoint_path(path).exists() and _finished_file(path, metadata):
+        _log(f"--resume: calibration already finished in {path}; using it")
+        _load_quantized(model, path, metadata)
+        return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}
+    checkpoint = _open_checkpoint(path, metadata, args.resume)
+    resumed_from = checkpoint.next_block if checkpoint.layers else None
+    started = time.perf_counter()
+    layers = _calibrate_with_checkpoint(model, calib.tokens, _calib_settings(args, config), checkpoint)
+    calib_seconds = time.perf_counter() - started
+    _save_final(path, layers, metadata, checkpoint)
+    return path, {"calib_seconds": calib_seconds, "resumed_from_block": resumed_from}
 
 
 def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) -> dict:
@@ -82,28 +197,23 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     metadata = search_metadata(args, config, info)
     if args.only_eval:
         path = resolve_param_path(args.ptq_param_path)
-        layers, saved = load_params(path)
-        check_param_metadata(path, saved, metadata)
-        apply_params(model, layers)
-        _log(f"loaded {len(layers)} quantized modules from {path}")
-        calib_seconds = None
+        _load_quantized(model, path, metadata)
+        timing = {"calib_seconds": None}
     else:
-        path = param_file_path(args.search_result_dir, args.quant_config, args.qbits.tag(), args.search_round,
-                               args.search_intervals)
-        calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
-                               source=args.calib_data)
-        metadata["search"]["calib_data"] = calib.description
-        low, high, count = args.search_intervals
-        space = SearchSpace(low, high, count, args.search_space) if config.search else None
-        settings = CalibSettings(config, args.qbits, space, args.search_round, args.sequential)
-        started = time.perf_counter()
-        layers = calibrate(model, calib.tokens, settings)
-        calib_seconds = time.perf_counter() - started
-        metadata["search"]["calib_seconds"] = calib_seconds
-        save_params(path, layers, metadata)
-        _log(f"saved quantization parameters to {path}")
-    return {**metadata, "param_file": str(path), "param_file_sha256": sha256_file(path),
-            "calib_seconds": calib_seconds, "only_eval": args.only_eval}
+        path, timing = _calibrate_and_save(model, tokenizer, args, config, metadata)
+    return {**metadata, "param_file": str(path), "param_file_sha256": sha256_file(path), **timing,
+            "only_eval": args.only_eval}
+
+
+def check_outputs_writable(args: argparse.Namespace) -> None:
+    """Fail in one line, before any slow work, if the parameter file or results cannot be written."""
+    folders = [("--output_path", Path(args.output_path).parent if args.output_path else Path("results"))]
+    if args.quant_config and not args.only_eval:
+        folders.append(("--search_result_dir", Path(args.search_result_dir) / args.quant_config))
+    for flag, folder in folders:
+        reason = unwritable_reason(folder)
+        if reason:
+            raise UsageError(f"{flag}: cannot write to {folder}: {reason}; pass a writable folder")
 
 
 def default_output_path(args: argparse.Namespace) -> Path:
@@ -116,6 +226,7 @@ def default_output_path(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> dict:
     """Load, quantize, evaluate; prints lm-eval's table and writes the results JSON. Returns the results."""
     device = resolve_device(args.device)
+    check_outputs_writable(args)
     seed_everything(args.seed)
     task_specs = get_task_specs(args.tasks)
     margs = args.model_args

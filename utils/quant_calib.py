@@ -7,13 +7,17 @@ block's inputs live in memory. The block's outputs feed the next block: the full
 of the capture pass (the paper: every layer sees full-precision inputs), or with `sequential` the
 outputs of the block already quantized. The output head is calibrated last on the final norm's
 output; the token embedding by a weight-only search.
+
+With a checkpoint, progress is saved after the embedding and after every block; a resumed run sets the
+saved parameters, recomputes the hidden states entering the next block exactly as an uninterrupted run
+did (through full-precision blocks, or quantized ones with `sequential`) and goes on from there.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from utils.models import decoder_layers
-from utils.params import LayerParams
+from utils.params import Checkpoint, LayerParams
 from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
 
@@ -143,19 +147,27 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
     return outputs, inputs
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
+def _check_finite(what: str, x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         bad = "NaN" if torch.isnan(x).any() else "Inf"
         raise CalibrationError(
-            f"{bad} in the calibration activations at {name}: the model overflows on this input "
-            "(try --dtype float32 or other calibration data)"
+            f"{bad} in {what} during calibration: the model overflows on this input; "
+            "try --model_args dtype=float32 or other calibration data"
         )
+
+
+def _check_inputs(inputs: dict[str, torch.Tensor]) -> None:
+    """Name the first Linear (in module order) whose captured input is not finite."""
+    checked: set[int] = set()
+    for name, x in inputs.items():
+        if id(x) not in checked:
+            checked.add(id(x))
+            _check_finite(f"the input of {name}", x)
 
 
 def _calibrate_linear(name: str, module: QuantLinear, x: torch.Tensor, settings: CalibSettings,
                       formats, budget: Budget) -> LayerParams:
     weight_format, act_format = formats
-    _check_finite(name, x)
     problem = LinearProblem(x, module.weight.detach(), budget)
     per_tensor = settings.config.weight_granularity == "per_tensor"
     if weight_format is None or act_format is None:
@@ -184,54 +196,125 @@ def _final_norm(model: nn.Module) -> nn.Module:
     return norm
 
 
-def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings) -> dict[str, LayerParams]:
+@dataclass
+class _Run:
+    """What the steps of one calibration share: the model, the settings, module names and the results so far."""
+
+    model: nn.Module
+    settings: CalibSettings
+    params: dict[str, LayerParams]
+    formats: tuple  # (weight, activation) starting formats of the Linears
+    names: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.names = {m: n for n, m in self.model.named_modules()}
+
+    def linears(self, block: nn.Module) -> dict[str, QuantLinear]:
+        return {self.names[m]: m for m in block.modules() if isinstance(m, QuantLinear)}
+
+
+def _calibrate_embedding(run: _Run, embed_format) -> bool:
+    """Search the token embedding's ranges unless run.params has them (resumed); applied now with `sequential`.
+    Returns whether a search ran."""
+    embedding = run.model.get_input_embeddings()
+    if not isinstance(embedding, QuantEmbedding) or embed_format is None:
+        return False
+    name = run.names[embedding]
+    searched = name not in run.params
+    if searched:
+        fmt, max_value, mse, mse_minmax = search_table(embedding.weight.detach(), embed_format, run.settings.space,
+                                                       run.settings.budget(_device_of(embedding)))
+        run.params[name] = LayerParams("embedding", fmt, max_value, mse=mse, mse_minmax=mse_minmax)
+    if run.settings.sequential:
+        run.params[name].apply(embedding)
+    return searched
+
+
+def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, block_kwargs: list[dict]
+            ) -> torch.Tensor:
+    """Set the saved parameters of blocks [0, count) and return the hidden states entering block `count`,
+    computed as an uninterrupted run computed them: through full-precision blocks, or quantized ones with
+    `sequential`."""
+    sequential = run.settings.sequential
+    with torch.no_grad():
+        for index in range(count):
+            linears = run.linears(blocks[index]).items()
+            if sequential:
+                for name, module in linears:
+                    run.params[name].apply(module)
+            hidden = _run_block(blocks[index], hidden, block_kwargs[index])
+            if not sequential:
+                for name, module in linears:
+                    run.params[name].apply(module)
+    return hidden
+
+
+def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Search and set the Linears of one block; returns the hidden states entering the next block."""
+    linears = run.linears(block)
+    outputs, inputs = _capture(block, hidden, kwargs, linears)
+    _check_inputs(inputs)
+    _check_finite(f"the output of block {index}", outputs)
+    budget = run.settings.budget(_device_of(block))
+    for name, module in linears.items():
+        run.params[name] = _calibrate_linear(name, module, inputs[name], run.settings, run.formats, budget)
+        run.params[name].apply(module)
+    del inputs
+    if run.settings.sequential:
+        with torch.no_grad():
+            outputs = _run_block(block, hidden, kwargs)
+    return outputs
+
+
+def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
+    head = run.model.get_output_embeddings()
+    if not isinstance(head, QuantLinear):
+        return
+    with torch.no_grad():
+        norm = _final_norm(run.model)
+        x = norm(hidden.to(_device_of(norm)))
+    x = x.to(_device_of(head)).reshape(-1, x.shape[-1]).float()
+    name = run.names[head]
+    _check_finite(f"the input of {name}", x)
+    budget = run.settings.budget(_device_of(head))
+    run.params[name] = _calibrate_linear(name, head, x, run.settings, run.formats, budget)
+    run.params[name].apply(head)
+
+
+def _mse_ratio(run: _Run, block: nn.Module) -> str:
+    found = [run.params[name] for name in run.linears(block)]
+    ratios = [p.mse / p.mse_minmax for p in found if p.mse_minmax > 0]
+    return f"{sum(ratios) / len(ratios):.3f}" if ratios else "-"
+
+
+def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings,
+              checkpoint: Checkpoint | None = None) -> dict[str, LayerParams]:
     """Search and set quantization parameters of every swapped module of `model`.
 
     calib_ids: [S, T] token ids. The model must already hold QuantLinear / QuantEmbedding modules
     (quant_layers.modules.swap_modules). Returns {module name: LayerParams}; the modules are quantized.
+    checkpoint: saved after the embedding and after every block, and continued from if it holds progress;
+    a resumed calibration returns exactly what an uninterrupted one returns.
     """
     weight_format, act_format, embed_format = settings.qbits.formats(settings.config.format_kind)
-    names = {m: n for n, m in model.named_modules()}
-    params: dict[str, LayerParams] = {}
-    embedding = model.get_input_embeddings()
-    if isinstance(embedding, QuantEmbedding) and embed_format is not None:
-        device = _device_of(embedding)
-        fmt, max_value, mse, mse_minmax = search_table(embedding.weight.detach(), embed_format, settings.space,
-                                                       settings.budget(device))
-        params[names[embedding]] = LayerParams("embedding", fmt, max_value, mse=mse, mse_minmax=mse_minmax)
-        if settings.sequential:
-            params[names[embedding]].apply(embedding)
+    run = _Run(model, settings, dict(checkpoint.layers) if checkpoint else {}, (weight_format, act_format))
+    start = checkpoint.next_block if checkpoint else 0
+    if _calibrate_embedding(run, embed_format) and checkpoint:
+        checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)
     hidden, block_kwargs = _first_block_inputs(model, blocks, calib_ids)
+    hidden = _replay(run, blocks, start, hidden, block_kwargs)
     started = time.perf_counter()
-    progress = tqdm(list(enumerate(blocks)), desc="calibrating blocks", unit="block")
-    for index, block in progress:
-        linears = {names[m]: m for m in block.modules() if isinstance(m, QuantLinear)}
-        outputs, inputs = _capture(block, hidden, block_kwargs[index], linears)
-        _check_finite(f"the output of block {index}", outputs)
-        budget = settings.budget(_device_of(block))
-        for name, module in linears.items():
-            params[name] = _calibrate_linear(name, module, inputs[name], settings, (weight_format, act_format), budget)
-            params[name].apply(module)
-        del inputs
-        if settings.sequential:
-            with torch.no_grad():
-                outputs = _run_block(block, hidden, block_kwargs[index])
-        hidden = outputs
-        ratios = [p.mse / p.mse_minmax for n, p in params.items() if n in linears and p.mse_minmax > 0]
-        if ratios:
-            progress.set_postfix(mse_vs_minmax=f"{sum(ratios) / len(ratios):.3f}")
-    head = model.get_output_embeddings()
-    if isinstance(head, QuantLinear):
-        with torch.no_grad():
-            norm = _final_norm(model)
-            x = norm(hidden.to(_device_of(norm)))
-        x = x.to(_device_of(head)).reshape(-1, x.shape[-1]).float()
-        name = names[head]
-        params[name] = _calibrate_linear(name, head, x, settings, (weight_format, act_format),
-                                         settings.budget(_device_of(head)))
-        params[name].apply(head)
-    if embed_format is not None and not settings.sequential and names.get(embedding) in params:
-        params[names[embedding]].apply(embedding)
+    progress = tqdm(range(start, len(blocks)), desc="calibrating blocks", unit="block", initial=start,
+                    total=len(blocks))
+    for index in progress:
+        hidden = _calibrate_block(run, index, blocks[index], hidden, block_kwargs[index])
+        progress.set_postfix(mse_vs_minmax=_mse_ratio(run, blocks[index]))
+        if checkpoint:
+            checkpoint.save(run.params, index + 1)
+    _calibrate_head(run, hidden)
+    embedding = model.get_input_embeddings()
+    if not settings.sequential and run.names.get(embedding) in run.params:
+        run.params[run.names[embedding]].apply(embedding)
     tqdm.write(f"calibration finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return params
+    return run.params
