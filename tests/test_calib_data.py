@@ -137,7 +137,7 @@ def test_file_errors(tok, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     _one_line_error(tok, tmp_path / "empty.txt", "contains no text")
     (tmp_path / "short.txt").write_text("Just a few words.")
-    _one_line_error(tok, tmp_path / "short.txt", "seqlen=16 needs at least 16")
+    _one_line_error(tok, tmp_path / "short.txt", "--calib_seqlen 16 needs at least 16")
     lines = [json.dumps({"text": _text(5)}), json.dumps({"text": _text(5)}), json.dumps({"body": "x"})]
     (tmp_path / "notext.jsonl").write_text("\n".join(lines))
     _one_line_error(tok, tmp_path / "notext.jsonl", "line 3 has no string 'text' field")

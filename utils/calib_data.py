@@ -114,8 +114,8 @@ def _c4_hub(tokenizer, calib_size: int, seqlen: int, seed: int) -> CalibSet:
             if len(ids) > seqlen:
                 break
         else:
-            raise CalibDataError(f"no C4 document longer than seqlen={seqlen} tokens in {_MAX_DRAWS} draws; "
-                                 "lower seqlen")
+            raise CalibDataError(f"no C4 document longer than --calib_seqlen {seqlen} tokens in {_MAX_DRAWS} draws; "
+                                 "lower --calib_seqlen")
         start = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[start:start + seqlen])
     return CalibSet(torch.tensor(rows, dtype=torch.long),
@@ -184,8 +184,8 @@ def _stream_windows(docs: list[str], tokenizer, calib_size: int, seqlen: int, se
         stream += sep
         stream += ids
     if len(stream) < seqlen:
-        raise CalibDataError(f"{what} gives only {len(stream)} tokens but seqlen={seqlen} needs at least {seqlen}; "
-                             "provide more text or lower seqlen")
+        raise CalibDataError(f"{what} gives only {len(stream)} tokens but --calib_seqlen {seqlen} needs at least "
+                             f"{seqlen}; provide more text or lower --calib_seqlen")
     flat = torch.tensor(stream, dtype=torch.long)
     starts = [rng.randint(0, len(stream) - seqlen) for _ in range(calib_size)]
     return torch.stack([flat[s:s + seqlen] for s in starts]), len(stream)
