@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from configs import QBits, get_config
 from conftest import RunsCode, make_llama
-from quant_layers.formats import exponent_bias_from_max, fp_format
+from quant_layers.formats import exponent_bias_from_max
 from quant_layers.modules import swap_modules
 from utils.params import (ParamFileError, apply_params, load_checkpoint, load_params, param_file_path,
                           resolve_param_path, save_params)
