@@ -18,7 +18,8 @@ def run_label(results: dict) -> str:
     if not config:
         return "full precision"
     name = config["name"] if isinstance(config, dict) else str(config)
-    return f"{name.removesuffix('_config_llama')} W{quant['qbits'][0]}A{quant['qbits'][1]}E{quant['qbits'][2]}"
+    label = f"{name.removesuffix('_config_llama')} W{quant['qbits'][0]}A{quant['qbits'][1]}E{quant['qbits'][2]}"
+    return label + (" sequential" if quant.get("search", {}).get("sequential") else "")
 
 
 def metrics(results: dict) -> dict[str, float]:
