@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from configs import CONFIG_NAMES, QBits
+from configs import CONFIG_NAMES, QBits, get_config
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
 MODEL_ARG_KEYS = ("pretrained", "use_accelerate", "dtype", "trust_remote_code", "revision")
@@ -109,8 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.qbits = QBits.parse(args.qbits)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if args.quant_config is not None and args.quant_config not in CONFIG_NAMES:
-        raise UsageError(f"unknown --quant_config {args.quant_config!r}; choose one of: {', '.join(CONFIG_NAMES)}")
+    if args.quant_config is not None:
+        try:
+            get_config(args.quant_config)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if len(args.search_intervals) != 3:
         raise UsageError("--search_intervals takes 3 numbers: a b n (e.g. 0.01 1.2 100)")
     low, high, count = args.search_intervals

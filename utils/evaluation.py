@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from utils.fileio import atomic_write
+from utils.fileio import write_bytes_atomic
 
 
 def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, num_fewshot: int,
@@ -40,4 +40,4 @@ def results_table(results: dict) -> str:
 def write_results(path: str | Path, results: dict) -> None:
     """Write results as JSON atomically (non-JSON values as strings)."""
     text = json.dumps(results, indent=2, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_bytes_atomic(path, text.encode())
