@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant_layers.formats import QuantFormat
-from quant_layers.quantize import quantize
+from quant_layers.quantize import quantize, quantize_activation
 
 
 class QuantLinear(nn.Module):
@@ -74,9 +74,7 @@ class QuantLinear(nn.Module):
         """Q_a(x * 2^k; m_a): what the folded weight multiplies."""
         if self.act_format is None:
             return x
-        if self.act_channel_scale is not None:
-            x = x * self.act_channel_scale
-        return quantize(x, self.act_format, self.act_max_value)
+        return quantize_activation(x, self.act_format, self.act_max_value, self.act_channel_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)

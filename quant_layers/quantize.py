@@ -4,24 +4,37 @@ Semantics (every format, every caller):
 - The clipping range is `max_value` (> 0), a tensor broadcastable to x: per tensor (shape []),
   per output channel ([out, 1]) or per input channel ([in]). For FP formats it is the exponent bias in
   other units: b = log2(grid_max / max_value) (see formats.py), so a real-valued bias is a real scale.
-- x is scaled onto the format's standard grid, y = x * grid_max / max_value, saturated to
-  +-grid_max, rounded to the nearest grid point with ties to even, and scaled back.
+- x is scaled onto the format's standard grid, y = x * s with s = grid_max / max_value, saturated to
+  +-grid_max, rounded to the nearest grid point with ties to even (`round_to_grid`), and scaled back:
+  q(x) = round_to_grid(x * s) / s.
 - FP grid (LLM-FP4 eq. 2-4 with bias 0): e = max(floor(log2|y|), 1), step = 2^(e - M), so exponent
   code 0 holds the subnormals and every code is a number (no inf / NaN codes). Exponent bits up to 7
   fit float32 arithmetic.
 - INT grid: step 1, saturating at +-(2^(bits-1) - 1).
 - Computed in float32; the result has x's dtype. NaN stays NaN.
+
+Standard-grid values have at most M + 1 significant bits (INT: bits - 1), so for every format of up
+to 8 bits they are exact in bfloat16: products of grids are exact, which the search uses to run its
+matrix products in bfloat16 (utils/search.py). quant_layers/kernels.py computes the same functions in
+one fused Triton kernel on CUDA; `quantize_activation` and `grid_candidates` pick it there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from quant_layers import kernels
 from quant_layers.formats import QuantFormat
 
 
 _EXPONENT_FIELD = 0x7F800000  # float32 bits of the biased exponent
 _EXPONENT_ONE = 128 << 23  # biased exponent field of 2^1
+
+
+def grid_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
+    """s = grid_max / max_value (float32, max_value's shape): multiplies x onto the standard grid."""
+    return fmt.grid_max / torch.as_tensor(max_value, dtype=torch.float32, device=device)
 
 
 def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -38,15 +51,55 @@ def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return y.div_(step).round_().mul_(step)
 
 
+def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
+    """Standard-grid values round(clamp(x * scale, +-grid_max)) as a new float32 tensor.
+
+    scale: float32, broadcastable to x (see `grid_scale`).
+    """
+    y = x.to(torch.float32) * scale
+    y.clamp_(-fmt.grid_max, fmt.grid_max)
+    return _round_to_standard_grid_(y, fmt)
+
+
 def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
     """Fake-quantize x (any shape, float dtype) to fmt with clipping range max_value (broadcastable, > 0).
 
-    Returns q(x) = Q(x * s) / s with s = grid_max / max_value and Q the format's standard grid;
-    same shape and dtype as x. x is never modified.
+    Returns q(x) = round_to_grid(x * s) / s with s = grid_max / max_value; same shape and dtype as x.
+    x is never modified. This is the reference every other path is tested against.
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
-    to_grid = fmt.grid_max / torch.as_tensor(max_value, dtype=torch.float32, device=x.device)
-    y = x.to(torch.float32) * to_grid
-    y.clamp_(-fmt.grid_max, fmt.grid_max)
-    return _round_to_standard_grid_(y, fmt).div_(to_grid).to(x.dtype)
+    scale = grid_scale(fmt, max_value, x.device)
+    return round_to_grid(x, fmt, scale).div_(scale).to(x.dtype)
+
+
+def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
+                        channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in].
+
+    Equals `quantize(x * channel_scale, fmt, max_value)` bit for bit; one fused kernel on CUDA.
+    """
+    if kernels.enabled(x):
+        scale = grid_scale(fmt, max_value, x.device).reshape(1)
+        return kernels.fake_quantize(x, fmt, scale, channel_scale, grid_output=False)
+    if channel_scale is not None:
+        x = x * channel_scale
+    return quantize(x, fmt, max_value)
+
+
+def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Grid values of x for C candidates: out[c] = round_to_grid(x * c_c * s_c) / c_c, as `dtype`.
+
+    x: [n, in]; scale s: [C] per-tensor grid scales; channel_scale c: [C, in] powers of two, or None.
+    out: [C, n, in]; out[c] / s_c is the quantized x of candidate c. Exact in bfloat16 (see above).
+    """
+    if kernels.enabled(x):
+        return kernels.fake_quantize(x, fmt, scale, channel_scale, grid_output=True, dtype=dtype)
+    multiplier = scale.view(-1, 1, 1)
+    if channel_scale is not None:
+        multiplier = multiplier * channel_scale.unsqueeze(1)
+    grid = round_to_grid(x.unsqueeze(0), fmt, multiplier)
+    if channel_scale is not None:
+        grid.div_(channel_scale.unsqueeze(1))
+    return grid.to(dtype)

@@ -52,10 +52,12 @@ def test_weight_quantized_once_not_per_forward(monkeypatch):
     scaled = (module.weight / (linear.weight.abs().amax(1, keepdim=True) / 6)).abs()
     assert all(min(abs(v - g) for g in grid) < 1e-4 for v in scaled.flatten().tolist())
     calls = []
-    real = modules.quantize
-    monkeypatch.setattr(modules, "quantize", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    for name in ("quantize", "quantize_activation"):
+        real = getattr(modules, name)
+        monkeypatch.setattr(modules, name, lambda x, *a, real=real, name=name: calls.append((name, tuple(x.shape)))
+                            or real(x, *a))
     module(torch.randn(7, 16))
-    assert calls == [(7, 16)]  # the activation only
+    assert calls == [("quantize_activation", (7, 16))]  # the activation only
     with pytest.raises(RuntimeError):
         module.set_quant_params(fmt, linear.weight.abs().amax(1), fmt, torch.tensor(3.0))
 

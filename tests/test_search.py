@@ -5,8 +5,8 @@ import torch
 
 from quant_layers.formats import exponent_bias_from_max, fp_format, int_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
-from utils.search import (Budget, LinearProblem, LinearState, SearchSpace, channel_shift, minmax_state,
-                          search_linear, search_table)
+from utils.search import (ActCandidates, Budget, LinearProblem, LinearState, SearchSpace, channel_shift,
+                          minmax_state, search_linear, search_table)
 
 E2M1 = fp_format(2, 1)
 HALF_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0])  # E2M1 values below its max 6
@@ -27,15 +27,26 @@ def brute_force_loss(x, w, weight_format, weight_max, act_format, act_range):
     return ((xq @ wq.T - x.double() @ w.double().T) ** 2).sum(0)  # per output row
 
 
+def shifted_ranges(g: torch.Generator, count: int, channels: int) -> ActCandidates:
+    """Random per-tensor ranges with random channel shifts 0..3 (range of column i: m * 2^-k_i)."""
+    return ActCandidates(E2M1, torch.rand(count, generator=g) * 3 + 0.5,
+                         torch.randint(0, 4, (count, channels), generator=g))
+
+
+def column_ranges(acts: ActCandidates, index: int) -> torch.Tensor:
+    return acts.max_value[index] * torch.exp2(-acts.shift[index].float())
+
+
 @pytest.mark.parametrize("tokens", [256, 8])  # quadratic form (N >= in) and direct path (N < in)
 def test_weight_losses_match_brute_force(tokens):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(tokens, 32, generator=g), torch.randn(12, 32, generator=g)
     problem = LinearProblem(x, w, Budget(1 << 20))
-    act_range = torch.rand(32, generator=g) + 1.5
+    acts = shifted_ranges(g, 1, 32)
+    state = LinearState(E2M1, problem.weight_absmax, E2M1, acts.max_value[0], acts.shift[0])
     candidates = SearchSpace(0.3, 1.2, 7).candidates(E2M1, problem.weight_absmax)
-    losses = problem.weight_losses(E2M1, candidates, E2M1, act_range)
-    expected = torch.stack([brute_force_loss(x, w, E2M1, c, E2M1, act_range) for c in candidates])
+    losses = problem.weight_losses(E2M1, candidates, state)
+    expected = torch.stack([brute_force_loss(x, w, E2M1, c, E2M1, column_ranges(acts, 0)) for c in candidates])
     torch.testing.assert_close(losses.double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -45,11 +56,29 @@ def test_act_losses_match_brute_force(out_features):
     x, w = torch.randn(200, 16, generator=g), torch.randn(out_features, 16, generator=g)
     problem = LinearProblem(x, w, Budget(1 << 16))  # small budget: several token and candidate chunks
     weight_max = w.abs().amax(1) * 0.8
-    weight_q = quantize(w, E2M1, weight_max.view(-1, 1))
-    ranges = torch.rand(9, 16, generator=g) * 3 + 0.5
-    losses = problem.act_losses(E2M1, ranges, weight_q)
-    expected = torch.stack([brute_force_loss(x, w, E2M1, weight_max, E2M1, r).sum() for r in ranges])
+    acts = shifted_ranges(g, 9, 16)
+    losses = problem.act_losses(acts, E2M1, weight_max)
+    expected = torch.stack([brute_force_loss(x, w, E2M1, weight_max, E2M1, column_ranges(acts, i)).sum()
+                            for i in range(len(acts))])
     torch.testing.assert_close(losses.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_coarse_ranking_refines_on_all_tokens():
+    """With a coarse subset the search scores only the refined candidates on all tokens, and its result
+    is never worse than MinMax; with refine covering every candidate it equals the exhaustive search."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4096, 16, generator=g) * torch.exp2(torch.randint(-2, 3, (16,), generator=g).float())
+    w = torch.randn(8, 16, generator=g)
+    problem = LinearProblem(x, w, Budget(1 << 22))
+    assert problem.coarse_rows(512).shape[0] == 512
+    assert problem.coarse_rows(4096) is None
+    exhaustive, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.1, 1.2, 30, coarse_tokens=0), 2, True)
+    covering, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.1, 1.2, 30, coarse_tokens=512, refine=64), 2, True)
+    coarse, minmax = search_linear(problem, E2M1, E2M1, SearchSpace(0.1, 1.2, 30, coarse_tokens=512, refine=3), 2, True)
+    assert covering.loss == exhaustive.loss
+    assert torch.equal(covering.act_max_value, exhaustive.act_max_value)
+    assert coarse.loss <= minmax.loss
+    assert coarse.loss <= 1.05 * exhaustive.loss
 
 
 def test_search_recovers_planted_optimum():

@@ -49,7 +49,7 @@ class CalibSettings:
     def budget(self, device: torch.device) -> Budget:
         if self.budget_bytes is not None:
             return Budget(self.budget_bytes)
-        return Budget(2 << 30 if device.type == "cuda" else 256 << 20)
+        return Budget(1 << 30 if device.type == "cuda" else 256 << 20)
 
 
 class _Stop(Exception):
@@ -118,8 +118,8 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (float32, shared
-    between Linears that read the same tensor)."""
+    """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype,
+    shared between Linears that read the same tensor)."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
     first_ptr: dict[str, int] = {}
 
@@ -142,7 +142,7 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
     for name, chunks in captured.items():
         ptr = first_ptr[name]
         if ptr not in shared:
-            shared[ptr] = torch.cat(chunks).float()
+            shared[ptr] = torch.cat(chunks)
         inputs[name] = shared[ptr]
     return outputs, inputs
 
@@ -273,7 +273,7 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
     with torch.no_grad():
         norm = _final_norm(run.model)
         x = norm(hidden.to(_device_of(norm)))
-    x = x.to(_device_of(head)).reshape(-1, x.shape[-1]).float()
+    x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
     name = run.names[head]
     _check_finite(f"the input of {name}", x)
     budget = run.settings.budget(_device_of(head))

@@ -14,33 +14,49 @@ Candidates are multipliers g of the MinMax range (max_value = g * absmax), or, w
 space="bias", of the MinMax exponent bias (the original code's behaviour). Losses of many candidates
 are computed at once, chunked to a memory budget, by whichever of two exact forms is cheaper:
 - weights, with the quantized input fixed: with U = Q_w(W) - W and D = Q_a(X) - X,
-  L_row = u^T G u + 2 u . (P w) + w^T K w, G = Xq^T Xq, P = Xq^T D, K = D^T D (in x in, computed once),
-  which needs no pass over tokens per candidate; or directly over tokens when N < in.
-- activations, with the quantized weight Wq fixed: with R = X U^T,
-  L = sum_n d_n^T (Wq^T Wq) d_n + 2 d_n . (R Wq)_n + |R|^2, costing N*in^2 instead of N*in*out
-  per candidate when in < out (e.g. the output head); or directly when out <= in.
+  L_row = u^T G u + 2 u . v + c, G = Xq^T Xq [in, in], V = (D W^T)^T Xq [out, in], c = |D W^T|^2 per
+  row, computed once per activation state: no pass over tokens per candidate; or directly when N < in.
+- activations, with the quantized weight Wq fixed: with R = X (Wq - W)^T, L = sum_n d_n^T (Wq^T Wq) d_n
+  + 2 d_n . (R Wq)_n + |R|^2, costing N*in^2 instead of N*in*out per candidate when in < out (e.g. the
+  output head); or directly when out <= in.
+Activation candidates are first ranked on a strided subset of `coarse_tokens` tokens and the best
+`refine` of them (plus the current state) re-scored on all tokens (SearchSpace; coarse_tokens=0 scores
+every candidate on every token).
+
+Numerics: quantized operands are standard-grid values times a scale, and grids are exact in bfloat16
+(quant_layers/quantize.py). On CUDA with a bfloat16 model every matrix product of a grid and the
+model's own bfloat16 X or W runs on bfloat16 tensor cores with float32 accumulation and output, which
+is exact in its products; the two products of non-grid operands (U G, D H) round their operands to
+bfloat16 (relative 2^-9) for ranking only. Elsewhere everything is float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, formats_of_width, max_from_exponent_bias
-from quant_layers.quantize import quantize
+from quant_layers.quantize import grid_candidates, grid_scale, quantize, round_to_grid
 
 TINY = 1e-30  # floor for ranges: an all-zero row or tensor keeps a finite scale
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Candidates g_i = a + i (b - a) / n, i = 0..n-1, plus g = 1 (MinMax); space: "max" or "bias"."""
+    """Candidates g_i = a + i (b - a) / n, i = 0..n-1, plus g = 1 (MinMax); space: "max" or "bias".
+
+    coarse_tokens / refine: activation candidates are ranked on coarse_tokens tokens, the best `refine`
+    re-scored on all (0: every candidate on every token).
+    """
 
     low: float
     high: float
     count: int
     space: str = "max"
+    coarse_tokens: int = 4096
+    refine: int = 8
 
     def multipliers(self, device: torch.device | str = "cpu") -> torch.Tensor:
         i = torch.arange(self.count, dtype=torch.float64)
@@ -68,12 +84,6 @@ class LinearState:
     act_channel_shift: torch.Tensor | None
     loss: float = float("nan")
 
-    def act_range(self) -> torch.Tensor:
-        """Per-channel clipping range m_a * 2^-k [in], or the per-tensor range []."""
-        if self.act_channel_shift is None:
-            return self.act_max_value
-        return self.act_max_value * torch.exp2(-self.act_channel_shift.float())
-
 
 def channel_shift(fmt: QuantFormat, act_max: torch.Tensor, channel_absmax: torch.Tensor) -> torch.Tensor:
     """LLM-FP4's integer shifts k_c = clamp(round(b_c) - round(b_a), 0, 2^E - 1).
@@ -93,110 +103,205 @@ class Budget:
 
     bytes: int
 
-    def rows(self, row_elems: int, copies: int = 3) -> int:
-        """How many rows of `row_elems` float32 values fit, `copies` live at once (at least 1)."""
-        return max(1, self.bytes // (4 * copies * max(1, row_elems)))
+    def rows(self, row_bytes: int) -> int:
+        """How many rows of `row_bytes` bytes each fit (at least 1)."""
+        return max(1, self.bytes // max(1, row_bytes))
 
 
-def _token_chunks(x: torch.Tensor, budget: Budget, width: int):
-    step = budget.rows(width, copies=4)
-    for start in range(0, x.shape[0], step):
-        yield x[start : start + step]
+@lru_cache(maxsize=None)
+def _bf16_products(device: torch.device) -> bool:
+    """Whether this device multiplies bfloat16 matrices into a float32 result (torch.mm out_dtype)."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """bfloat16 for a bfloat16 X on a device with bfloat16 x bfloat16 -> float32 products, else float32."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 and _bf16_products(x.device) else torch.float32
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D a, b of one dtype, accumulated and returned in float32."""
+    if a.dtype == torch.float32:
+        return a @ b
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ActCandidates:
+    """Activation candidates: per-tensor ranges max_value [C] and integer channel shifts [C, in] or None.
+
+    Candidate c quantizes X column i with range max_value[c] * 2^-shift[c, i]."""
+
+    fmt: QuantFormat
+    max_value: torch.Tensor
+    shift: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.max_value.shape[0]
+
+    def scale(self) -> torch.Tensor:
+        return grid_scale(self.fmt, self.max_value, self.max_value.device)
+
+    def channel_scale(self) -> torch.Tensor | None:
+        return None if self.shift is None else torch.exp2(self.shift.float())
+
+    def select(self, index: torch.Tensor) -> "ActCandidates":
+        return ActCandidates(self.fmt, self.max_value[index], None if self.shift is None else self.shift[index])
+
+    @staticmethod
+    def of_state(state: LinearState) -> "ActCandidates":
+        shift = None if state.act_channel_shift is None else state.act_channel_shift.view(1, -1)
+        return ActCandidates(state.act_format, state.act_max_value.reshape(1), shift)
+
+
+def _chunks(total: int, step: int):
+    for start in range(0, total, step):
+        yield slice(start, min(total, start + step))
 
 
 class LinearProblem:
-    """Calibration inputs X [N, in] (float32) and weight W [out, in] of one Linear, with loss functions."""
+    """Calibration inputs X [N, in] (the model's dtype) and weight W [out, in] of one Linear, with losses."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, budget: Budget) -> None:
-        self.x = x
+        self.dtype = compute_dtype(x)
+        self.x = x.to(self.dtype)
         self.weight = weight.float()
+        self.weight_c = weight.to(self.dtype)
         self.budget = budget
         self.tokens = x.shape[0]
         self.out_features, self.in_features = self.weight.shape
         self.weight_absmax = self.weight.abs().amax(dim=1)
-        self.act_absmax = x.abs().amax()
-        self.channel_absmax = x.abs().amax(dim=0)
-        self._stats_for: tuple[QuantFormat, torch.Tensor] | None = None
-        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()
+        self.act_absmax = self.x.abs().amax().float()
+        self.channel_absmax = self.x.abs().amax(dim=0).float()
+        self._stats_key: tuple | None = None
+        self._stats_for: ActCandidates | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple = ()
 
     def normalize(self, loss: torch.Tensor) -> torch.Tensor:
         return loss / (self.tokens * self.out_features)
 
-    def weight_losses(self, fmt: QuantFormat, candidates: torch.Tensor, act_format: QuantFormat,
-                      act_range: torch.Tensor) -> torch.Tensor:
-        """Per-row loss [C, out] (summed over tokens, not normalized) of weight candidates [C, out]."""
-        w = self.weight
+    def _token_chunks(self, x: torch.Tensor, row_bytes: int):
+        step = self.budget.rows(row_bytes)
+        for rows in _chunks(x.shape[0], step):
+            yield x[rows]
+
+    def _act_grid(self, xt: torch.Tensor, acts: ActCandidates) -> torch.Tensor:
+        """Grid values of xt for every candidate [C, n, in] in the compute dtype."""
+        return grid_candidates(xt, acts.fmt, acts.scale(), acts.channel_scale(), self.dtype)
+
+    def weight_grid(self, fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid values [..., out, in] float32, grid scales [..., out, 1]) of weight ranges [..., out]."""
+        scale = grid_scale(fmt, max_value, self.weight.device).unsqueeze(-1)
+        return round_to_grid(self.weight, fmt, scale), scale
+
+    def weight_losses(self, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState) -> torch.Tensor:
+        """Per-row loss [C, out] (summed over tokens, not normalized) of weight candidates [C, out], with the
+        activation quantizer of `state` fixed."""
+        acts = self._stats_acts(state)
         if self.tokens < self.in_features:
-            return self._weight_losses_direct(fmt, candidates, act_format, act_range)
-        gram, v, const = self._weight_stats(act_format, act_range)
+            return self._weight_losses_direct(fmt, candidates, acts)
+        gram, v, const = self._weight_stats(acts)
         losses = []
-        step = self.budget.rows(self.out_features * self.in_features)
-        for start in range(0, candidates.shape[0], step):
-            u = quantize(w, fmt, candidates[start : start + step].unsqueeze(-1)) - w
-            losses.append(((u @ gram) * u).sum(-1) + 2 * (u * v).sum(-1) + const)
+        step = self.budget.rows(self.out_features * self.in_features * 16)
+        for rows in _chunks(candidates.shape[0], step):
+            u = quantize(self.weight, fmt, candidates[rows].unsqueeze(-1)) - self.weight
+            ug = mm32(u.view(-1, self.in_features).to(self.dtype), gram).view_as(u)
+            losses.append((ug * u).sum(-1) + 2 * (u * v).sum(-1) + const)
         return torch.cat(losses)
 
-    def _weight_stats(self, act_format: QuantFormat, act_range: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """G = Xq^T Xq [in, in], V = W (Xq^T D)^T [out, in], const = rows of |D W^T|^2 [out]; D = Xq - X.
+    def _stats_acts(self, state: LinearState) -> ActCandidates:
+        """The activation quantizer of state as one candidate; the same object for the same quantizer, so
+        that `_weight_stats` can keep its statistics."""
+        key = (state.act_format, state.act_max_value, state.act_channel_shift)
+        if self._stats_key is None or key[0] != self._stats_key[0] or any(
+                a is not b for a, b in zip(key[1:], self._stats_key[1:])):
+            self._stats_key = key
+            self._stats_for = ActCandidates.of_state(state)
+            self._stats = ()
+        return self._stats_for
 
-        Kept for the last (act_format, act_range) asked: every weight format of a step reuses them.
+    def _weight_stats(self, acts: ActCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G = Xq^T Xq [in, in] (compute dtype), V = R^T Xq [out, in], c = |R|^2 per row [out], R = D W^T.
+
+        Kept for the last activation quantizer asked: every weight format of a step reuses them.
         """
-        if self._stats_for is not None and self._stats_for[0] == act_format and self._stats_for[1] is act_range:
+        if self._stats:
             return self._stats
-        w = self.weight
-        gram = torch.zeros(self.in_features, self.in_features, device=w.device)
-        cross = torch.zeros_like(gram)
-        err_gram = torch.zeros_like(gram)
-        for xt in _token_chunks(self.x, self.budget, self.in_features):
-            xq = quantize(xt, act_format, act_range)
-            d = xq - xt
-            gram += xq.T @ xq
-            cross += xq.T @ d
-            err_gram += d.T @ d
-        self._stats_for = (act_format, act_range)
-        self._stats = (gram, w @ cross.T, ((w @ err_gram) * w).sum(dim=1))
+        inverse = 1.0 / acts.scale()
+        gram = torch.zeros(self.in_features, self.in_features, device=self.x.device)
+        v = torch.zeros(self.out_features, self.in_features, device=self.x.device)
+        const = torch.zeros(self.out_features, device=self.x.device)
+        for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
+            grid = self._act_grid(xt, acts)[0]
+            gram += mm32(grid.T, grid)
+            r = mm32(grid, self.weight_c.T).mul_(inverse) - mm32(xt, self.weight_c.T)
+            v += r.T @ (grid.float() * inverse)
+            const += r.square().sum(dim=0)
+        self._stats = ((gram * inverse.square()).to(self.dtype), v, const)
         return self._stats
 
-    def _weight_losses_direct(self, fmt, candidates, act_format, act_range) -> torch.Tensor:
-        w = self.weight
-        losses = torch.zeros(candidates.shape[0], self.out_features, device=w.device)
-        step = self.budget.rows(self.out_features * self.in_features)
-        for start in range(0, candidates.shape[0], step):
-            wq = quantize(w, fmt, candidates[start : start + step].unsqueeze(-1))
-            for xt in _token_chunks(self.x, self.budget, step * self.out_features):
-                err = quantize(xt, act_format, act_range) @ wq.transpose(1, 2) - xt @ w.T
-                losses[start : start + step] += err.square().sum(dim=1)
+    def _weight_losses_direct(self, fmt: QuantFormat, candidates: torch.Tensor, acts: ActCandidates
+                              ) -> torch.Tensor:
+        losses = torch.zeros(candidates.shape[0], self.out_features, device=self.x.device)
+        act_inverse = 1.0 / acts.scale()
+        for rows in _chunks(candidates.shape[0], self.budget.rows(self.out_features * self.in_features * 8)):
+            grid, scale = self.weight_grid(fmt, candidates[rows])  # [c, out, in], [c, out, 1]
+            grid_t = grid.to(self.dtype).view(-1, self.in_features).T
+            inverse = (act_inverse / scale).view(1, -1)
+            row_bytes = 8 * grid.shape[0] * self.out_features + 2 * self.in_features
+            for xt in self._token_chunks(self.x, row_bytes):
+                err = mm32(self._act_grid(xt, acts)[0], grid_t).mul_(inverse)
+                err = err.view(xt.shape[0], -1, self.out_features) - mm32(xt, self.weight_c.T).unsqueeze(1)
+                losses[rows] += err.square().sum(dim=0)
         return losses
 
-    def act_losses(self, fmt: QuantFormat, ranges: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
-        """Loss [C] (summed, not normalized) of activation ranges [C, in] or [C, 1] with weight_q fixed."""
-        w = self.weight
-        losses = torch.zeros(ranges.shape[0], device=w.device)
-        input_space = self.in_features < self.out_features
-        hessian = weight_q.T @ weight_q if input_space else None
-        for xt in _token_chunks(self.x, self.budget, self.in_features + self.out_features):
-            if input_space:
-                r = xt @ (weight_q - w).T
+    def act_losses(self, acts: ActCandidates, weight_format: QuantFormat, weight_max_value: torch.Tensor,
+                   x: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss [C] (summed over x's tokens, not normalized) of activation candidates with the weight
+        quantized to (weight_format, weight_max_value [out]) fixed. x: token rows to use (default all)."""
+        x = self.x if x is None else x
+        grid, scale = self.weight_grid(weight_format, weight_max_value)
+        act_inverse = (1.0 / acts.scale()).view(-1, 1, 1)
+        losses = torch.zeros(len(acts), device=self.x.device)
+        if self.in_features < self.out_features:
+            weight_q = grid / scale
+            hessian = (weight_q.T @ weight_q).to(self.dtype)
+        grid_t = grid.to(self.dtype).T
+        width = max(self.in_features, self.out_features)
+        for xt in self._token_chunks(x, 8 * (self.in_features + self.out_features)):
+            y = mm32(xt, self.weight_c.T)
+            step = self.budget.rows(xt.shape[0] * width * 10)
+            if self.in_features < self.out_features:
+                r = mm32(xt, grid_t).div_(scale.view(1, -1)).sub_(y)
                 b = r @ weight_q
                 losses += r.square().sum()
+                for rows in _chunks(len(acts), step):
+                    d = self._act_grid(xt, acts.select(rows)).float().mul_(act_inverse[rows]).sub_(xt.float())
+                    dh = mm32(d.view(-1, self.in_features).to(self.dtype), hessian).view_as(d)
+                    losses[rows] += (dh * d).sum((1, 2)) + 2 * (d * b).sum((1, 2))
             else:
-                y = xt @ w.T
-            step = self.budget.rows(xt.shape[0] * max(self.in_features, self.out_features))
-            for start in range(0, ranges.shape[0], step):
-                xq = quantize(xt, fmt, ranges[start : start + step].unsqueeze(1))
-                if input_space:
-                    d = xq - xt
-                    losses[start : start + step] += ((d @ hessian) * d).sum((1, 2)) + 2 * (d * b).sum((1, 2))
-                else:
-                    losses[start : start + step] += (xq @ weight_q.T - y).square().sum((1, 2))
+                for rows in _chunks(len(acts), step):
+                    g = self._act_grid(xt, acts.select(rows))
+                    yq = mm32(g.view(-1, self.in_features), grid_t).view(g.shape[0], xt.shape[0], -1)
+                    losses[rows] += (yq.div_(scale.view(1, 1, -1)).mul_(act_inverse[rows]) - y).square().sum((1, 2))
         return losses
+
+    def coarse_rows(self, count: int) -> torch.Tensor | None:
+        """A strided subset of about `count` token rows, or None when that is (nearly) all of them."""
+        if count <= 0 or self.tokens < 2 * count:
+            return None
+        return self.x[:: self.tokens // count]
 
     def loss(self, state: LinearState) -> float:
         """Normalized L of a state."""
-        wq = quantize(self.weight, state.weight_format, state.weight_max_value.view(-1, 1))
-        ranges = state.act_range().reshape(1, -1)
-        return float(self.normalize(self.act_losses(state.act_format, ranges, wq))[0])
+        losses = self.act_losses(ActCandidates.of_state(state), state.weight_format, state.weight_max_value)
+        return float(self.normalize(losses)[0])
 
 
 def minmax_weight_max(problem: LinearProblem, per_tensor: bool) -> torch.Tensor:
@@ -218,13 +323,12 @@ def search_weight(problem: LinearProblem, state: LinearState, formats: list[Quan
                   space: SearchSpace, per_tensor: bool) -> LinearState:
     """Step (1): best per-row (or per-tensor) weight range for every format; keep the best format."""
     best = state
-    act_range = state.act_range()
     base_absmax = minmax_weight_max(problem, per_tensor)
     for fmt in formats:
         candidates = space.candidates(fmt, base_absmax)
         if fmt == state.weight_format:
             candidates = torch.cat([candidates, state.weight_max_value.unsqueeze(0)])
-        losses = problem.weight_losses(fmt, candidates, state.act_format, act_range)
+        losses = problem.weight_losses(fmt, candidates, state)
         if per_tensor:
             index = losses.sum(dim=1).argmin().expand(problem.out_features)
         else:
@@ -237,25 +341,46 @@ def search_weight(problem: LinearProblem, state: LinearState, formats: list[Quan
     return best
 
 
+def _with_current(acts: ActCandidates, state: LinearState) -> ActCandidates:
+    """acts with the state's own activation quantizer appended as the last candidate."""
+    current = ActCandidates.of_state(state)
+    shifts = (acts.shift, current.shift)
+    if shifts == (None, None):
+        return ActCandidates(acts.fmt, torch.cat([acts.max_value, current.max_value]))
+    width = (acts.shift if acts.shift is not None else current.shift).shape[1]
+    filled = [s if s is not None else torch.zeros(n, width, dtype=torch.int64, device=acts.max_value.device)
+              for s, n in zip(shifts, (len(acts), 1))]
+    return ActCandidates(acts.fmt, torch.cat([acts.max_value, current.max_value]), torch.cat(filled))
+
+
 def search_act(problem: LinearProblem, state: LinearState, formats: list[QuantFormat],
                space: SearchSpace, shifts: bool) -> LinearState:
-    """Step (2): best per-tensor input range (and shifts) for every format; keep the best format."""
+    """Step (2): best per-tensor input range (and shifts) for every format; keep the best format.
+
+    With a coarse subset (SearchSpace.coarse_tokens), every candidate is ranked on it and the best
+    `refine` (and the current state) are scored on all tokens."""
     best = state
-    weight_q = quantize(problem.weight, state.weight_format, state.weight_max_value.view(-1, 1))
+    coarse = problem.coarse_rows(space.coarse_tokens)
+    weight = (state.weight_format, state.weight_max_value)
     for fmt in formats:
         act_max = space.candidates(fmt, problem.act_absmax)
-        shift = channel_shift(fmt, act_max, problem.channel_absmax) if shifts else None
-        ranges = act_max.view(-1, 1) if shift is None else act_max.view(-1, 1) * torch.exp2(-shift.float())
+        acts = ActCandidates(fmt, act_max, channel_shift(fmt, act_max, problem.channel_absmax) if shifts else None)
+        current = None
         if fmt == state.act_format:
-            current = state.act_range().reshape(1, -1).expand(1, ranges.shape[1])
-            ranges = torch.cat([ranges, current])
-        losses = problem.normalize(problem.act_losses(fmt, ranges, weight_q))
-        index = int(losses.argmin())
-        if float(losses[index]) < best.loss:
-            if index == act_max.shape[0]:  # the current state of this format: nothing changes
-                continue
-            best = LinearState(state.weight_format, state.weight_max_value, fmt, act_max[index],
-                               None if shift is None else shift[index], float(losses[index]))
+            acts, current = _with_current(acts, state), len(acts)
+        index = torch.arange(len(acts), device=act_max.device)
+        if coarse is not None and len(acts) > space.refine:
+            rough = problem.act_losses(acts, *weight, x=coarse)
+            index = rough.topk(space.refine, largest=False).indices
+            if current is not None:
+                index = torch.cat([index, torch.tensor([current], device=index.device)]).unique()
+            index = index.sort().values
+        losses = problem.normalize(problem.act_losses(acts.select(index), *weight))
+        pick = int(losses.argmin())
+        chosen = int(index[pick])
+        if float(losses[pick]) < best.loss and chosen != current:
+            best = LinearState(state.weight_format, state.weight_max_value, fmt, acts.max_value[chosen],
+                               None if acts.shift is None else acts.shift[chosen], float(losses[pick]))
     return best
 
 
@@ -264,7 +389,7 @@ def search_linear(problem: LinearProblem, weight_format: QuantFormat, act_format
                   ) -> tuple[LinearState, LinearState]:
     """Coordinate descent from MinMax over every format of the starting formats' widths.
 
-    Returns (best state, MinMax state); best.loss <= minmax.loss.
+    Returns (best state, MinMax state), both with their loss on all tokens; best.loss <= minmax.loss.
     """
     start = minmax_state(problem, weight_format, act_format, per_tensor_weight)
     weight_formats = formats_of_width(weight_format.bits, weight_format.kind)
@@ -273,6 +398,8 @@ def search_linear(problem: LinearProblem, weight_format: QuantFormat, act_format
     for _ in range(rounds):
         state = search_weight(problem, state, weight_formats, space, per_tensor_weight)
         state = search_act(problem, state, act_formats, space, shifts)
+    if state is not start:
+        state.loss = problem.loss(state)
     return state, start
 
 
@@ -294,7 +421,7 @@ def search_table(weight: torch.Tensor, fmt: QuantFormat, space: SearchSpace | No
     for candidate_format in formats_of_width(fmt.bits, fmt.kind):
         candidates = space.candidates(candidate_format, absmax)
         losses = []
-        step = budget.rows(numel)
+        step = budget.rows(numel * 12)
         for start in range(0, candidates.shape[0], step):
             q = quantize(weight, candidate_format, candidates[start : start + step].unsqueeze(-1))
             losses.append((q - weight).square().sum(dim=-1))

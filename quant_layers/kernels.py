@@ -1,0 +1,114 @@
+"""One fused Triton kernel for the quantizer of quant_layers/quantize.py (reads x once, writes once).
+
+For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
+
+    y = clamp(x * k[c, i] * s[c], +-grid_max),   g = round_to_grid(y)  (ties to even)
+    out[c, r, i] = g / k[c, i]   (grid_output)   or   g / s[c]   (fake quantization)
+
+with k an optional table of per-channel powers of two. Every step is the reference's float32
+operation in the reference's order (division is IEEE `div_rn`, rounding is the exact 1.5 * 2^23 trick,
+bfloat16 stores round to nearest even in integer arithmetic), so the kernel equals the PyTorch reference
+bit for bit; tests check it under Triton's interpreter on CPU and compiled on CUDA. Without Triton, or
+with LLM_FP4_KERNEL=0, callers use the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quant_layers.formats import QuantFormat
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch reference is used
+    triton = None
+
+BLOCK = 2048
+
+
+def available() -> bool:
+    return triton is not None and os.environ.get("LLM_FP4_KERNEL", "1") != "0"
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether quantize.py should route x through the kernel (CUDA tensors, or any under the interpreter)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return available() and (x.is_cuda or interpreted)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(v):
+        """Nearest integer, ties to even, for |v| < 2^22 (float32 addition rounds to nearest even)."""
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _fake_quantize_kernel(x_ptr, out_ptr, scale_ptr, channel_ptr, numel, channels, grid_max,
+                              MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+                              GRID_OUTPUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        candidate = tl.program_id(1).to(tl.int64)
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < numel
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + candidate)
+        if HAS_CHANNEL:
+            multiplier = tl.load(channel_ptr + candidate * channels + offsets % channels, mask=mask, other=1.0)
+            x = x * multiplier
+        y = x * scale
+        clamped = tl.minimum(tl.maximum(y, -grid_max), grid_max)
+        y = tl.where(y != y, y, clamped)
+        magnitude = tl.abs(y)
+        if IS_INT:
+            rounded = _round_half_even(magnitude)
+        else:
+            step_bits = tl.maximum(magnitude.to(tl.int32, bitcast=True) & 0x7F800000, 128 << 23)
+            step_bits = step_bits - (MANTISSA_BITS << 23)
+            step = step_bits.to(tl.float32, bitcast=True)
+            inverse_step = ((254 << 23) - step_bits).to(tl.float32, bitcast=True)
+            rounded = _round_half_even(magnitude * inverse_step) * step
+        sign = y.to(tl.int32, bitcast=True) & -2147483648
+        grid = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        if GRID_OUTPUT:
+            if HAS_CHANNEL:
+                grid = tl.math.div_rn(grid, multiplier)
+            result = grid
+        else:
+            result = tl.math.div_rn(grid, scale)
+        if OUT_BF16:
+            bits = result.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            result = bits.to(tl.float32, bitcast=True)
+        tl.store(out_ptr + candidate * numel + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,
+                  grid_output: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] float32 grid scales;
+    channel_scale: [C, channels] or [channels] powers of two, or None.
+
+    Returns [C, *x.shape] (grid_output) or x.shape (fake quantization, C must be 1) in `dtype`
+    (default x.dtype).
+    """
+    x = x.contiguous()
+    candidates = scale.numel()
+    channels = x.shape[-1]
+    out_shape = (candidates, *x.shape) if grid_output else x.shape
+    if not grid_output and candidates != 1:
+        raise ValueError("fake quantization takes one scale")
+    out = torch.empty(out_shape, dtype=dtype or x.dtype, device=x.device)
+    scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
+    if channel_scale is not None:
+        channel_scale = channel_scale.to(device=x.device, dtype=torch.float32).reshape(candidates, channels)
+        channel_scale = channel_scale.contiguous()
+    numel = x.numel()
+    launch = (triton.cdiv(numel, BLOCK), candidates)
+    _fake_quantize_kernel[launch](
+        x, out, scale, scale if channel_scale is None else channel_scale, numel, channels, fmt.grid_max,
+        MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
+        GRID_OUTPUT=grid_output, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_SIZE=BLOCK, num_warps=8,
+    )
+    return out

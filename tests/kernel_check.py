@@ -1,0 +1,69 @@
+"""Compare the Triton kernel with the PyTorch reference bit for bit; prints one JSON line of mismatches.
+
+Run as a script (under TRITON_INTERPRET=1 on CPU, or on CUDA); tests/test_kernels.py runs it.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from quant_layers import kernels  # noqa: E402
+from quant_layers.formats import fp_format, formats_of_width, int_format  # noqa: E402
+from quant_layers.quantize import grid_candidates, quantize_activation  # noqa: E402
+
+FORMATS = formats_of_width(4) + [int_format(4), int_format(8), fp_format(4, 3), fp_format(5, 2), fp_format(2, 3)]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, -0.0 and +0.0 told apart, NaN positions equal (payloads ignored)."""
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return False
+    a, b = a.float().masked_fill(nan_a, 0), b.float().masked_fill(nan_b, 0)
+    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+def reference(fn, *args, **kwargs):
+    os.environ["LLM_FP4_KERNEL"] = "0"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        os.environ["LLM_FP4_KERNEL"] = "1"
+
+
+def main(device: str) -> None:
+    assert kernels.available()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 80, generator=g) * torch.exp2(torch.randint(-6, 6, (80,), generator=g).float())
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1e-30])
+    x[1, :4] = torch.tensor([0.25, -0.75, 2.5, 1e30])  # ties after scaling by 1 and overflow
+    mismatches, checked = [], 0
+    for fmt in FORMATS:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xd = x.to(device=device, dtype=dtype)
+            max_value = torch.tensor(3.0, device=device)
+            shift = torch.randint(0, 4, (80,), generator=g).to(device)
+            for channel_scale in (None, torch.exp2(shift.float()).to(dtype)):
+                got = quantize_activation(xd, fmt, max_value, channel_scale)
+                want = reference(quantize_activation, xd, fmt, max_value, channel_scale)
+                checked += 1
+                if got.dtype != want.dtype or not same_bits(got, want):
+                    mismatches.append(f"fake {fmt} {dtype} shift={channel_scale is not None}")
+            scale = (torch.rand(5, generator=g) * 4 + 0.1).to(device)
+            shifts = torch.exp2(torch.randint(0, 4, (5, 80), generator=g).float()).to(device)
+            for channel_scale in (None, shifts):
+                for out_dtype in (torch.bfloat16, torch.float32):
+                    got = grid_candidates(xd, fmt, scale, channel_scale, out_dtype)
+                    want = reference(grid_candidates, xd, fmt, scale, channel_scale, out_dtype)
+                    checked += 1
+                    if got.dtype != want.dtype or not same_bits(got, want):
+                        mismatches.append(f"grid {fmt} {dtype}->{out_dtype} shift={channel_scale is not None}")
+    print(json.dumps({"checked": checked, "mismatches": mismatches}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "cpu")
