@@ -2,10 +2,11 @@
 
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
-    y = clamp(x * k[c, i] * s[c], +-grid_max),   g = round_to_grid(y)  (ties to even)
-    out[c, r, i] = g / k[c, i]   (grid_output)   or   g / s[c]   (fake quantization)
+    y = clamp(x * k[c, i] * s[c, r], +-grid_max),   g = round_to_grid(y)  (ties to even)
+    out[c, r, i] = g / s[c, r]  (FAKE),  g / k[c, i]  (GRID)  or  g / s[c, r] - x  (RESIDUAL)
 
-with k an optional table of per-channel powers of two. Every step is the reference's float32
+with k an optional table of per-channel powers of two and s one scale per candidate, or per candidate
+and row (weights). Every step is the reference's float32
 operation in the reference's order (division is IEEE `div_rn`, rounding is the exact 1.5 * 2^23 trick,
 bfloat16 stores round to nearest even in integer arithmetic), so the kernel equals the PyTorch reference
 bit for bit; tests check it under Triton's interpreter on CPU and compiled on CUDA. Without Triton, or
@@ -27,6 +28,7 @@ except ImportError:  # CPU-only installs: the PyTorch reference is used
     triton = None
 
 BLOCK = 2048
+FAKE, GRID, RESIDUAL = 0, 1, 2  # output modes
 
 
 def available() -> bool:
@@ -49,12 +51,17 @@ if triton is not None:
     @triton.jit
     def _fake_quantize_kernel(x_ptr, out_ptr, scale_ptr, channel_ptr, numel, channels, grid_max,
                               MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr, HAS_CHANNEL: tl.constexpr,
-                              GRID_OUTPUT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                              ROW_SCALE: tl.constexpr, MODE: tl.constexpr, OUT_BF16: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr):
         candidate = tl.program_id(1).to(tl.int64)
         offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offsets < numel
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + candidate)
+        x_in = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = x_in
+        if ROW_SCALE:
+            scale = tl.load(scale_ptr + candidate * (numel // channels) + offsets // channels, mask=mask, other=1.0)
+        else:
+            scale = tl.load(scale_ptr + candidate)
         if HAS_CHANNEL:
             multiplier = tl.load(channel_ptr + candidate * channels + offsets % channels, mask=mask, other=1.0)
             x = x * multiplier
@@ -72,10 +79,12 @@ if triton is not None:
             rounded = _round_half_even(magnitude * inverse_step) * step
         sign = y.to(tl.int32, bitcast=True) & -2147483648
         grid = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        if GRID_OUTPUT:
+        if MODE == 1:
             if HAS_CHANNEL:
                 grid = tl.math.div_rn(grid, multiplier)
             result = grid
+        elif MODE == 2:
+            result = tl.math.div_rn(grid, scale) - x_in
         else:
             result = tl.math.div_rn(grid, scale)
         if OUT_BF16:
@@ -86,20 +95,21 @@ if triton is not None:
 
 
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,
-                  grid_output: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] float32 grid scales;
-    channel_scale: [C, channels] or [channels] powers of two, or None.
+                  mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] or, per row, [C, rows]
+    float32 grid scales (rows = x.numel() // channels); channel_scale: [C, channels] or [channels] powers of
+    two, or None (not with RESIDUAL).
 
-    Returns [C, *x.shape] (grid_output) or x.shape (fake quantization, C must be 1) in `dtype`
-    (default x.dtype).
+    Returns [C, *x.shape] in `dtype` (default x.dtype).
     """
     x = x.contiguous()
-    candidates = scale.numel()
     channels = x.shape[-1]
-    out_shape = (candidates, *x.shape) if grid_output else x.shape
-    if not grid_output and candidates != 1:
-        raise ValueError("fake quantization takes one scale")
-    out = torch.empty(out_shape, dtype=dtype or x.dtype, device=x.device)
+    rows = x.numel() // channels
+    row_scale = scale.dim() == 2
+    candidates = scale.shape[0] if scale.dim() else 1
+    if row_scale and scale.shape[1] != rows:
+        raise ValueError(f"per-row scales need {rows} rows, got {scale.shape[1]}")
+    out = torch.empty((candidates, *x.shape), dtype=dtype or x.dtype, device=x.device)
     scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
     if channel_scale is not None:
         channel_scale = channel_scale.to(device=x.device, dtype=torch.float32).reshape(candidates, channels)
@@ -109,6 +119,6 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channe
     _fake_quantize_kernel[launch](
         x, out, scale, scale if channel_scale is None else channel_scale, numel, channels, fmt.grid_max,
         MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
-        GRID_OUTPUT=grid_output, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_SIZE=BLOCK, num_warps=8,
+        ROW_SCALE=row_scale, MODE=mode, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_SIZE=BLOCK, num_warps=8,
     )
     return out

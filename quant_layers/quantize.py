@@ -81,7 +81,7 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     """
     if kernels.enabled(x):
         scale = grid_scale(fmt, max_value, x.device).reshape(1)
-        return kernels.fake_quantize(x, fmt, scale, channel_scale, grid_output=False)
+        return kernels.fake_quantize(x, fmt, scale, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
         x = x * channel_scale
     return quantize(x, fmt, max_value)
@@ -95,7 +95,7 @@ def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, chan
     out: [C, n, in]; out[c] / s_c is the quantized x of candidate c. Exact in bfloat16 (see above).
     """
     if kernels.enabled(x):
-        return kernels.fake_quantize(x, fmt, scale, channel_scale, grid_output=True, dtype=dtype)
+        return kernels.fake_quantize(x, fmt, scale, channel_scale, kernels.GRID, dtype=dtype)
     multiplier = scale.view(-1, 1, 1)
     if channel_scale is not None:
         multiplier = multiplier * channel_scale.unsqueeze(1)
@@ -103,3 +103,13 @@ def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, chan
     if channel_scale is not None:
         grid.div_(channel_scale.unsqueeze(1))
     return grid.to(dtype)
+
+
+def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """q(W) - W for C candidate ranges per row: weight [out, in] float32, max_value [C, out] -> [C, out, in]
+    as `dtype`. One fused kernel on CUDA."""
+    if kernels.enabled(weight):
+        scale = grid_scale(fmt, max_value, weight.device)
+        return kernels.fake_quantize(weight, fmt, scale, None, kernels.RESIDUAL, dtype=dtype)
+    return (quantize(weight, fmt, max_value.unsqueeze(-1)) - weight).to(dtype)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant_layers import kernels  # noqa: E402
 from quant_layers.formats import fp_format, formats_of_width, int_format  # noqa: E402
-from quant_layers.quantize import grid_candidates, quantize_activation  # noqa: E402
+from quant_layers.quantize import grid_candidates, quantize_activation, weight_residuals  # noqa: E402
 
 FORMATS = formats_of_width(4) + [int_format(4), int_format(8), fp_format(4, 3), fp_format(5, 2), fp_format(2, 3)]
 
@@ -62,6 +62,14 @@ def main(device: str) -> None:
                     checked += 1
                     if got.dtype != want.dtype or not same_bits(got, want):
                         mismatches.append(f"grid {fmt} {dtype}->{out_dtype} shift={channel_scale is not None}")
+        weight = x.to(device)
+        ranges = (torch.rand(3, weight.shape[0], generator=g) * 5 + 0.05).to(device)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = weight_residuals(weight, fmt, ranges, out_dtype)
+            want = reference(weight_residuals, weight, fmt, ranges, out_dtype)
+            checked += 1
+            if got.dtype != want.dtype or not same_bits(got, want):
+                mismatches.append(f"residual {fmt} -> {out_dtype}")
     print(json.dumps({"checked": checked, "mismatches": mismatches}))
 
 

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a b n: candidates g_i = a + i(b-a)/n, i < n, plus g = 1 (MinMax)")
     p.add_argument("--search_space", choices=("max", "bias"), default="max",
                    help="candidates multiply the MinMax max value (default) or, as the original code, its exponent bias")
+    p.add_argument("--act_coarse_tokens", type=int, default=4096,
+                   help="rank activation candidates on this many (strided) calibration tokens and re-score the best "
+                        "8 on all of them; 0 scores every candidate on every token (slower, the same in most layers)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the decoder blocks in CPU memory and move one at a time to --device for calibration "
+                        "(GPU memory: one block), then place the model for evaluation with accelerate (GPU first)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block l+1 on the outputs of the already quantized block l")
     p.add_argument("--only_eval", action="store_true", help="skip calibration: load --ptq_param_path and evaluate")
@@ -120,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (0 < low < high) or count < 1 or not float(count).is_integer():
         raise UsageError(f"--search_intervals {low:g} {high:g} {count:g}: need 0 < a < b and an integer n >= 1")
     args.search_intervals = (low, high, int(count))
+    if args.act_coarse_tokens < 0:
+        raise UsageError(f"--act_coarse_tokens must be >= 0 (0 = every token), got {args.act_coarse_tokens}")
+    if args.offload and args.model_args.use_accelerate:
+        raise UsageError("--offload and use_accelerate=True both place the model: use one of them")
     for flag in ("calib_size", "calib_seqlen", "search_round"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")

@@ -201,9 +201,25 @@ def _gguf_to_folder(path: Path) -> Path:
     return folder
 
 
+def place_outside_blocks(model: nn.Module, device: str | torch.device) -> None:
+    """Move everything but the decoder blocks (embedding, rotary tables, final norm, head) to device."""
+    blocks = decoder_layers(model)
+    kept = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = nn.Identity()
+    try:
+        model.to(device)
+    finally:
+        for index, block in enumerate(kept):
+            blocks[index] = block
+
+
 def _from_pretrained(where: str | Path, source: str, dtype: str | torch.dtype, device: str,
-                     use_accelerate: bool, trust_remote_code: bool, **kw) -> tuple[PreTrainedModel, object]:
-    """AutoConfig + AutoModelForCausalLM + AutoTokenizer with the dtype/device policy; errors -> ModelLoadError."""
+                     use_accelerate: bool, trust_remote_code: bool, offload: bool = False, **kw
+                     ) -> tuple[PreTrainedModel, object]:
+    """AutoConfig + AutoModelForCausalLM + AutoTokenizer with the dtype/device policy; errors -> ModelLoadError.
+
+    offload: the dtype follows `device`, but the decoder blocks stay in CPU memory."""
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -220,7 +236,7 @@ def _from_pretrained(where: str | Path, source: str, dtype: str | torch.dtype, d
                              "checkpoint with a tokenizer") from e
     if not use_accelerate:
         try:
-            model.to(device)
+            place_outside_blocks(model, device) if offload else model.to(device)
         except (RuntimeError, AssertionError, ValueError) as e:
             raise ModelLoadError(f"cannot move model {source} to device {device!r} ({_short(e)}); "
                                  "pick an available device") from e
@@ -228,18 +244,19 @@ def _from_pretrained(where: str | Path, source: str, dtype: str | torch.dtype, d
 
 
 def load_model(pretrained: str | os.PathLike | None, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
-               use_accelerate: bool = False, trust_remote_code: bool = False
+               use_accelerate: bool = False, trust_remote_code: bool = False, offload: bool = False
                ) -> tuple[PreTrainedModel, object, ModelInfo]:
     """Load (model in eval mode, tokenizer, ModelInfo) from a folder, hub id, ``.gguf`` file or None (SmolLM2-135M).
 
     GGUF files are dequantized to fp32 by transformers once and saved into ``<cache>/gguf_hf`` (see module doc);
     later calls load that folder. ``dtype``: "auto" (float32 unless on CUDA; there the checkpoint's declared
     float16/bfloat16, else bfloat16), "float32", "bfloat16", "float16" or a torch.dtype.
-    ``use_accelerate`` loads with ``device_map="auto"``; otherwise the model is moved to ``device``.
+    ``use_accelerate`` loads with ``device_map="auto"``; otherwise the model is moved to ``device``, except its
+    decoder blocks with ``offload`` (they stay in CPU memory; calibration moves one block at a time).
     Raises ModelLoadError (one line) on any failure.
     """
     _resolve_dtype(dtype, device, None)  # reject a bad dtype before any slow work
-    args = (dtype, device, use_accelerate, trust_remote_code)
+    args = (dtype, device, use_accelerate, trust_remote_code, offload)
     if pretrained is None:
         try:
             gguf = smollm2_gguf_path()
@@ -284,10 +301,10 @@ def load_model(pretrained: str | os.PathLike | None, *, device: str = "cpu", dty
 
 
 def _load_gguf(path: Path, source: str, dtype: str | torch.dtype, device: str, use_accelerate: bool,
-               trust_remote_code: bool) -> tuple[PreTrainedModel, object]:
+               trust_remote_code: bool, offload: bool) -> tuple[PreTrainedModel, object]:
     """Load a GGUF through its cached HF conversion."""
     try:
         folder = _gguf_to_folder(path)
     except OSError as e:
         raise ModelLoadError(f"cannot load model {source}: {_short(e)}; check the file and the cache directory") from e
-    return _from_pretrained(folder, source, dtype, device, use_accelerate, trust_remote_code)
+    return _from_pretrained(folder, source, dtype, device, use_accelerate, trust_remote_code, offload)

@@ -29,6 +29,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def place_for_eval(model, device: str) -> None:
+    """After an --offload calibration: the whole model on `device` if it fits, else accelerate's split
+    (GPUs first, then CPU memory)."""
+    if not device.startswith("cuda"):
+        return
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    dispatch_model(model, device_map)
+    _log(f"evaluation placement: {sorted(set(map(str, device_map.values())))}")
+
+
 def resolve_device(device: str | None) -> str:
     """cuda if available when not given; a clear error for cuda without a GPU."""
     if device is None:
@@ -55,6 +67,7 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
         "search": {
             "search_round": args.search_round, "search_intervals": list(args.search_intervals),
             "search_space": args.search_space, "sequential": args.sequential,
+            "act_coarse_tokens": args.act_coarse_tokens,
             "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen, "seed": args.seed,
         },
     }
@@ -145,8 +158,9 @@ def _finished_file(path: Path, metadata: dict) -> bool:
 
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
     low, high, count = args.search_intervals
-    space = SearchSpace(low, high, count, args.search_space) if config.search else None
-    return CalibSettings(config, args.qbits, space, args.search_round, args.sequential)
+    space = SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens) if config.search else None
+    offload = args.device if args.offload else None
+    return CalibSettings(config, args.qbits, space, args.search_round, args.sequential, offload_device=offload)
 
 
 def _calibrate_with_checkpoint(model, calib_ids, settings: CalibSettings, checkpoint: Checkpoint) -> dict:
@@ -232,11 +246,13 @@ def run(args: argparse.Namespace) -> dict:
     margs = args.model_args
     model, tokenizer, info = load_model(margs.pretrained, device=device, dtype=margs.dtype,
                                         use_accelerate=margs.use_accelerate,
-                                        trust_remote_code=margs.trust_remote_code)
+                                        trust_remote_code=margs.trust_remote_code, offload=args.offload)
     _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
     quantization = {"quant_config": None}
     if args.quant_config:
         quantization = quantize_model(model, tokenizer, info, args)
+    if args.offload:
+        place_for_eval(model, device)
     started = time.perf_counter()
     results = evaluate(model, tokenizer, task_specs, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                        limit=args.limit, seed=args.seed)

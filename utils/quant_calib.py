@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class CalibSettings:
     rounds: int
     sequential: bool = False
     budget_bytes: int | None = None
+    offload_device: str | None = None  # blocks kept on the CPU run here, one at a time
 
     def budget(self, device: torch.device) -> Budget:
         if self.budget_bytes is not None:
@@ -57,7 +59,25 @@ class _Stop(Exception):
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        raise CalibrationError("the model's weights are offloaded by accelerate (device_map put blocks on disk or "
+                               "CPU): calibration needs them in memory; use --offload instead of use_accelerate")
+    return device
+
+
+@contextmanager
+def _placed(block: nn.Module, device: str | None):
+    """Run the body with `block` moved to device (None: where it is), then move it back."""
+    home = _device_of(block)
+    if device is None or home == torch.device(device):
+        yield
+        return
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
 
 
 def _move(value, device: torch.device):
@@ -68,16 +88,25 @@ def _move(value, device: torch.device):
     return value
 
 
-def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor
+def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, offload: str | None
                         ) -> tuple[torch.Tensor, list[dict]]:
     """Hidden states entering block 0 for every sequence [S, T, H], and each block's keyword arguments
-    (masks, rotary embeddings: they differ per block in e.g. Gemma3), captured from sequence 0."""
+    (masks, rotary embeddings: they differ per block in e.g. Gemma3), captured from sequence 0.
+    offload: blocks on the CPU visit this device for that one pass."""
     block_kwargs: list[dict] = [{} for _ in blocks]
     inputs: list[torch.Tensor] = []
+    homes = [_device_of(b) for b in blocks]
 
     def keep_kwargs(index):
-        def hook(_module, _args, kwargs):
+        def hook(module, _args, kwargs):
             block_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if offload is not None:
+                module.to(offload)
+        return hook
+
+    def go_home(index):
+        def hook(module, _args, _output):
+            module.to(homes[index])
         return hook
 
     def stop(_module, args, kwargs):
@@ -86,6 +115,7 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torc
 
     device = _device_of(model.get_input_embeddings())
     handles = [b.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(go_home(i)) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
             model(input_ids=calib_ids[:1].to(device), use_cache=False)
@@ -242,7 +272,8 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
             if sequential:
                 for name, module in linears:
                     run.params[name].apply(module)
-            hidden = _run_block(blocks[index], hidden, block_kwargs[index])
+            with _placed(blocks[index], run.settings.offload_device):
+                hidden = _run_block(blocks[index], hidden, block_kwargs[index])
             if not sequential:
                 for name, module in linears:
                     run.params[name].apply(module)
@@ -250,7 +281,13 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
 
 
 def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Search and set the Linears of one block; returns the hidden states entering the next block."""
+    """Search and set the Linears of one block (moved to the offload device for the time, if any); returns
+    the hidden states entering the next block."""
+    with _placed(block, run.settings.offload_device):
+        return _search_block(run, index, block, hidden, kwargs)
+
+
+def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     linears = run.linears(block)
     outputs, inputs = _capture(block, hidden, kwargs, linears)
     _check_inputs(inputs)
@@ -302,7 +339,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     if _calibrate_embedding(run, embed_format) and checkpoint:
         checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)
-    hidden, block_kwargs = _first_block_inputs(model, blocks, calib_ids)
+    hidden, block_kwargs = _first_block_inputs(model, blocks, calib_ids, settings.offload_device)
     hidden = _replay(run, blocks, start, hidden, block_kwargs)
     started = time.perf_counter()
     progress = tqdm(range(start, len(blocks)), desc="calibrating blocks", unit="block", initial=start,

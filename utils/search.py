@@ -13,7 +13,7 @@ one of the candidates, so L never increases and never ends above MinMax.
 Candidates are multipliers g of the MinMax range (max_value = g * absmax), or, with
 space="bias", of the MinMax exponent bias (the original code's behaviour). Losses of many candidates
 are computed at once, chunked to a memory budget, by whichever of two exact forms is cheaper:
-- weights, with the quantized input fixed: with U = Q_w(W) - W and D = Q_a(X) - X,
+- weights, with the quantized input fixed: with U = Q_w(W) - W (one fused kernel on CUDA) and D = Q_a(X) - X,
   L_row = u^T G u + 2 u . v + c, G = Xq^T Xq [in, in], V = (D W^T)^T Xq [out, in], c = |D W^T|^2 per
   row, computed once per activation state: no pass over tokens per candidate; or directly when N < in.
 - activations, with the quantized weight Wq fixed: with R = X (Wq - W)^T, L = sum_n d_n^T (Wq^T Wq) d_n
@@ -38,7 +38,7 @@ from functools import lru_cache
 import torch
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, formats_of_width, max_from_exponent_bias
-from quant_layers.quantize import grid_candidates, grid_scale, quantize, round_to_grid
+from quant_layers.quantize import grid_candidates, grid_scale, quantize, round_to_grid, weight_residuals
 
 TINY = 1e-30  # floor for ranges: an all-zero row or tensor keeps a finite scale
 
@@ -210,8 +210,8 @@ class LinearProblem:
         losses = []
         step = self.budget.rows(self.out_features * self.in_features * 16)
         for rows in _chunks(candidates.shape[0], step):
-            u = quantize(self.weight, fmt, candidates[rows].unsqueeze(-1)) - self.weight
-            ug = mm32(u.view(-1, self.in_features).to(self.dtype), gram).view_as(u)
+            u = weight_residuals(self.weight, fmt, candidates[rows], self.dtype)
+            ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
             losses.append((ug * u).sum(-1) + 2 * (u * v).sum(-1) + const)
         return torch.cat(losses)
 
@@ -389,12 +389,18 @@ def search_linear(problem: LinearProblem, weight_format: QuantFormat, act_format
                   ) -> tuple[LinearState, LinearState]:
     """Coordinate descent from MinMax over every format of the starting formats' widths.
 
+    With shifts the descent starts from MinMax with FPQ's channel shifts when that is better than without.
     Returns (best state, MinMax state), both with their loss on all tokens; best.loss <= minmax.loss.
     """
     start = minmax_state(problem, weight_format, act_format, per_tensor_weight)
     weight_formats = formats_of_width(weight_format.bits, weight_format.kind)
     act_formats = formats_of_width(act_format.bits, act_format.kind)
     state = start
+    if shifts:  # FPQ's shifts on the MinMax range, where they help: the descent starts from the better one
+        shift = channel_shift(act_format, start.act_max_value.view(1), problem.channel_absmax)[0]
+        shifted = LinearState(weight_format, start.weight_max_value, act_format, start.act_max_value, shift)
+        shifted.loss = problem.loss(shifted)
+        state = shifted if shifted.loss < start.loss else start
     for _ in range(rounds):
         state = search_weight(problem, state, weight_formats, space, per_tensor_weight)
         state = search_act(problem, state, act_formats, space, shifts)

@@ -1,0 +1,95 @@
+"""FPQ calibration of a LLaMA-7B-shaped model (random bf16 weights): wall time and peak GPU memory.
+
+The paper's search (3 rounds x 100 candidates, every 4-bit format, W4A4E4 FPQ with channel shifts) on
+calib_size x seqlen random tokens, blocks offloaded to CPU memory (one block on the GPU at a time).
+Writes calib_7b_minutes (at the largest --layers) and calib_peak_mem_over_block_budget (the worst ratio
+over --layers; the budget is one block's weights + its calibration activations + 2 GiB).
+
+    python bench/calib_7b.py --layers 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import LLAMA_7B, TINY_SHAPE, llama_7b_shape, synchronize, write_result
+from configs import QBits, get_config
+from quant_layers.modules import swap_modules
+from utils.models import decoder_layers
+from utils.quant_calib import CalibSettings, calibrate
+from utils.search import SearchSpace
+
+GIB = 1 << 30
+
+
+def block_budget_bytes(model, tokens: int) -> dict:
+    """One block's weights, the activations its calibration keeps (captured Linear inputs in the model dtype:
+    attention input, o_proj input, MLP input, down_proj input; the block's input and output hidden states)."""
+    block = decoder_layers(model)[0]
+    weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    activations = tokens * (3 * hidden + inter + 2 * hidden) * 2
+    return {"block_weights": weights, "calib_activations": activations,
+            "budget": weights + activations + 2 * GIB}
+
+
+def run(layers: int, args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llama_7b_shape(layers, device, **({} if device == "cuda" else TINY_SHAPE))
+    if args.offload and device == "cuda":
+        for block in decoder_layers(model):
+            block.to("cpu")
+    swap_modules(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.calib_size, args.seqlen), generator=torch.Generator().manual_seed(0))
+    settings = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
+                             SearchSpace(0.01, 1.2, args.candidates, coarse_tokens=args.coarse_tokens),
+                             args.rounds, offload_device=device if args.offload else None)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    start = time.perf_counter()
+    params = calibrate(model, ids, settings)
+    synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    ratios = [p.mse / p.mse_minmax for p in params.values() if p.kind == "linear" and p.mse_minmax]
+    budget = block_budget_bytes(model, args.calib_size * args.seqlen)
+    result = {"layers": layers, "seconds": seconds, "peak_bytes": peak, **budget,
+              "mean_mse_over_minmax": sum(ratios) / len(ratios)}
+    print(result, flush=True)
+    del model, params
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--calib_size", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--coarse_tokens", type=int, default=4096)
+    parser.add_argument("--no_offload", dest="offload", action="store_false")
+    args = parser.parse_args()
+    runs = [run(layers, args) for layers in args.layers]
+    shapes = {"config": {**LLAMA_7B}, "calib_tokens": [args.calib_size, args.seqlen], "rounds": args.rounds,
+              "candidates": args.candidates, "formats": "E3M0/E2M1/E1M2 weights and activations, W4A4E4 FPQ",
+              "act_coarse_tokens": args.coarse_tokens, "offload": args.offload, "runs": runs}
+    largest = runs[-1]
+    minutes = largest["seconds"] / 60
+    write_result("calib_7b_minutes", minutes, "minutes", "<= 10", minutes <= 10, shapes,
+                 {"layers": largest["layers"]})
+    worst = max(r["peak_bytes"] / r["budget"] for r in runs)
+    write_result("calib_peak_mem_over_block_budget", worst, "ratio", "<= 1.0 at every layer count",
+                 worst <= 1.0 and torch.cuda.is_available(), shapes,
+                 {"peak_gib": {r["layers"]: r["peak_bytes"] / GIB for r in runs},
+                  "budget_gib": {r["layers"]: r["budget"] / GIB for r in runs}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""How calibration cost grows: one LLaMA-7B-shaped block (its 7 Linears, one capture pass + FPQ search,
+3 rounds), timed over calibration sizes (x 1024 tokens) and candidate counts. Writes calib_scaling.json
+(a table for docs/performance.md's plot; no target).
+
+    python bench/calib_scaling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import TINY_SHAPE, llama_7b_shape, synchronize, write_result
+from quant_layers.formats import fp_format
+from utils.models import decoder_layers
+from utils.quant_calib import _capture, _first_block_inputs
+from utils.search import Budget, LinearProblem, SearchSpace, search_linear
+
+
+def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: int) -> float:
+    block = decoder_layers(model)[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(0, model.config.vocab_size, (calib_size, seqlen), generator=torch.Generator().manual_seed(0))
+    hidden, kwargs = _first_block_inputs(model, decoder_layers(model), ids, None)
+    budget = Budget(1 << 30 if torch.cuda.is_available() else 256 << 20)
+    synchronize()
+    start = time.perf_counter()
+    _, inputs = _capture(block, hidden, kwargs[0], linears)
+    for name, module in linears.items():
+        problem = LinearProblem(inputs[name], module.weight.detach(), budget)
+        search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.01, 1.2, candidates), rounds, True)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llama_7b_shape(1, device, **({} if device == "cuda" else TINY_SHAPE))
+    block_seconds(model, 2, args.seqlen, 10, 1)  # warm-up (kernels compiled, cuBLAS initialised)
+    by_size = {size: block_seconds(model, size, args.seqlen, 100, args.rounds) for size in args.sizes}
+    print("by calib size (x seqlen tokens), 100 candidates:", by_size, flush=True)
+    by_candidates = {count: block_seconds(model, 32, args.seqlen, count, args.rounds) for count in args.candidates}
+    print("by candidates, 32 sequences:", by_candidates, flush=True)
+    write_result("calib_scaling", by_size.get(32, next(iter(by_size.values()))), "seconds per 7B-shaped block",
+                 "none (how the cost grows)", True,
+                 {"block": "LLaMA-7B shape, 7 Linears", "seqlen": args.seqlen, "rounds": args.rounds},
+                 {"seconds_by_calib_size_at_100_candidates": by_size,
+                  "seconds_by_candidates_at_32_sequences": by_candidates})
+
+
+if __name__ == "__main__":
+    main()

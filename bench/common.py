@@ -1,0 +1,72 @@
+"""Shared helpers of the bench/ scripts: a 7B-shaped random Llama and one JSON file per measure."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+TINY_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def write_result(name: str, value: float, unit: str, target: str, met: bool, shapes: dict, extra: dict | None = None,
+                 folder: Path | None = None) -> Path:
+    """bench/results/<name>.json with the keys the performance issue asks for, and print one line."""
+    folder = Path(os.environ.get("BENCH_RESULTS", folder or RESULTS))
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "value": value, "unit": unit, "target": target, "met": bool(met),
+              "device": device_name(), "torch": torch.__version__, "triton": triton_version(), "shapes": shapes,
+              "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **(extra or {})}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{name}: {value:.4g} {unit} (target {target}) -> {'met' if met else 'MISSED'}", flush=True)
+    return path
+
+
+def llama_7b_shape(layers: int, device: str, dtype: torch.dtype = torch.bfloat16, **overrides):
+    """LlamaForCausalLM with LLaMA-7B sizes and `layers` blocks, random weights (seed 0), on device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA_7B, **overrides}, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
