@@ -2,20 +2,23 @@
 
 The paper's search (3 rounds x 100 candidates, every 4-bit format, W4A4E4 FPQ with channel shifts) on
 calib_size x seqlen random tokens, blocks offloaded to CPU memory (one block on the GPU at a time).
-Writes calib_7b_minutes (at the largest --layers) and calib_peak_mem_over_block_budget (the worst ratio
-over --layers; the budget is one block's weights + its calibration activations + 2 GiB).
+Each run writes calib_7b_L<layers>.json; from all run files in the results folder the script then writes
+calib_7b_minutes (at the largest layer count) and calib_peak_mem_over_block_budget (the worst ratio over
+the layer counts; the budget is one block's weights + its calibration activations + 2 GiB).
 
-    python bench/calib_7b.py --layers 8 32
+    python bench/calib_7b.py --layers 8 32      (or runs in separate calls, then --summarize)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from common import LLAMA_7B, TINY_SHAPE, llama_7b_shape, synchronize, write_result
+from common import LLAMA_7B, TINY_SHAPE, environment, llama_7b_shape, results_folder, synchronize, write_result
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.models import decoder_layers
@@ -23,6 +26,7 @@ from utils.quant_calib import CalibSettings, calibrate
 from utils.search import SearchSpace
 
 GIB = 1 << 30
+RUN_KEYS = ("layers", "seconds", "peak_bytes", "block_weights", "calib_activations", "budget", "mean_mse_over_minmax")
 
 
 def block_budget_bytes(model, tokens: int) -> dict:
@@ -66,29 +70,52 @@ def run(layers: int, args) -> dict:
     return result
 
 
+def summarize(folder: Path) -> None:
+    """The two target files from every calib_7b_L<layers>.json run file in folder."""
+    runs = sorted((json.loads(p.read_text()) for p in folder.glob("calib_7b_L*.json")), key=lambda r: r["layers"])
+    if not runs:
+        raise SystemExit(f"error: no calib_7b_L*.json run files in {folder}")
+    devices = {r["device"] for r in runs}
+    if len(devices) != 1:
+        raise SystemExit(f"error: run files from different devices {sorted(devices)}: rerun on one machine")
+    largest = runs[-1]
+    shapes = {key: largest[key] for key in ("config", "calib_tokens", "rounds", "candidates", "formats",
+                                              "act_coarse_tokens", "offload")}
+    shapes["runs"] = [{k: r[k] for k in RUN_KEYS} for r in runs]
+    env = {"device": largest["device"], "torch": largest["torch"], "triton": largest["triton"],
+           "command": largest["command"]}
+    minutes = largest["seconds"] / 60
+    write_result("calib_7b_minutes", minutes, "minutes", "<= 10", minutes <= 10, shapes,
+                 {"layers": largest["layers"]}, folder=folder, env=env)
+    worst = max(r["peak_bytes"] / r["budget"] for r in runs)
+    write_result("calib_peak_mem_over_block_budget", worst, "ratio", "<= 1.0 at every layer count",
+                 worst <= 1.0 and len(runs) > 1 and all(r["peak_bytes"] > 0 for r in runs), shapes,
+                 {"peak_gib": {r["layers"]: r["peak_bytes"] / GIB for r in runs},
+                  "budget_gib": {r["layers"]: r["budget"] / GIB for r in runs}}, folder=folder, env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--layers", type=int, nargs="*", default=[8, 32])
     parser.add_argument("--calib_size", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--coarse_tokens", type=int, default=4096)
     parser.add_argument("--no_offload", dest="offload", action="store_false")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only (re)write the target files from the run files already in the results folder")
     args = parser.parse_args()
-    runs = [run(layers, args) for layers in args.layers]
-    shapes = {"config": {**LLAMA_7B}, "calib_tokens": [args.calib_size, args.seqlen], "rounds": args.rounds,
-              "candidates": args.candidates, "formats": "E3M0/E2M1/E1M2 weights and activations, W4A4E4 FPQ",
-              "act_coarse_tokens": args.coarse_tokens, "offload": args.offload, "runs": runs}
-    largest = runs[-1]
-    minutes = largest["seconds"] / 60
-    write_result("calib_7b_minutes", minutes, "minutes", "<= 10", minutes <= 10, shapes,
-                 {"layers": largest["layers"]})
-    worst = max(r["peak_bytes"] / r["budget"] for r in runs)
-    write_result("calib_peak_mem_over_block_budget", worst, "ratio", "<= 1.0 at every layer count",
-                 worst <= 1.0 and torch.cuda.is_available(), shapes,
-                 {"peak_gib": {r["layers"]: r["peak_bytes"] / GIB for r in runs},
-                  "budget_gib": {r["layers"]: r["budget"] / GIB for r in runs}})
+    folder = results_folder()
+    for layers in [] if args.summarize else args.layers:
+        result = run(layers, args)
+        record = {**result, "config": {**LLAMA_7B}, "calib_tokens": [args.calib_size, args.seqlen],
+                  "rounds": args.rounds, "candidates": args.candidates,
+                  "formats": "E3M0/E2M1/E1M2 weights and activations, W4A4E4 FPQ",
+                  "act_coarse_tokens": args.coarse_tokens, "offload": args.offload, **environment()}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"calib_7b_L{layers}.json").write_text(json.dumps(record, indent=2) + "\n")
+    summarize(folder)
 
 
 if __name__ == "__main__":

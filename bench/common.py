@@ -36,15 +36,26 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+def results_folder() -> Path:
+    """bench/results, or $BENCH_RESULTS (the GPU machine writes into $OUT)."""
+    return Path(os.environ.get("BENCH_RESULTS", RESULTS))
+
+
+def environment() -> dict:
+    """Where and how a measure was taken."""
+    return {"device": device_name(), "torch": torch.__version__, "triton": triton_version(),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def write_result(name: str, value: float, unit: str, target: str, met: bool, shapes: dict, extra: dict | None = None,
-                 folder: Path | None = None) -> Path:
-    """bench/results/<name>.json with the keys the performance issue asks for, and print one line."""
-    folder = Path(os.environ.get("BENCH_RESULTS", folder or RESULTS))
+                 folder: Path | None = None, env: dict | None = None) -> Path:
+    """<results folder>/<name>.json with the keys the performance issue asks for, and print one line.
+    env: the environment() of the run that measured it (default: this process)."""
+    folder = folder or results_folder()
     folder.mkdir(parents=True, exist_ok=True)
     record = {"name": name, "value": value, "unit": unit, "target": target, "met": bool(met),
-              "device": device_name(), "torch": torch.__version__, "triton": triton_version(), "shapes": shapes,
-              "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **(extra or {})}
+              **(env or environment()), "shapes": shapes, **(extra or {})}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{name}: {value:.4g} {unit} (target {target}) -> {'met' if met else 'MISSED'}", flush=True)

@@ -3,13 +3,13 @@
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
     y = clamp(x * k[c, i] * s[c, r], +-grid_max),   g = round_to_grid(y)  (ties to even)
-    out[c, r, i] = g / s[c, r]  (FAKE),  g / k[c, i]  (GRID)  or  g / s[c, r] - x  (RESIDUAL)
+    out[c, r, i] = g * u[c, r]  (FAKE),  g / k[c, i]  (GRID)  or  g * u[c, r] - x  (RESIDUAL)
 
-with k an optional table of per-channel powers of two and s one scale per candidate, or per candidate
-and row (weights). Every step is the reference's float32
-operation in the reference's order (division is IEEE `div_rn`, rounding is the exact 1.5 * 2^23 trick,
-bfloat16 stores round to nearest even in integer arithmetic), so the kernel equals the PyTorch reference
-bit for bit; tests check it under Triton's interpreter on CPU and compiled on CUDA. Without Triton, or
+with k an optional table of per-channel powers of two, s one scale per candidate, or per candidate and
+row (weights), and u = max_value / grid_max the reference's inverse scale (quantize.py). The tensor is
+read in [rows, channels] tiles, so per-row scales and per-channel multipliers are loaded once per tile. Every step is the reference's float32
+operation in the reference's order (rounding is the exact 1.5 * 2^23 trick; dividing by a power of two
+is multiplying by its exact reciprocal), so the kernel equals the PyTorch reference bit for bit; tests check it under Triton's interpreter on CPU and compiled on CUDA. Without Triton, or
 with LLM_FP4_KERNEL=0, callers use the reference.
 """
 
@@ -27,7 +27,6 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch reference is used
     triton = None
 
-BLOCK = 2048
 FAKE, GRID, RESIDUAL = 0, 1, 2  # output modes
 
 
@@ -49,21 +48,26 @@ if triton is not None:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _fake_quantize_kernel(x_ptr, out_ptr, scale_ptr, channel_ptr, numel, channels, grid_max,
+    def _fake_quantize_kernel(x_ptr, out_ptr, scale_ptr, inverse_ptr, channel_ptr, rows, channels, grid_max,
                               MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr, HAS_CHANNEL: tl.constexpr,
-                              ROW_SCALE: tl.constexpr, MODE: tl.constexpr, OUT_BF16: tl.constexpr,
-                              BLOCK_SIZE: tl.constexpr):
-        candidate = tl.program_id(1).to(tl.int64)
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offsets < numel
+                              ROW_SCALE: tl.constexpr, MODE: tl.constexpr, MANUAL_BF16: tl.constexpr,
+                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        candidate = tl.program_id(2).to(tl.int64)
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        row_ok, col_ok = row < rows, col < channels
+        mask = row_ok[:, None] & col_ok[None, :]
+        offsets = row[:, None] * channels + col[None, :]
         x_in = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = x_in
         if ROW_SCALE:
-            scale = tl.load(scale_ptr + candidate * (numel // channels) + offsets // channels, mask=mask, other=1.0)
+            scale = tl.load(scale_ptr + candidate * rows + row, mask=row_ok, other=1.0)[:, None]
+            inverse = tl.load(inverse_ptr + candidate * rows + row, mask=row_ok, other=1.0)[:, None]
         else:
             scale = tl.load(scale_ptr + candidate)
+            inverse = tl.load(inverse_ptr + candidate)
         if HAS_CHANNEL:
-            multiplier = tl.load(channel_ptr + candidate * channels + offsets % channels, mask=mask, other=1.0)
+            multiplier = tl.load(channel_ptr + candidate * channels + col, mask=col_ok, other=1.0)[None, :]
             x = x * multiplier
         y = x * scale
         clamped = tl.minimum(tl.maximum(y, -grid_max), grid_max)
@@ -80,25 +84,26 @@ if triton is not None:
         sign = y.to(tl.int32, bitcast=True) & -2147483648
         grid = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         if MODE == 1:
-            if HAS_CHANNEL:
-                grid = tl.math.div_rn(grid, multiplier)
+            if HAS_CHANNEL:  # multiply by the exact reciprocal of a power of two
+                grid = grid * ((254 << 23) - multiplier.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
             result = grid
         elif MODE == 2:
-            result = tl.math.div_rn(grid, scale) - x_in
+            result = grid * inverse - x_in
         else:
-            result = tl.math.div_rn(grid, scale)
-        if OUT_BF16:
+            result = grid * inverse
+        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand
             bits = result.to(tl.int32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             result = bits.to(tl.float32, bitcast=True)
-        tl.store(out_ptr + candidate * numel + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+        out_offsets = candidate * rows * channels + offsets
+        tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,
-                  mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
+                  channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] or, per row, [C, rows]
-    float32 grid scales (rows = x.numel() // channels); channel_scale: [C, channels] or [channels] powers of
-    two, or None (not with RESIDUAL).
+    float32 grid scales (rows = x.numel() // channels) and `inverse` the reference's 1 / scale of the same
+    shape; channel_scale: [C, channels] or [channels] powers of two, or None.
 
     Returns [C, *x.shape] in `dtype` (default x.dtype).
     """
@@ -111,14 +116,18 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channe
         raise ValueError(f"per-row scales need {rows} rows, got {scale.shape[1]}")
     out = torch.empty((candidates, *x.shape), dtype=dtype or x.dtype, device=x.device)
     scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
+    inverse = inverse.to(device=x.device, dtype=torch.float32).contiguous()
     if channel_scale is not None:
         channel_scale = channel_scale.to(device=x.device, dtype=torch.float32).reshape(candidates, channels)
         channel_scale = channel_scale.contiguous()
-    numel = x.numel()
-    launch = (triton.cdiv(numel, BLOCK), candidates)
+    block_cols = min(256, triton.next_power_of_2(channels))
+    block_rows = max(1, 2048 // block_cols)
+    launch = (triton.cdiv(rows, block_rows), triton.cdiv(channels, block_cols), candidates)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _fake_quantize_kernel[launch](
-        x, out, scale, scale if channel_scale is None else channel_scale, numel, channels, fmt.grid_max,
+        x, out, scale, inverse, scale if channel_scale is None else channel_scale, rows, channels, fmt.grid_max,
         MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
-        ROW_SCALE=row_scale, MODE=mode, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_SIZE=BLOCK, num_warps=8,
+        ROW_SCALE=row_scale, MODE=mode, MANUAL_BF16=interpreted and out.dtype == torch.bfloat16,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8,
     )
     return out

@@ -6,7 +6,7 @@ Semantics (every format, every caller):
   other units: b = log2(grid_max / max_value) (see formats.py), so a real-valued bias is a real scale.
 - x is scaled onto the format's standard grid, y = x * s with s = grid_max / max_value, saturated to
   +-grid_max, rounded to the nearest grid point with ties to even (`round_to_grid`), and scaled back:
-  q(x) = round_to_grid(x * s) / s.
+  q(x) = round_to_grid(x * s) * u with u = 1 / s (float32, rounded once).
 - FP grid (LLM-FP4 eq. 2-4 with bias 0): e = max(floor(log2|y|), 1), step = 2^(e - M), so exponent
   code 0 holds the subnormals and every code is a number (no inf / NaN codes). Exponent bits up to 7
   fit float32 arithmetic.
@@ -64,13 +64,13 @@ def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> tor
 def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
     """Fake-quantize x (any shape, float dtype) to fmt with clipping range max_value (broadcastable, > 0).
 
-    Returns q(x) = round_to_grid(x * s) / s with s = grid_max / max_value; same shape and dtype as x.
+    Returns q(x) = round_to_grid(x * s) * (1 / s) with s = grid_max / max_value; same shape and dtype as x.
     x is never modified. This is the reference every other path is tested against.
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
     scale = grid_scale(fmt, max_value, x.device)
-    return round_to_grid(x, fmt, scale).div_(scale).to(x.dtype)
+    return round_to_grid(x, fmt, scale).mul_(scale.reciprocal()).to(x.dtype)
 
 
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
@@ -81,7 +81,7 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     """
     if kernels.enabled(x):
         scale = grid_scale(fmt, max_value, x.device).reshape(1)
-        return kernels.fake_quantize(x, fmt, scale, channel_scale, kernels.FAKE)[0]
+        return kernels.fake_quantize(x, fmt, scale, scale.reciprocal(), channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
         x = x * channel_scale
     return quantize(x, fmt, max_value)
@@ -95,7 +95,7 @@ def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, chan
     out: [C, n, in]; out[c] / s_c is the quantized x of candidate c. Exact in bfloat16 (see above).
     """
     if kernels.enabled(x):
-        return kernels.fake_quantize(x, fmt, scale, channel_scale, kernels.GRID, dtype=dtype)
+        return kernels.fake_quantize(x, fmt, scale, scale, channel_scale, kernels.GRID, dtype=dtype)
     multiplier = scale.view(-1, 1, 1)
     if channel_scale is not None:
         multiplier = multiplier * channel_scale.unsqueeze(1)
@@ -111,5 +111,5 @@ def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Te
     as `dtype`. One fused kernel on CUDA."""
     if kernels.enabled(weight):
         scale = grid_scale(fmt, max_value, weight.device)
-        return kernels.fake_quantize(weight, fmt, scale, None, kernels.RESIDUAL, dtype=dtype)
+        return kernels.fake_quantize(weight, fmt, scale, scale.reciprocal(), None, kernels.RESIDUAL, dtype=dtype)
     return (quantize(weight, fmt, max_value.unsqueeze(-1)) - weight).to(dtype)

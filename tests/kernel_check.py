@@ -27,6 +27,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
 
 
+def first_difference(got: torch.Tensor, want: torch.Tensor) -> str:
+    differ = (got.float() != want.float()) & ~(torch.isnan(got) & torch.isnan(want))
+    differ |= torch.signbit(got.float()) != torch.signbit(want.float())
+    index = tuple(differ.nonzero()[0].tolist()) if differ.any() else ()
+    return f" at {index}: {got[index].item()!r} vs {want[index].item()!r}" if index else ""
+
+
 def reference(fn, *args, **kwargs):
     os.environ["LLM_FP4_KERNEL"] = "0"
     try:
@@ -52,7 +59,8 @@ def main(device: str) -> None:
                 want = reference(quantize_activation, xd, fmt, max_value, channel_scale)
                 checked += 1
                 if got.dtype != want.dtype or not same_bits(got, want):
-                    mismatches.append(f"fake {fmt} {dtype} shift={channel_scale is not None}")
+                    mismatches.append(f"fake {fmt} {dtype} shift={channel_scale is not None}"
+                                      + first_difference(got, want))
             scale = (torch.rand(5, generator=g) * 4 + 0.1).to(device)
             shifts = torch.exp2(torch.randint(0, 4, (5, 80), generator=g).float()).to(device)
             for channel_scale in (None, shifts):
@@ -61,7 +69,8 @@ def main(device: str) -> None:
                     want = reference(grid_candidates, xd, fmt, scale, channel_scale, out_dtype)
                     checked += 1
                     if got.dtype != want.dtype or not same_bits(got, want):
-                        mismatches.append(f"grid {fmt} {dtype}->{out_dtype} shift={channel_scale is not None}")
+                        mismatches.append(f"grid {fmt} {dtype}->{out_dtype} shift={channel_scale is not None}"
+                                          + first_difference(got, want))
         weight = x.to(device)
         ranges = (torch.rand(3, weight.shape[0], generator=g) * 5 + 0.05).to(device)
         for out_dtype in (torch.float32, torch.bfloat16):
@@ -69,7 +78,7 @@ def main(device: str) -> None:
             want = reference(weight_residuals, weight, fmt, ranges, out_dtype)
             checked += 1
             if got.dtype != want.dtype or not same_bits(got, want):
-                mismatches.append(f"residual {fmt} -> {out_dtype}")
+                mismatches.append(f"residual {fmt} -> {out_dtype}" + first_difference(got, want))
     print(json.dumps({"checked": checked, "mismatches": mismatches}))
 
 

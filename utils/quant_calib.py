@@ -51,7 +51,7 @@ class CalibSettings:
     def budget(self, device: torch.device) -> Budget:
         if self.budget_bytes is not None:
             return Budget(self.budget_bytes)
-        return Budget(1 << 30 if device.type == "cuda" else 256 << 20)
+        return Budget(512 << 20 if device.type == "cuda" else 256 << 20)
 
 
 class _Stop(Exception):
@@ -148,33 +148,43 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype,
-    shared between Linears that read the same tensor)."""
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-    first_ptr: dict[str, int] = {}
+    """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype, written
+    into one preallocated buffer per distinct tensor: Linears that read the same tensor share it)."""
+    device = _device_of(block)
+    kwargs = {k: _move(v, device) for k, v in kwargs.items()}
+    tokens_per_sequence = hidden.shape[1]
+    buffers: dict[str, torch.Tensor] = {}
+    owner_of_ptr: dict[int, str] = {}
+    leader: dict[str, str] = {}
+    offset = 0
 
     def hook(name):
         def keep(_module, args):
-            x = args[0]
-            first_ptr.setdefault(name, x.data_ptr())
-            captured[name].append(x.detach().reshape(-1, x.shape[-1]))
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if name not in leader:  # first sequence: group the Linears that read one tensor
+                other = owner_of_ptr.get(x.data_ptr())
+                if other is not None and buffers[other].shape[1] == x.shape[1]:
+                    leader[name] = other
+                else:
+                    leader[name] = owner_of_ptr[x.data_ptr()] = name
+                    buffers[name] = torch.empty(hidden.shape[0] * tokens_per_sequence, x.shape[1], dtype=x.dtype,
+                                                device=x.device)
+            if leader[name] == name:
+                buffers[name][offset : offset + x.shape[0]].copy_(x)
         return keep
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    outputs = []
     try:
         with torch.no_grad():
-            outputs = _run_block(block, hidden, kwargs)
+            for index, h in enumerate(hidden.split(1)):
+                offset = index * tokens_per_sequence
+                out = block(h.to(device), **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
     finally:
         for h in handles:
             h.remove()
-    shared: dict[int, torch.Tensor] = {}
-    inputs = {}
-    for name, chunks in captured.items():
-        ptr = first_ptr[name]
-        if ptr not in shared:
-            shared[ptr] = torch.cat(chunks)
-        inputs[name] = shared[ptr]
-    return outputs, inputs
+    return torch.cat(outputs), {name: buffers[leader[name]] for name in linears}
 
 
 def _check_finite(what: str, x: torch.Tensor) -> None:

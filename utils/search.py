@@ -27,11 +27,12 @@ Numerics: quantized operands are standard-grid values times a scale, and grids a
 (quant_layers/quantize.py). On CUDA with a bfloat16 model every matrix product of a grid and the
 model's own bfloat16 X or W runs on bfloat16 tensor cores with float32 accumulation and output, which
 is exact in its products; the two products of non-grid operands (U G, D H) round their operands to
-bfloat16 (relative 2^-9) for ranking only. Elsewhere everything is float32.
+bfloat16 (relative 2^-9) for ranking only, and V uses TF32 (2^-11). Elsewhere everything is float32.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -118,6 +119,17 @@ def _bf16_products(device: torch.device) -> bool:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError):
         return False
+
+
+@contextmanager
+def _tf32():
+    """TF32 tensor cores for float32 products on CUDA (10-bit mantissa operands) inside the block."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -241,7 +253,8 @@ class LinearProblem:
             grid = self._act_grid(xt, acts)[0]
             gram += mm32(grid.T, grid)
             r = mm32(grid, self.weight_c.T).mul_(inverse) - mm32(xt, self.weight_c.T)
-            v += r.T @ (grid.float() * inverse)
+            with _tf32():
+                v += r.T @ (grid.float() * inverse)
             const += r.square().sum(dim=0)
         self._stats = ((gram * inverse.square()).to(self.dtype), v, const)
         return self._stats

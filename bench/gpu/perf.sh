@@ -1,36 +1,38 @@
 #!/usr/bin/env bash
 # GPU machine: the performance benchmarks (bench/*.py), in parts that fit one call each while the machine
 # stays warm. Results go to $OUT (BENCH_RESULTS); copy them into bench/results/ afterwards.
-#   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth, 7B calibration
-#   PART=2 (carry .gpu_b):      join the SmolLM2 GGUF, original-vs-ours search, calibration scaling
-#   PART=3 (no carry):          evaluation throughput
+#   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
+#                               8-layer 7B-shape calibration, original-vs-ours search
+#   PART=2 (no carry):          32-layer 7B-shape calibration
+#   PART=3 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput, calibration scaling
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
-case "${PART:?set PART=1, 2 or 3}" in
+case "${PART:?set PART=1, 2, 3 or 4}" in
 1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  step kernel_check 60 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
+  step kernel_check 90 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
   step kernel_bandwidth 90 python3 bench/kernel_bandwidth.py
-  step calib_7b ${CALIB_TIMEOUT:-420} python3 bench/calib_7b.py --layers ${LAYERS:-8 32}
+  step calib_7b_8_layers 200 python3 bench/calib_7b.py --layers 8
+  step original_search 250 python3 bench/original_search.py
   ;;
 2)
+  step calib_7b_32_layers 590 python3 bench/calib_7b.py --layers 32
+  ;;
+3)
   if [ ! -f $S/smollm2.gguf ]; then
     cat $S/gguf.part1 .gpu_b/gguf.part2 > $S/smollm2.gguf
     echo "$(cat .gpu_b/gguf.sha256)  $S/smollm2.gguf" | sha256sum -c -
     mkdir -p $S/cache && tar -C $S/cache -xJf .gpu_b/tasks.tar.xz
     mkdir -p $S/cache/wheels && cp .gpu_b/exllamav2-*.whl $S/cache/wheels/
   fi
-  step original_search 330 python3 bench/original_search.py
-  step calib_scaling 200 python3 bench/calib_scaling.py
-  ;;
-3)
   export LLM_FP4_SMOLLM2_GGUF=$S/smollm2.gguf LLM_FP4_CACHE=$S/cache
-  step eval_throughput 560 python3 bench/eval_throughput.py \
+  step eval_throughput 400 python3 bench/eval_throughput.py \
     --param_file "docs/results/SmolLM2-135M/gpu_piqa/FPQ_config_llama_W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
+  step calib_scaling 180 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
   ;;
 esac
