@@ -109,6 +109,10 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--linears", nargs="+", default=None,
+                        help="run the original on these Linears of block 0 only (e.g. q_proj gate_proj down_proj, one "
+                             "of each shape) and extrapolate its block time: every other Linear costs what the "
+                             "measured one of its shape cost")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(args.layers, device, **({} if device == "cuda" else TINY_SHAPE))
@@ -118,16 +122,22 @@ def main() -> None:
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     candidates = SearchSpace(0.01, 1.2, args.candidates).multipliers().tolist()
 
-    synchronize()
-    start = time.perf_counter()
-    originals = {}
-    for name, module in linears.items():
-        inputs, outputs = capture_by_full_forward(model, module, ids)
-        originals[name] = original_search(module, inputs, outputs, candidates, args.rounds)
+    measured = [n for n in linears if args.linears is None or n.rsplit(".", 1)[-1] in args.linears]
+    originals, original_per_linear = {}, {}
+    for name in measured:
+        synchronize()
+        start = time.perf_counter()
+        inputs, outputs = capture_by_full_forward(model, linears[name], ids)
+        originals[name] = original_search(linears[name], inputs, outputs, candidates, args.rounds)
         del inputs, outputs
-        print(f"original: {name} done at {time.perf_counter() - start:.1f} s", flush=True)
-    synchronize()
-    original_seconds = time.perf_counter() - start
+        synchronize()
+        original_per_linear[name] = time.perf_counter() - start
+        print(f"original: {name} took {original_per_linear[name]:.1f} s", flush=True)
+    shape_seconds = {tuple(linears[n].weight.shape): s for n, s in original_per_linear.items()}
+    estimated = {n: shape_seconds.get(tuple(m.weight.shape)) for n, m in linears.items() if n not in measured}
+    if any(v is None for v in estimated.values()):
+        raise SystemExit("error: --linears must cover every weight shape of the block")
+    original_seconds = sum(original_per_linear.values()) + sum(estimated.values())
 
     # Ours on the same block: the hidden states entering block 0, one capture pass, our search, in the
     # original's candidate space (bias multipliers: the same search) and in our default (max multipliers).
@@ -147,8 +157,8 @@ def main() -> None:
         seconds[space_name] = time.perf_counter() - start
     our_seconds = seconds["bias"]
     losses = {}
-    for name, module in linears.items():
-        problem = LinearProblem(inputs[name], module.weight.detach(), budget)
+    for name in measured:
+        problem = LinearProblem(inputs[name], linears[name].weight.detach(), budget)
         losses[name] = {"original": problem.loss(originals[name]), "ours_bias_space": problem.loss(ours["bias", name]),
                         "ours_max_space": problem.loss(ours["max", name])}
     speedup = original_seconds / our_seconds
@@ -161,6 +171,8 @@ def main() -> None:
     write_result("calib_speedup_vs_original", speedup, "x", ">= 30x, equal or lower final layer MSE",
                  speedup >= 30 and not_worse == len(losses), shapes,
                  {"original_block0_seconds": original_seconds, "our_block0_seconds": our_seconds,
+                  "original_seconds_measured": original_per_linear,
+                  "original_seconds_estimated_from_same_shape": estimated,
                   "our_block0_seconds_max_space": seconds["max"], "mean_mse_ours_max_space_over_original": ratio_max,
                   "original_whole_model_seconds_extrapolated": original_seconds * args.layers,
                   "layers_with_our_mse_not_above_original": f"{not_worse}/{len(losses)}",

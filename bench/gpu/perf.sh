@@ -4,12 +4,14 @@
 #   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
 #                               8-layer 7B-shape calibration, original-vs-ours search
 #   PART=2 (no carry):          32-layer 7B-shape calibration
-#   PART=3 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput, calibration scaling
+#   PART=3 (carry .whl .gpu_a): wheels, first GGUF piece, original-vs-ours on one Linear of each shape
+#   PART=4 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput (right after PART=3: warm machine)
+#   PART=5 (no carry):          calibration scaling
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
-case "${PART:?set PART=1, 2, 3 or 4}" in
+case "${PART:?set PART=1 to 5}" in
 1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
@@ -24,6 +26,12 @@ case "${PART:?set PART=1, 2, 3 or 4}" in
   step calib_7b_32_layers 590 python3 bench/calib_7b.py --layers 32
   ;;
 3)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p $S && cp .gpu_a/gguf.part1 $S/
+  step original_search 240 python3 bench/original_search.py --linears q_proj gate_proj down_proj
+  ;;
+4)
+  [ -f $S/gguf.part1 ] || { echo "the first GGUF piece is gone (machine not warm): run PART=3 first"; exit 1; }
   if [ ! -f $S/smollm2.gguf ]; then
     cat $S/gguf.part1 .gpu_b/gguf.part2 > $S/smollm2.gguf
     echo "$(cat .gpu_b/gguf.sha256)  $S/smollm2.gguf" | sha256sum -c -
@@ -31,8 +39,10 @@ case "${PART:?set PART=1, 2, 3 or 4}" in
     mkdir -p $S/cache/wheels && cp .gpu_b/exllamav2-*.whl $S/cache/wheels/
   fi
   export LLM_FP4_SMOLLM2_GGUF=$S/smollm2.gguf LLM_FP4_CACHE=$S/cache
-  step eval_throughput 400 python3 bench/eval_throughput.py \
+  step eval_throughput 560 python3 bench/eval_throughput.py \
     --param_file "docs/results/SmolLM2-135M/gpu_piqa/FPQ_config_llama_W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
-  step calib_scaling 180 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
+  ;;
+5)
+  step calib_scaling 300 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
   ;;
 esac
