@@ -99,6 +99,17 @@ if triton is not None:
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+    # Tile shapes tried once per (channels, dtypes) on the GPU; the fastest is kept (the output is rewritten
+    # by every trial, so the result does not depend on which wins).
+    _tuned_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w)
+                 for r, c, w in ((8, 256, 8), (4, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4),
+                                 (4, 1024, 8), (2, 1024, 4), (32, 128, 4), (64, 128, 8))],
+        key=["channels"],
+    )(_fake_quantize_kernel)
+
+
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
                   channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] or, per row, [C, rows]
@@ -120,14 +131,16 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
     if channel_scale is not None:
         channel_scale = channel_scale.to(device=x.device, dtype=torch.float32).reshape(candidates, channels)
         channel_scale = channel_scale.contiguous()
-    block_cols = min(256, triton.next_power_of_2(channels))
-    block_rows = max(1, 2048 // block_cols)
-    launch = (triton.cdiv(rows, block_rows), triton.cdiv(channels, block_cols), candidates)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    _fake_quantize_kernel[launch](
-        x, out, scale, inverse, scale if channel_scale is None else channel_scale, rows, channels, fmt.grid_max,
-        MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
-        ROW_SCALE=row_scale, MODE=mode, MANUAL_BF16=interpreted and out.dtype == torch.bfloat16,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8,
-    )
+    args = (x, out, scale, inverse, scale if channel_scale is None else channel_scale, rows, channels, fmt.grid_max)
+    flags = dict(MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
+                 ROW_SCALE=row_scale, MODE=mode, MANUAL_BF16=interpreted and out.dtype == torch.bfloat16)
+    if interpreted:  # one fixed tile; the autotuner needs a GPU to time its configurations
+        launch = (triton.cdiv(rows, 8), triton.cdiv(channels, 256), candidates)
+        _fake_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=8, BLOCK_COLS=256)
+    else:
+        def launch(meta):
+            return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(channels, meta["BLOCK_COLS"]), candidates
+
+        _tuned_kernel[launch](*args, **flags)
     return out

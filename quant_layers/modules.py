@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant_layers.formats import QuantFormat
-from quant_layers.quantize import quantize, quantize_activation
+from quant_layers.quantize import activation_scales, quantize, quantize_activation
 
 
 class QuantLinear(nn.Module):
@@ -35,7 +35,9 @@ class QuantLinear(nn.Module):
         self.weight_format: QuantFormat | None = None
         self.act_format: QuantFormat | None = None
         self.register_buffer("act_max_value", None)
-        self.register_buffer("act_channel_scale", None)
+        self.register_buffer("act_channel_scale", None)  # 2^k [in], float32
+        self.register_buffer("act_grid_scale", None)  # s = grid_max / act_max_value, [1] float32
+        self.register_buffer("act_grid_inverse", None)  # 1 / s
 
     @property
     def is_quantized(self) -> bool:
@@ -62,19 +64,21 @@ class QuantLinear(nn.Module):
         if act_channel_shift is not None:
             shift = act_channel_shift.to(device=weight.device, dtype=torch.float32)
             weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
-            self.act_channel_scale = torch.exp2(shift).to(weight.dtype)
+            self.act_channel_scale = torch.exp2(shift)
         # A new Parameter, never an in-place write: a tied embedding must keep its own values.
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_format = weight_format
         self.act_format = act_format
         if act_format is not None:
             self.act_max_value = act_max_value.to(device=weight.device, dtype=torch.float32).reshape(())
+            self.act_grid_scale, self.act_grid_inverse = activation_scales(act_format, self.act_max_value)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q_a(x * 2^k; m_a): what the folded weight multiplies."""
         if self.act_format is None:
             return x
-        return quantize_activation(x, self.act_format, self.act_max_value, self.act_channel_scale)
+        return quantize_activation(x, self.act_format, self.act_max_value, self.act_channel_scale,
+                                   (self.act_grid_scale, self.act_grid_inverse))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)
@@ -121,6 +125,14 @@ class QuantEmbedding(nn.Module):
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put module at `name`; a device hook of the module it replaces (accelerate's device_map placement,
+    which moves inputs to the module's GPU) is carried over to it."""
+    old = model.get_submodule(name)
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None and not isinstance(module, QuantEmbedding):  # QuantEmbedding calls the hooked module
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(module, hook)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 

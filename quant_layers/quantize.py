@@ -73,17 +73,25 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float)
     return round_to_grid(x, fmt, scale).mul_(scale.reciprocal()).to(x.dtype)
 
 
+def activation_scales(fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, 1 / s) as [1] float32 tensors on max_value's device: what `quantize_activation` multiplies by."""
+    scale = grid_scale(fmt, max_value, max_value.device).reshape(1)
+    return scale, scale.reciprocal()
+
+
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
-                        channel_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in].
+                        channel_scale: torch.Tensor | None = None,
+                        scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in] (float32).
 
     Equals `quantize(x * channel_scale, fmt, max_value)` bit for bit; one fused kernel on CUDA.
+    scales: `activation_scales(fmt, max_value)` computed once by the caller (saves two small kernel launches).
     """
     if kernels.enabled(x):
-        scale = grid_scale(fmt, max_value, x.device).reshape(1)
-        return kernels.fake_quantize(x, fmt, scale, scale.reciprocal(), channel_scale, kernels.FAKE)[0]
+        scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
+        return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
-        x = x * channel_scale
+        x = x * channel_scale.to(x.dtype)
     return quantize(x, fmt, max_value)
 
 

@@ -115,3 +115,30 @@ def test_non_finite_activations_stop_and_name_the_layer():
     swap_modules(model)
     with pytest.raises(CalibrationError, match=r"model.layers.1.mlp.down_proj|block 1"):
         calibrate(model, IDS, setting)
+
+
+def test_capture_shares_one_buffer_per_distinct_input():
+    """q/k/v read one tensor and gate/up another: one buffer each; o_proj and down_proj get their own, equal to
+    what a plain hook sees (no buffer is matched by a reused memory address)."""
+    from quant_layers.modules import swap_modules
+    from utils.models import decoder_layers
+    from utils.quant_calib import _capture, _first_block_inputs
+
+    model = make_llama(300, layers=2)
+    swap_modules(model)
+    ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    blocks = decoder_layers(model)
+    hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if hasattr(m, "set_quant_params")}
+    seen = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in linears.items()]
+    _, inputs = _capture(block, hidden, kwargs[0], linears)
+    for h in handles:
+        h.remove()
+    assert inputs["self_attn.q_proj"] is inputs["self_attn.k_proj"] is inputs["self_attn.v_proj"]
+    assert inputs["mlp.gate_proj"] is inputs["mlp.up_proj"]
+    assert len({id(t) for t in inputs.values()}) == 4
+    for name, chunks in seen.items():
+        assert torch.equal(inputs[name], torch.cat(chunks)), name

@@ -154,19 +154,18 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
     kwargs = {k: _move(v, device) for k, v in kwargs.items()}
     tokens_per_sequence = hidden.shape[1]
     buffers: dict[str, torch.Tensor] = {}
-    owner_of_ptr: dict[int, str] = {}
+    first_inputs: list[tuple[torch.Tensor, str]] = []  # held during sequence 0, so no address is reused
     leader: dict[str, str] = {}
     offset = 0
 
     def hook(name):
         def keep(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if name not in leader:  # first sequence: group the Linears that read one tensor
-                other = owner_of_ptr.get(x.data_ptr())
-                if other is not None and buffers[other].shape[1] == x.shape[1]:
-                    leader[name] = other
-                else:
-                    leader[name] = owner_of_ptr[x.data_ptr()] = name
+            if name not in leader:  # sequence 0: group the Linears that read one tensor
+                same = [owner for seen, owner in first_inputs if seen is args[0]]
+                leader[name] = same[0] if same else name
+                if not same:
+                    first_inputs.append((args[0], name))
                     buffers[name] = torch.empty(hidden.shape[0] * tokens_per_sequence, x.shape[1], dtype=x.dtype,
                                                 device=x.device)
             if leader[name] == name:
@@ -181,6 +180,7 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
                 offset = index * tokens_per_sequence
                 out = block(h.to(device), **kwargs)
                 outputs.append(out[0] if isinstance(out, tuple) else out)
+                first_inputs.clear()
     finally:
         for h in handles:
             h.remove()
@@ -317,15 +317,16 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
     head = run.model.get_output_embeddings()
     if not isinstance(head, QuantLinear):
         return
-    with torch.no_grad():
-        norm = _final_norm(run.model)
-        x = norm(hidden.to(_device_of(norm)))
-    x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
-    name = run.names[head]
-    _check_finite(f"the input of {name}", x)
-    budget = run.settings.budget(_device_of(head))
-    run.params[name] = _calibrate_linear(name, head, x, run.settings, run.formats, budget)
-    run.params[name].apply(head)
+    with _placed(head, run.settings.offload_device):
+        with torch.no_grad():
+            norm = _final_norm(run.model)
+            x = norm(hidden.to(_device_of(norm)))
+        x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
+        name = run.names[head]
+        _check_finite(f"the input of {name}", x)
+        budget = run.settings.budget(_device_of(head))
+        run.params[name] = _calibrate_linear(name, head, x, run.settings, run.formats, budget)
+        run.params[name].apply(head)
 
 
 def _mse_ratio(run: _Run, block: nn.Module) -> str:
@@ -350,6 +351,9 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
         checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)
     hidden, block_kwargs = _first_block_inputs(model, blocks, calib_ids, settings.offload_device)
+    if settings.offload_device is not None:  # GPU memory for one block: the table and the head wait on the CPU
+        model.get_input_embeddings().to("cpu")
+        model.get_output_embeddings().to("cpu")
     hidden = _replay(run, blocks, start, hidden, block_kwargs)
     started = time.perf_counter()
     progress = tqdm(range(start, len(blocks)), desc="calibrating blocks", unit="block", initial=start,
@@ -362,6 +366,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     _calibrate_head(run, hidden)
     embedding = model.get_input_embeddings()
     if not settings.sequential and run.names.get(embedding) in run.params:
-        run.params[run.names[embedding]].apply(embedding)
+        with _placed(embedding, settings.offload_device):
+            run.params[run.names[embedding]].apply(embedding)
     tqdm.write(f"calibration finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return run.params

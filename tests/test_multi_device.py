@@ -1,0 +1,76 @@
+"""Placement across devices (issue: multi-GPU), simulated on CPU.
+
+A model dispatched by accelerate (use_accelerate=True -> device_map="auto") carries a device hook on every
+block and on the head; on several GPUs those hooks move activations between cards. Here every entry of
+the device map is "cpu" but the hooks are forced on, so the code path that a split model takes (hooks
+carried over by swap_modules, per-block devices read from the blocks' own weights) runs in CI, and its
+result must equal the plain model's bit for bit.
+"""
+
+import pytest
+import torch
+
+from configs import QBits, get_config
+from quant_layers.modules import QuantLinear, swap_modules
+from conftest import make_llama
+from utils.models import decoder_layers, place_outside_blocks
+from utils.quant_calib import CalibrationError, CalibSettings, calibrate
+from utils.search import SearchSpace
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import dispatch_model  # noqa: E402
+
+SETTINGS = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace(0.3, 1.2, 6), 1)
+
+
+def split_map(model) -> dict:
+    """What infer_auto_device_map gives on a two-GPU machine, with both 'GPUs' being the CPU here."""
+    layers = len(decoder_layers(model))
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(layers)})
+    return device_map
+
+
+def test_swap_carries_accelerate_hooks():
+    model = dispatch_model(make_llama(300, layers=2), split_map(make_llama(300, layers=2)), force_hooks=True)
+    head_hook = model.lm_head._hf_hook
+    swap_modules(model)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert model.lm_head._hf_hook is head_hook
+
+
+def test_calibration_of_a_dispatched_model_equals_the_plain_model():
+    ids = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(0))
+    plain = make_llama(300, layers=3)
+    dispatched = dispatch_model(make_llama(300, layers=3), split_map(plain), force_hooks=True)
+    results = []
+    for model in (plain, dispatched):
+        swap_modules(model)
+        params = calibrate(model, ids, SETTINGS)
+        with torch.no_grad():
+            results.append((params, model(input_ids=ids).logits))
+    (params_a, logits_a), (params_b, logits_b) = results
+    assert params_a.keys() == params_b.keys()
+    for name, a in params_a.items():
+        b = params_b[name]
+        assert a.mse == b.mse and a.weight_format == b.weight_format and a.act_format == b.act_format
+        assert torch.equal(a.weight_max_value, b.weight_max_value)
+    assert torch.equal(logits_a, logits_b)
+
+
+def test_weights_offloaded_by_accelerate_are_refused_with_a_clear_error():
+    model = make_llama(300, layers=2)
+    swap_modules(model)
+    decoder_layers(model)[1].to("meta")  # what accelerate's disk/CPU offload leaves in the module
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CalibrationError, match="use --offload instead"):
+        calibrate(model, ids, SETTINGS)
+
+
+def test_place_outside_blocks_moves_everything_but_the_blocks():
+    model = make_llama(300, layers=2)
+    place_outside_blocks(model, "meta")
+    assert model.model.embed_tokens.weight.device.type == "meta"
+    assert model.model.norm.weight.device.type == "meta"
+    assert all(p.device.type == "cpu" for p in decoder_layers(model).parameters())
+    assert len(decoder_layers(model)) == 2
