@@ -1,0 +1,130 @@
+"""Write docs/performance.md from the JSON files in bench/results/ (and its figure, when the scaling data exists).
+
+    python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+FIGURE = ROOT / "docs" / "figures" / "calib_scaling.png"
+
+ORDER = ["calib_7b_minutes", "calib_speedup_vs_original", "calib_peak_mem_over_block_budget", "eval_throughput_ratio",
+         "kernel_bandwidth_fraction", "cpu_quickstart_minutes"]
+TITLES = {
+    "calib_7b_minutes": "FPQ calibration of a LLaMA-7B shape (3 rounds x 100 candidates, 32 x 1024 tokens, all 4-bit formats)",
+    "calib_speedup_vs_original": "the same search vs a re-implementation of the original algorithm",
+    "calib_peak_mem_over_block_budget": "peak GPU memory / (one block's weights + its calibration activations + 2 GiB)",
+    "eval_throughput_ratio": "W4A4 simulated evaluation throughput / bf16 (lm-eval loglikelihood)",
+    "kernel_bandwidth_fraction": "activation fake-quant kernel bytes/s / device-to-device copy bytes/s",
+    "cpu_quickstart_minutes": "README command one on 2 CPU cores",
+}
+TARGETS = {"calib_7b_minutes": "<= 10", "calib_speedup_vs_original": ">= 30x, equal or lower final layer MSE",
+           "calib_peak_mem_over_block_budget": "<= 1.0 at 8 and 32 layers", "eval_throughput_ratio": ">= 0.8",
+           "kernel_bandwidth_fraction": ">= 0.8", "cpu_quickstart_minutes": "<= 10"}
+HOW = {
+    "calib_7b_minutes": (
+        "`bench/calib_7b.py`: `LlamaConfig` with LLaMA-7B sizes, random bf16 weights, random tokens, `--offload` "
+        "(blocks in CPU memory, one on the GPU at a time), FPQ W4A4E4 with channel shifts, `SearchSpace(0.01, 1.2, "
+        "100)`, 3 rounds, activation candidates ranked on 4096 strided tokens and the best 8 re-scored on all 32768. "
+        "Each run writes `calib_7b_L<layers>.json`; `--summarize` turns them into the two target files."),
+    "calib_speedup_vs_original": (
+        "`bench/original_search.py`: block 0 of the 32-layer 7B shape. The original (from "
+        "`../shared/reference/original-code-digest.md`): one full 32-sequence forward of the whole model per Linear "
+        "to capture its input and output, then one candidate at a time, losses summed one sequence at a time, "
+        "the input re-quantized for every weight candidate, bias-multiplier candidates. Favoured here: its cached "
+        "activations stay on the GPU and its products run in bf16. Measured on q_proj, gate_proj and down_proj "
+        "(one Linear of each weight shape); k/v/o_proj and up_proj are counted at the time of the measured Linear "
+        "of their shape. Ours: one capture pass of the block and our search on all 7 Linears, with the original's "
+        "candidate space (the same search; the speedup) and with our default max-value space. Every block of the "
+        "original costs the same, so the block ratio is the whole-model ratio; the whole-model time of the "
+        "original is extrapolated (32 x block 0)."),
+    "calib_peak_mem_over_block_budget": (
+        "`bench/calib_7b.py`: `torch.cuda.max_memory_allocated()` over the whole calibration, against one block's "
+        "bf16 weights + the activations calibration keeps for it (the captured inputs of q/k/v, o_proj, gate/up "
+        "and down_proj in bf16, and the block's input and output hidden states) + 2 GiB, at 8 and 32 layers."),
+    "eval_throughput_ratio": (
+        "`bench/eval_throughput.py`: lm-eval 0.4 `simple_evaluate` through `HFLM`, batch 64, a 20-document warm-up "
+        "before each timed run. SmolLM2-135M: full hellaswag (40168 requests), bf16, then the same model quantized "
+        "with the saved FPQ file of `docs/results/SmolLM2-135M/gpu_piqa/`. LLaMA-7B shape (random weights, "
+        "SmolLM2's tokenizer): hellaswag's first 200 documents, W4A4 E2M1 with channel scales. The value is the "
+        "worse of the two."),
+    "kernel_bandwidth_fraction": (
+        "`bench/kernel_bandwidth.py`: x bf16 [32768, 4096]; the kernel reads x and writes q(x) (4 bytes per "
+        "element), `y.copy_(x)` moves the same bytes; median of 50 CUDA-event timings after warm-up; the value is "
+        "the worst of E2M1 per tensor, E2M1 with channel shifts and E4M3."),
+    "cpu_quickstart_minutes": (
+        "`bench/cpu_quickstart.sh`: `complete_scripts/quickstart.sh` (README command one) timed end to end on the "
+        "development machine's 2 CPU cores, model already in the cache."),
+}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def scaling_figure(data: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_size = {int(k): v for k, v in data["seconds_by_calib_size_at_100_candidates"].items()}
+    by_count = {int(k): v for k, v in data["seconds_by_candidates_at_32_sequences"].items()}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].plot([s * data["shapes"]["seqlen"] for s in by_size], list(by_size.values()), "o-")
+    axes[0].set_xlabel("calibration tokens")
+    axes[1].plot(list(by_count), list(by_count.values()), "o-")
+    axes[1].set_xlabel("candidates per format")
+    for ax in axes:
+        ax.set_ylabel("seconds per 7B-shaped block")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"FPQ search cost of one LLaMA-7B-shaped block ({data['device']})")
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=120)
+    return f"![calibration cost]({FIGURE.relative_to(DOC.parent).as_posix()})"
+
+
+def main() -> None:
+    lines = ["# Performance", "",
+             "Generated by `python bench/report.py` from `bench/results/*.json` (each written by the script named in "
+             "its `command`; `commit` is the code that ran). GPU figures come from the lent GPU machine "
+             "(the card is named per row), CPU figures from the 2-core development machine.", "",
+             "| measure | target | measured | met | machine | file |", "|---|---|---|---|---|---|"]
+    for name in ORDER:
+        data = load(name)
+        if data is None:
+            lines.append(f"| {TITLES[name]} | {TARGETS[name]} | not measured yet | | | |")
+            continue
+        lines.append(f"| {TITLES[name]} | {data['target']} | {fmt(data['value'])} {data['unit']} | "
+                     f"{'yes' if data['met'] else '**no**'} | {data['device']} | `bench/results/{name}.json` |")
+    lines += ["", "## How each figure was measured", ""]
+    for name in ORDER:
+        lines += [f"**{name}**: {HOW[name]}", ""]
+    notes = RESULTS / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    scaling = load("calib_scaling")
+    lines += ["## How the calibration cost grows", ""]
+    if scaling:
+        lines += [scaling_figure(scaling), "", "Data: `bench/results/calib_scaling.json` (`bench/calib_scaling.py`).", ""]
+    else:
+        lines += ["`bench/calib_scaling.py` (one 7B-shaped block over calibration sizes and candidate counts) has not "
+                  "run on the GPU yet; its figure appears here once `bench/results/calib_scaling.json` exists.", ""]
+    DOC.write_text("\n".join(lines))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
