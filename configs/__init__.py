@@ -9,13 +9,15 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
-from quant_layers.formats import QuantFormat
+from quant_layers.formats import BLOCK_SCALES, QuantFormat, with_blocks
 
 CONFIG_NAMES = (
     "FPQ_config_llama",
     "FPQ_baseline_config_llama",
     "MinMax_config_llama",
     "MinMax_INT_config_llama",
+    "NVFP4_config_llama",
+    "MXFP4_config_llama",
 )
 
 
@@ -30,6 +32,9 @@ class QuantConfig:
     per-input-channel integer exponent shifts, folded into the weight (Eq. 8).
     search: False keeps MinMax ranges (absolute maxima over the weight rows / calibration activations);
     True runs the exponent-bias / max-value search over every format of the bit width.
+    block_size / block_scale: block-scaled formats (quant_layers/formats.py): every quantized tensor in blocks
+    of block_size along its input dimension with dynamic "e8m0" (MX) or "e4m3" (NVFP4) scales, round to
+    nearest; the calibrated per-tensor ranges only set NVFP4's float32 tensor scale.
     """
 
     name: str
@@ -40,6 +45,8 @@ class QuantConfig:
     lm_head: bool = True
     embedding: bool = True
     weight_granularity: str = "per_channel"
+    block_size: int = 0
+    block_scale: str = ""
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -48,6 +55,9 @@ class QuantConfig:
             raise ValueError(f"{self.name}: weight_granularity must be 'per_channel' or 'per_tensor'")
         if self.act_channel_shift and self.format_kind != "fp":
             raise ValueError(f"{self.name}: activation channel shifts are exponent shifts and need FP formats")
+        if self.block_size and (self.search or self.act_channel_shift or self.block_scale not in BLOCK_SCALES):
+            raise ValueError(f"{self.name}: block-scaled formats take block_scale in {BLOCK_SCALES}, "
+                             "round to nearest (no search) and no channel shifts")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,12 +98,13 @@ class QBits:
                 )
         return qbits
 
-    def formats(self, format_kind: str) -> tuple[QuantFormat | None, QuantFormat | None, QuantFormat | None]:
-        """(weight, activation, embedding) starting formats; None where bits == 16."""
+    def formats(self, config: QuantConfig) -> tuple[QuantFormat | None, QuantFormat | None, QuantFormat | None]:
+        """(weight, activation, embedding) starting formats under config's kind and blocks; None where bits == 16."""
         def make(bits: int, exp: int) -> QuantFormat | None:
             if bits >= 16:
                 return None
-            return QuantFormat("int", bits) if format_kind == "int" else QuantFormat("fp", bits, exp)
+            fmt = QuantFormat("int", bits) if config.format_kind == "int" else QuantFormat("fp", bits, exp)
+            return with_blocks(fmt, config.block_size, config.block_scale) if config.block_size else fmt
 
         return (make(self.weight_bits, self.weight_exp), make(self.act_bits, self.act_exp),
                 make(self.embed_bits, self.embed_exp))

@@ -12,6 +12,15 @@ sets the range:
 
 where grid_max = (2 - 2^-M) * 2^(2^E - 1) is the largest value of the same format with b = 0.
 INT (symmetric, restricted): integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] times max_value / grid_max.
+
+Block-scaled formats (microscaling) are the same element formats with two more fields: `block_size`
+consecutive values along the last dimension share a scale computed from their absolute maximum at run
+time (round to nearest), stored as `block_scale`:
+- "e8m0": a power of two (OCP MX): block max = top * 2^(floor(log2 amax) - floor(log2 top)), where top is
+  the element format's largest value with the OCP bias 2^(E-1) - 1 (6 for E2M1). MXFP4 = E2M1, blocks of 32.
+- "e4m3": an FP8 E4M3 number times one float32 scale per tensor (NVIDIA NVFP4): block max =
+  top * e4m3(amax / (top * g)) * g with g = tensor max / (top * 448). NVFP4 = E2M1, blocks of 16.
+Element grids keep this project's convention (no NaN codes), so MXFP8's E4M3 reaches 480, not 448.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ class QuantFormat:
     kind: str
     bits: int
     exponent_bits: int = 0
+    block_size: int = 0
+    block_scale: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("fp", "int"):
@@ -43,6 +54,21 @@ class QuantFormat:
             raise ValueError(f"FP{self.bits} needs 1..{self.bits - 1} exponent bits, got {self.exponent_bits}")
         if self.kind == "int" and self.exponent_bits != 0:
             raise ValueError("INT formats have no exponent bits")
+        if (self.block_size > 0) != (self.block_scale in BLOCK_SCALES) or self.block_size < 0:
+            raise ValueError(f"a block-scaled format needs block_size > 0 and block_scale in {BLOCK_SCALES}, "
+                             f"got {self.block_size} and {self.block_scale!r}")
+
+    @property
+    def element(self) -> "QuantFormat":
+        """The format of one element (no block scaling)."""
+        return QuantFormat(self.kind, self.bits, self.exponent_bits)
+
+    @property
+    def element_top(self) -> float:
+        """Largest element value under the OCP bias 2^(E-1) - 1 (FP) or the largest INT code: 6 for E2M1."""
+        if self.kind == "int":
+            return self.grid_max
+        return self.grid_max / 2.0 ** (2 ** (self.exponent_bits - 1) - 1)
 
     @property
     def mantissa_bits(self) -> int:
@@ -58,11 +84,20 @@ class QuantFormat:
 
     @property
     def name(self) -> str:
-        """'E2M1', 'INT4', ..."""
-        return f"INT{self.bits}" if self.kind == "int" else f"E{self.exponent_bits}M{self.mantissa_bits}"
+        """'E2M1', 'INT4', 'NVFP4', 'MXFP4', or element/b<block>/<scale> for other block formats."""
+        element = f"INT{self.bits}" if self.kind == "int" else f"E{self.exponent_bits}M{self.mantissa_bits}"
+        if not self.block_size:
+            return element
+        for alias, fmt in BLOCK_ALIASES.items():
+            if fmt == self:
+                return alias
+        return f"{element}/b{self.block_size}/{self.block_scale}"
 
     def __str__(self) -> str:
         return self.name
+
+
+BLOCK_SCALES = ("e8m0", "e4m3")
 
 
 def fp_format(exponent_bits: int, mantissa_bits: int) -> QuantFormat:
@@ -76,13 +111,32 @@ def int_format(bits: int) -> QuantFormat:
 
 
 def parse_format(name: str) -> QuantFormat:
-    """Inverse of `QuantFormat.name`: 'E2M1' -> fp_format(2, 1), 'INT4' -> int_format(4)."""
-    match = re.fullmatch(r"E(\d+)M(\d+)|INT(\d+)", name.strip().upper())
-    if match is None:
-        raise ValueError(f"unknown format name {name!r}: expected ExMy (e.g. E2M1) or INTn (e.g. INT4)")
-    if match.group(3) is not None:
-        return int_format(int(match.group(3)))
-    return fp_format(int(match.group(1)), int(match.group(2)))
+    """Inverse of `QuantFormat.name`: 'E2M1' -> fp_format(2, 1), 'INT4' -> int_format(4), 'NVFP4', 'MXFP4',
+    'E4M3/b32/e8m0'."""
+    text = name.strip()
+    if text.upper() in BLOCK_ALIASES:
+        return BLOCK_ALIASES[text.upper()]
+    element, _, block = text.partition("/")
+    match = re.fullmatch(r"E(\d+)M(\d+)|INT(\d+)", element.upper())
+    block_match = re.fullmatch(r"b(\d+)/(e8m0|e4m3)", block) if block else None
+    if match is None or (block and block_match is None):
+        raise ValueError(f"unknown format name {name!r}: expected ExMy (e.g. E2M1), INTn (e.g. INT4), NVFP4, MXFP4 "
+                         "or element/b<block size>/<e8m0|e4m3>")
+    fmt = int_format(int(match.group(3))) if match.group(3) is not None else fp_format(int(match.group(1)),
+                                                                                        int(match.group(2)))
+    return with_blocks(fmt, int(block_match.group(1)), block_match.group(2)) if block_match else fmt
+
+
+def with_blocks(fmt: QuantFormat, block_size: int, block_scale: str) -> QuantFormat:
+    """fmt's elements in blocks of block_size along the last dimension with dynamic block_scale scales."""
+    return QuantFormat(fmt.kind, fmt.bits, fmt.exponent_bits, block_size, block_scale)
+
+
+BLOCK_ALIASES = {
+    "NVFP4": QuantFormat("fp", 4, 2, 16, "e4m3"),
+    "MXFP4": QuantFormat("fp", 4, 2, 32, "e8m0"),
+    "MXFP8": QuantFormat("fp", 8, 4, 32, "e8m0"),
+}
 
 
 def formats_of_width(bits: int, kind: str = "fp") -> list[QuantFormat]:

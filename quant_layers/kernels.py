@@ -7,10 +7,14 @@ For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
 with k an optional table of per-channel powers of two, s one scale per candidate, or per candidate and
 row (weights), and u = max_value / grid_max the reference's inverse scale (quantize.py). The tensor is
-read in [rows, channels] tiles, so per-row scales and per-channel multipliers are loaded once per tile. Every step is the reference's float32
-operation in the reference's order (rounding is the exact 1.5 * 2^23 trick; dividing by a power of two
-is multiplying by its exact reciprocal), so the kernel equals the PyTorch reference bit for bit; tests check it under Triton's interpreter on CPU and compiled on CUDA. Without Triton, or
-with LLM_FP4_KERNEL=0, callers use the reference.
+read in [rows, channels] tiles, so per-row scales and per-channel multipliers are loaded once per tile.
+
+Every step is the reference's float32 operation in the reference's order (rounding is the exact
+1.5 * 2^23 trick; dividing by a power of two is multiplying by its exact reciprocal), so FAKE and GRID
+equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may be one fused
+multiply-subtract on the GPU. tests/kernel_check.py checks all three under Triton's interpreter on CPU
+(in the test suite) and compiled on CUDA. Block-scaled formats, CPU tensors without the interpreter, a
+missing Triton or LLM_FP4_KERNEL=0 use the reference.
 """
 
 from __future__ import annotations
@@ -113,8 +117,8 @@ if triton is not None:
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
                   channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] or, per row, [C, rows]
-    float32 grid scales (rows = x.numel() // channels) and `inverse` the reference's 1 / scale of the same
-    shape; channel_scale: [C, channels] or [channels] powers of two, or None.
+    float32 grid scales (rows = x.numel() // channels) and `inverse` the reference's max_value / grid_max of
+    the same shape; channel_scale: [C, channels] or [channels] powers of two, or None.
 
     Returns [C, *x.shape] in `dtype` (default x.dtype).
     """

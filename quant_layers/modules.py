@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_max_value", None)
         self.register_buffer("act_channel_scale", None)  # 2^k [in], float32
         self.register_buffer("act_grid_scale", None)  # s = grid_max / act_max_value, [1] float32
-        self.register_buffer("act_grid_inverse", None)  # 1 / s
+        self.register_buffer("act_grid_inverse", None)  # act_max_value / grid_max
 
     @property
     def is_quantized(self) -> bool:

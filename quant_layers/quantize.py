@@ -6,7 +6,7 @@ Semantics (every format, every caller):
   other units: b = log2(grid_max / max_value) (see formats.py), so a real-valued bias is a real scale.
 - x is scaled onto the format's standard grid, y = x * s with s = grid_max / max_value, saturated to
   +-grid_max, rounded to the nearest grid point with ties to even (`round_to_grid`), and scaled back:
-  q(x) = round_to_grid(x * s) * u with u = 1 / s (float32, rounded once).
+  q(x) = round_to_grid(x * s) * u with u = max_value / grid_max (float32, rounded once).
 - FP grid (LLM-FP4 eq. 2-4 with bias 0): e = max(floor(log2|y|), 1), step = 2^(e - M), so exponent
   code 0 holds the subnormals and every code is a number (no inf / NaN codes). Exponent bits up to 7
   fit float32 arithmetic.
@@ -21,12 +21,15 @@ one fused Triton kernel on CUDA; `quantize_activation` and `grid_candidates` pic
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quant_layers import kernels
 from quant_layers.formats import QuantFormat
 
 
+_TINY = 1e-30  # floor for block maxima: an all-zero block keeps a finite scale
 _EXPONENT_FIELD = 0x7F800000  # float32 bits of the biased exponent
 _EXPONENT_ONE = 128 << 23  # biased exponent field of 2^1
 
@@ -35,6 +38,12 @@ def grid_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.
                ) -> torch.Tensor:
     """s = grid_max / max_value (float32, max_value's shape): multiplies x onto the standard grid."""
     return fmt.grid_max / torch.as_tensor(max_value, dtype=torch.float32, device=device)
+
+
+def grid_inverse(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """u = max_value / grid_max (float32): multiplies standard-grid values back (exact for power-of-two ratios)."""
+    return torch.as_tensor(max_value, dtype=torch.float32, device=device) / fmt.grid_max
 
 
 def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -64,19 +73,45 @@ def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> tor
 def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
     """Fake-quantize x (any shape, float dtype) to fmt with clipping range max_value (broadcastable, > 0).
 
-    Returns q(x) = round_to_grid(x * s) * (1 / s) with s = grid_max / max_value; same shape and dtype as x.
+    Returns q(x) = round_to_grid(x * s) * u with s = grid_max / max_value, u = max_value / grid_max; same
+    shape and dtype as x.
     x is never modified. This is the reference every other path is tested against.
+    Block-scaled formats: the ranges of the blocks come from the data (see formats.py); max_value is the
+    per-tensor range that NVFP4's float32 scale is made from (unused by MX formats).
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
+    if fmt.block_size:
+        return _quantize_blocks(x, fmt, max_value)
     scale = grid_scale(fmt, max_value, x.device)
-    return round_to_grid(x, fmt, scale).mul_(scale.reciprocal()).to(x.dtype)
+    return round_to_grid(x, fmt, scale).mul_(grid_inverse(fmt, max_value, x.device)).to(x.dtype)
 
 
 def activation_scales(fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, 1 / s) as [1] float32 tensors on max_value's device: what `quantize_activation` multiplies by."""
-    scale = grid_scale(fmt, max_value, max_value.device).reshape(1)
-    return scale, scale.reciprocal()
+    """(s, u) as [1] float32 tensors on max_value's device: what `quantize_activation` multiplies by."""
+    return (grid_scale(fmt, max_value, max_value.device).reshape(1),
+            grid_inverse(fmt, max_value, max_value.device).reshape(1))
+
+
+def block_max_values(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
+    """Dynamic ranges [..., blocks, 1] of x viewed as [..., blocks, block_size] (float32), per formats.py."""
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY)
+    top = fmt.element_top
+    if fmt.block_scale == "e8m0":
+        return top * torch.exp2(torch.floor(torch.log2(amax)) - math.floor(math.log2(top)))
+    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=x.device).clamp(min=_TINY) / (top * 448.0)
+    block_scale = (amax / (top * tensor_scale)).clamp(max=448.0).to(torch.float8_e4m3fn).float()
+    return (top * block_scale * tensor_scale).clamp(min=_TINY)
+
+
+def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
+    if x.shape[-1] % fmt.block_size:
+        raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {fmt.block_size}")
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // fmt.block_size, fmt.block_size)
+    if isinstance(max_value, torch.Tensor) and max_value.dim() > 0:
+        max_value = max_value.unsqueeze(-1)  # a per-row range [..., 1] stays per row for the blocks
+    q = quantize(blocks, fmt.element, block_max_values(blocks, fmt, max_value))
+    return q.reshape(x.shape).to(x.dtype)
 
 
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
@@ -87,7 +122,7 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     Equals `quantize(x * channel_scale, fmt, max_value)` bit for bit; one fused kernel on CUDA.
     scales: `activation_scales(fmt, max_value)` computed once by the caller (saves two small kernel launches).
     """
-    if kernels.enabled(x):
+    if kernels.enabled(x) and not fmt.block_size:
         scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
         return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
@@ -118,6 +153,6 @@ def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Te
     """q(W) - W for C candidate ranges per row: weight [out, in] float32, max_value [C, out] -> [C, out, in]
     as `dtype`. One fused kernel on CUDA."""
     if kernels.enabled(weight):
-        scale = grid_scale(fmt, max_value, weight.device)
-        return kernels.fake_quantize(weight, fmt, scale, scale.reciprocal(), None, kernels.RESIDUAL, dtype=dtype)
+        scale, inverse = grid_scale(fmt, max_value, weight.device), grid_inverse(fmt, max_value, weight.device)
+        return kernels.fake_quantize(weight, fmt, scale, inverse, None, kernels.RESIDUAL, dtype=dtype)
     return (quantize(weight, fmt, max_value.unsqueeze(-1)) - weight).to(dtype)

@@ -158,3 +158,54 @@ def test_format_data():
         QuantFormat("fp", 4, 0)
     with pytest.raises(ValueError):
         parse_format("FP4")
+
+
+# Block-scaled formats (NVFP4, MXFP4): hand-computed blocks.
+
+NVFP4, MXFP4 = parse_format("NVFP4"), parse_format("MXFP4")
+
+
+def test_block_format_data():
+    assert (NVFP4.element, NVFP4.block_size, NVFP4.block_scale) == (fp_format(2, 1), 16, "e4m3")
+    assert (MXFP4.element, MXFP4.block_size, MXFP4.block_scale) == (fp_format(2, 1), 32, "e8m0")
+    assert NVFP4.element_top == 6.0 and fp_format(4, 3).element_top == 480.0
+    for name in ("NVFP4", "MXFP4", "MXFP8", "E2M1/b64/e8m0", "INT8/b32/e8m0"):
+        assert parse_format(name).name == name
+    with pytest.raises(ValueError):
+        QuantFormat("fp", 4, 2, 16, "")
+    with pytest.raises(ValueError):
+        parse_format("E2M1/b16/fp16")
+
+
+def test_mxfp4_block_by_hand():
+    """amax 5 -> shared exponent floor(log2 5) - 2 = 0: scale 1, values on the E2M1 grid {0,.5,1,1.5,2,3,4,6};
+    5 is a tie between 4 (even mantissa) and 6 -> 4. amax 0.3 -> exponent -2 - 2 = -4: 0.3 -> 4.8 * 2^-4 -> 0.25."""
+    block_a = torch.tensor([5.0, 0.7, -2.6, 1.25] + [0.0] * 28)
+    block_b = torch.tensor([0.3, -0.1] + [0.0] * 30)
+    q = quantize(torch.stack([block_a, block_b]), MXFP4, 1.0)
+    assert q[0, :4].tolist() == [4.0, 0.5, -3.0, 1.0]
+    assert q[1, :2].tolist() == [0.25, -0.09375]  # -0.1 * 16 = -1.6 -> -1.5 -> -1.5 / 16
+
+
+def test_nvfp4_block_by_hand():
+    """Tensor max 6 * 448 -> float32 tensor scale 1. Block amax 3: FP8 block scale e4m3(3 / 6) = 0.5, range 3;
+    block amax 5: e4m3(5/6 = 0.8333) = 0.8125 (1.625 * 2^-1), range 4.875, so 5 saturates to 4.875."""
+    x = torch.zeros(2, 16)
+    x[0, :3] = torch.tensor([3.0, 1.1, -0.3])
+    x[1, :2] = torch.tensor([5.0, 1.0])
+    q = quantize(x, NVFP4, 6 * 448.0)
+    assert q[0, :3].tolist() == [3.0, 1.0, -0.25]
+    assert q[1, :2].tolist() == [4.875, 0.8125]
+
+
+def test_block_formats_edge_cases():
+    zeros = quantize(torch.zeros(3, 32), MXFP4, 1.0)
+    assert torch.equal(zeros, torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize(torch.ones(2, 24), NVFP4, 1.0)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for fmt in (NVFP4, MXFP4):
+        q = quantize(x, fmt, x.abs().max())
+        blocks = q.view(8, -1, fmt.block_size)
+        assert all(len(set(b.tolist())) <= 15 for b in blocks.reshape(-1, fmt.block_size))
+        assert float((q - x).abs().max()) < float(x.abs().max()) / 2

@@ -344,7 +344,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     checkpoint: saved after the embedding and after every block, and continued from if it holds progress;
     a resumed calibration returns exactly what an uninterrupted one returns.
     """
-    weight_format, act_format, embed_format = settings.qbits.formats(settings.config.format_kind)
+    weight_format, act_format, embed_format = settings.qbits.formats(settings.config)
     run = _Run(model, settings, dict(checkpoint.layers) if checkpoint else {}, (weight_format, act_format))
     start = checkpoint.next_block if checkpoint else 0
     if _calibrate_embedding(run, embed_format) and checkpoint:

@@ -313,8 +313,19 @@ class LinearProblem:
 
     def loss(self, state: LinearState) -> float:
         """Normalized L of a state."""
+        if state.weight_format.block_size or state.act_format.block_size:
+            return float(self.normalize(self._reference_loss(state)))
         losses = self.act_losses(ActCandidates.of_state(state), state.weight_format, state.weight_max_value)
         return float(self.normalize(losses)[0])
+
+    def _reference_loss(self, state: LinearState) -> torch.Tensor:
+        """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included."""
+        weight_q = quantize(self.weight, state.weight_format, state.weight_max_value.view(-1, 1))
+        total = torch.zeros((), device=self.x.device)
+        for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
+            xq = quantize(xt.float(), state.act_format, state.act_max_value)
+            total += (xq @ weight_q.T - xt.float() @ self.weight.T).square().sum()
+        return total
 
 
 def minmax_weight_max(problem: LinearProblem, per_tensor: bool) -> torch.Tensor:

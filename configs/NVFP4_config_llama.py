@@ -1,0 +1,7 @@
+"""NVIDIA NVFP4 as a reference row: E2M1 elements in blocks of 16 with FP8 E4M3 scales under one float32
+scale per tensor, round to nearest, dynamic block scales (the per-tensor scale from calibration maxima)."""
+
+from configs import QuantConfig
+
+CONFIG = QuantConfig(name="NVFP4_config_llama", format_kind="fp", search=False, act_channel_shift=False,
+                     weight_granularity="per_tensor", block_size=16, block_scale="e4m3")
