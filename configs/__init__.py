@@ -18,6 +18,7 @@ CONFIG_NAMES = (
     "MinMax_INT_config_llama",
     "NVFP4_config_llama",
     "MXFP4_config_llama",
+    "SmoothQuant_config_llama",
 )
 
 
@@ -35,6 +36,8 @@ class QuantConfig:
     block_size / block_scale: block-scaled formats (quant_layers/formats.py): every quantized tensor in blocks
     of block_size along its input dimension with dynamic "e8m0" (MX) or "e4m3" (NVFP4) scales, round to
     nearest; the calibrated per-tensor ranges only set NVFP4's float32 tensor scale.
+    smooth_alpha: > 0 applies SmoothQuant's migration (utils/smoothquant.py) with this alpha before the
+    Linears of each block are calibrated.
     """
 
     name: str
@@ -47,6 +50,7 @@ class QuantConfig:
     weight_granularity: str = "per_channel"
     block_size: int = 0
     block_scale: str = ""
+    smooth_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -58,6 +62,8 @@ class QuantConfig:
         if self.block_size and (self.search or self.act_channel_shift or self.block_scale not in BLOCK_SCALES):
             raise ValueError(f"{self.name}: block-scaled formats take block_scale in {BLOCK_SCALES}, "
                              "round to nearest (no search) and no channel shifts")
+        if not 0.0 <= self.smooth_alpha < 1.0:
+            raise ValueError(f"{self.name}: smooth_alpha must be in [0, 1), got {self.smooth_alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)

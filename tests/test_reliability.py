@@ -293,24 +293,29 @@ def _swapped(config_name: str, layers: int = 3):
     return model
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_resume_after_any_checkpoint_is_exact(tmp_path, sequential):
-    """Interrupted after the embedding or any block, then resumed: the same bytes and the same model."""
-    config = get_config("FPQ_config_llama")
-    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace(0.2, 1.2, 6), 1, sequential)
+@pytest.mark.parametrize("config_name,sequential", [("FPQ_config_llama", False), ("FPQ_config_llama", True),
+                                                    ("SmoothQuant_config_llama", False),
+                                                    ("SmoothQuant_config_llama", True)])
+def test_resume_after_any_checkpoint_is_exact(tmp_path, config_name, sequential):
+    """Interrupted after the embedding or any block, then resumed: the same bytes and the same model
+    (SmoothQuant: its folded scales are replayed from the checkpoint too)."""
+    config = get_config(config_name)
+    space = SearchSpace(0.2, 1.2, 6) if config.search else None
+    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space, 1, sequential)
     ids = torch.randint(0, 120, (3, 24), generator=torch.Generator().manual_seed(0))
     metadata = {"run": "test"}
     reference_model = _swapped(config.name)
     save_params(tmp_path / "reference.pt", calibrate(reference_model, ids, settings), metadata)
     with torch.no_grad():
         reference_logits = reference_model(ids).logits
-    saves = 1 + 3  # after the embedding, then after each of 3 blocks
+    first_block = 1 if config.embedding else 0  # a save after the embedding, when it is quantized
+    saves = first_block + 3  # then after each of 3 blocks
     for n in range(1, saves + 1):
         path = tmp_path / f"run{n}.partial.pt"
         with pytest.raises(KeyboardInterrupt):
             calibrate(_swapped(config.name), ids, settings, StopAfter(path, metadata, n))
         layers, saved = load_checkpoint(path)
-        assert saved["next_block"] == n - 1
+        assert saved["next_block"] == n - first_block
         model = _swapped(config.name)
         resumed = calibrate(model, ids, settings, Checkpoint(path, metadata, layers, saved["next_block"]))
         save_params(tmp_path / f"run{n}.pt", resumed, metadata)

@@ -6,7 +6,8 @@ from utils.fileio import WriteError
 from utils.models import ModelLoadError
 from utils.params import ParamFileError
 from utils.quant_calib import CalibrationError
+from utils.smoothquant import SmoothingError
 from utils.task_data import TaskDataError
 
 USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError,
-               TaskDataError, WriteError)
+               TaskDataError, WriteError, SmoothingError)

@@ -28,6 +28,7 @@ from torch import nn
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from utils.fileio import atomic_write, sha256_file, write_bytes_atomic
+from utils.smoothquant import SmoothingError, apply_saved
 
 FILE_FORMAT = "llm-fp4-params"
 CHECKPOINT_FORMAT = "llm-fp4-checkpoint"
@@ -42,7 +43,9 @@ class ParamFileError(ValueError):
 
 @dataclass
 class LayerParams:
-    """Parameters of one quantized module. kind: "linear" or "embedding"; a None format = not quantized."""
+    """Parameters of one quantized module. kind: "linear", "embedding", or "smooth" (SmoothQuant's migration
+    scales [in] of a norm, `smooth_scale`, folded before the Linears after it are set); a None format = not
+    quantized."""
 
     kind: str
     weight_format: QuantFormat | None
@@ -52,6 +55,7 @@ class LayerParams:
     act_channel_shift: torch.Tensor | None = None
     mse: float = float("nan")
     mse_minmax: float = float("nan")
+    smooth_scale: torch.Tensor | None = None
 
     def apply(self, module: nn.Module) -> None:
         """Set these parameters on a QuantLinear / QuantEmbedding (quantizes its weight once)."""
@@ -108,6 +112,8 @@ def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], d
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
+        if p.smooth_scale is not None:
+            tensors[f"{name}.smooth_scale"] = _plain(p.smooth_scale, torch.float32)
     return tensors, modules
 
 
@@ -185,6 +191,7 @@ def _layers_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, 
             act_channel_shift=tensors.get(f"{name}.act_channel_shift"),
             mse=info["mse"],
             mse_minmax=info["mse_minmax"],
+            smooth_scale=tensors.get(f"{name}.smooth_scale"),
         )
     return layers
 
@@ -258,12 +265,23 @@ def _check_shapes(name: str, p: LayerParams, module: nn.Module) -> None:
 
 
 def apply_params(model: nn.Module, layers: dict[str, LayerParams]) -> None:
-    """Set every module's parameters; ParamFileError if a module is missing or of another shape."""
-    for name, p in layers.items():
+    """Set every module's parameters (SmoothQuant's scales first); ParamFileError if a module is missing or of
+    another shape."""
+    ordered = sorted(layers.items(), key=lambda item: item[1].kind != "smooth")
+    for name, p in ordered:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ParamFileError(f"the parameter file names module {name!r}, which this model does not have") from None
+        if p.kind == "smooth":
+            if p.smooth_scale is None or p.smooth_scale.numel() != module.weight.numel():
+                raise ParamFileError(f"module {name!r}: the file's SmoothQuant scales do not fit its "
+                                     f"{module.weight.numel()} channels")
+            try:
+                apply_saved(model, name, p.smooth_scale)
+            except SmoothingError as error:
+                raise ParamFileError(f"module {name!r}: {error}") from None
+            continue
         expected = QuantEmbedding if p.kind == "embedding" else QuantLinear
         if not isinstance(module, expected):
             raise ParamFileError(f"module {name!r} is not quantizable as {p.kind} under this --quant_config")

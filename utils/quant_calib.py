@@ -28,6 +28,7 @@ from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from utils.models import decoder_layers
 from utils.params import Checkpoint, LayerParams
+from utils.smoothquant import apply_saved, block_pairs, fold, migration_scales
 from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
 
@@ -278,16 +279,35 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
     sequential = run.settings.sequential
     with torch.no_grad():
         for index in range(count):
-            linears = run.linears(blocks[index]).items()
             if sequential:
-                for name, module in linears:
-                    run.params[name].apply(module)
+                _apply_block(run, blocks[index])
             with _placed(blocks[index], run.settings.offload_device):
                 hidden = _run_block(blocks[index], hidden, block_kwargs[index])
             if not sequential:
-                for name, module in linears:
-                    run.params[name].apply(module)
+                _apply_block(run, blocks[index])
     return hidden
+
+
+def _apply_block(run: _Run, block: nn.Module) -> None:
+    """Set a block's saved parameters: SmoothQuant's scales first, then the Linears'."""
+    prefix = run.names[block]
+    for key in block_pairs(block) if run.settings.config.smooth_alpha else ():
+        apply_saved(run.model, f"{prefix}.{key}", run.params[f"{prefix}.{key}"].smooth_scale)
+    for name, module in run.linears(block).items():
+        run.params[name].apply(module)
+
+
+def _smooth_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """SmoothQuant: fold migration scales into each norm and the Linears after it, and scale the captured
+    inputs of those Linears the same way (X / s, what the smoothed norm now outputs)."""
+    prefix = run.names[block]
+    for key, names in block_pairs(block).items():
+        linears = [block.get_submodule(n) for n in names]
+        x = inputs[f"{prefix}.{names[0]}"]
+        scales = migration_scales(x.abs().amax(dim=0), [m.weight for m in linears], run.settings.config.smooth_alpha)
+        fold(block.get_submodule(key), linears, scales)
+        x.copy_((x.float() / scales).to(x.dtype))  # q/k/v (gate/up) share this buffer
+        run.params[f"{prefix}.{key}"] = LayerParams("smooth", None, None, smooth_scale=scales)
 
 
 def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -302,6 +322,8 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
     outputs, inputs = _capture(block, hidden, kwargs, linears)
     _check_inputs(inputs)
     _check_finite(f"the output of block {index}", outputs)
+    if run.settings.config.smooth_alpha:
+        _smooth_block(run, block, inputs)
     budget = run.settings.budget(_device_of(block))
     for name, module in linears.items():
         run.params[name] = _calibrate_linear(name, module, inputs[name], run.settings, run.formats, budget)
