@@ -125,3 +125,32 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         save_params(tmp_path / "p.pt", layers, {})
     assert not (tmp_path / "p.pt").exists() and not (tmp_path / "p.safetensors").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_layer_table_and_figure(tmp_path):
+    """The per-layer table reads formats and exponent biases back from a file (bias = log2(grid_max / max))
+    and the figure is written; a file without quantized Linears is one clear error."""
+    import math
+
+    from quant_layers.formats import fp_format
+    from utils.params import LayerParams, ParamFileError, save_params
+    from utils.plots import layer_table, main, plot_param_file
+
+    e2m1 = fp_format(2, 1)
+    layers = {f"l{i}": LayerParams("linear", e2m1, torch.tensor([6.0, 1.5]), fp_format(3, 0), torch.tensor(0.5),
+                                   mse=0.1 * (i + 1), mse_minmax=0.2 * (i + 1)) for i in range(3)}
+    path = tmp_path / "p.pt"
+    save_params(path, layers, {"note": "test"})
+    rows = layer_table(path)
+    assert [r["name"] for r in rows] == ["l0", "l1", "l2"]
+    assert rows[0]["weight_format"] == "E2M1" and rows[0]["act_format"] == "E3M0"
+    assert rows[0]["weight_bias"] == pytest.approx((1.0 + 3.0) / 2)  # max 6 -> bias 1, max 1.5 -> bias 3: median
+    assert rows[0]["act_bias"] == pytest.approx(math.log2(fp_format(3, 0).grid_max / 0.5))
+    assert rows[2]["mse"] == pytest.approx(0.3) and rows[2]["mse_minmax"] == pytest.approx(0.6)
+    png = plot_param_file(path, tmp_path / "fig.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "empty.pt"
+    save_params(empty, {"e": LayerParams("embedding", e2m1, torch.tensor([1.0]))}, {"note": "test"})
+    with pytest.raises(ParamFileError, match="nothing to plot"):
+        plot_param_file(empty, tmp_path / "x.png")
+    assert main([str(tmp_path / "missing.pt")]) == 2

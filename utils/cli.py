@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block l+1 on the outputs of the already quantized block l")
     p.add_argument("--only_eval", action="store_true", help="skip calibration: load --ptq_param_path and evaluate")
+    p.add_argument("--plot", action="store_true",
+                   help="also write the per-layer figure of the parameter file (formats, exponent biases, MSE vs "
+                        "MinMax) next to the results JSON, as <results>.layers.png")
     p.add_argument("--ptq_param_path", default=None, help="parameter file written by a calibration run")
     p.add_argument("--search_result_dir", default="search_result", help="where calibration writes parameter files")
     p.add_argument("--resume", action="store_true",
@@ -147,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--only_eval needs --ptq_param_path FILE (the file a calibration run wrote under search_result/)")
     if args.ptq_param_path and not args.only_eval:
         raise UsageError("--ptq_param_path is read only with --only_eval")
+    if args.plot and args.quant_config is None:
+        raise UsageError("--plot draws a parameter file: use it with --quant_config")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

@@ -264,4 +264,8 @@ def run(args: argparse.Namespace) -> dict:
     output = Path(args.output_path) if args.output_path else default_output_path(args)
     write_results(output, results)
     _log(f"results written to {output}")
+    if args.plot:
+        from utils.plots import plot_param_file
+
+        _log(f"per-layer figure written to {plot_param_file(quantization['param_file'], output.with_suffix('.layers.png'))}")
     return results

@@ -1,0 +1,94 @@
+"""Per-layer figures of a saved parameter file: which formats the search chose, the exponent biases, and
+each Linear's output MSE against MinMax.
+
+    python -m utils.plots search_result/FPQ_config_llama/W4A4E4_...pt [--out layers.png]
+
+main.py --plot writes the same figure next to the results JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from quant_layers.formats import exponent_bias_from_max
+from utils.params import ParamFileError, load_params
+
+
+def layer_table(path: str | Path) -> list[dict]:
+    """One row per quantized Linear in file order: name, formats, weight bias (median over rows),
+    activation bias, MSE after search and with MinMax."""
+    layers, _ = load_params(path)
+    rows = []
+    for name, p in layers.items():
+        if p.kind != "linear" or p.weight_format is None or p.act_format is None:
+            continue
+        rows.append({
+            "name": name,
+            "weight_format": p.weight_format.name,
+            "act_format": p.act_format.name,
+            "weight_bias": float(exponent_bias_from_max(p.weight_format, p.weight_max_value.float()).quantile(0.5)),
+            "act_bias": float(exponent_bias_from_max(p.act_format, p.act_max_value.float())),
+            "mse": p.mse,
+            "mse_minmax": p.mse_minmax,
+        })
+    return rows
+
+
+def plot_param_file(path: str | Path, out: str | Path) -> Path:
+    """Write the three-panel figure of `layer_table(path)` to `out` (PNG); returns out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = layer_table(path)
+    if not rows:
+        raise ParamFileError(f"{path} has no Linear with both weight and activation quantized: nothing to plot")
+    index = range(len(rows))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, len(rows) * 0.06), 9), sharex=True)
+    axes[0].semilogy(index, [r["mse_minmax"] for r in rows], ".", label="MinMax", color="tab:gray")
+    axes[0].semilogy(index, [r["mse"] for r in rows], ".", label="searched", color="tab:blue")
+    axes[0].set_ylabel("output MSE")
+    names = sorted({r["weight_format"] for r in rows} | {r["act_format"] for r in rows})
+    level = {n: i for i, n in enumerate(names)}
+    axes[1].plot(index, [level[r["weight_format"]] + 0.1 for r in rows], "s", ms=3, label="weight")
+    axes[1].plot(index, [level[r["act_format"]] - 0.1 for r in rows], "o", ms=3, label="activation")
+    axes[1].set_yticks(range(len(names)), names)
+    axes[1].set_ylabel("format")
+    axes[2].plot(index, [r["weight_bias"] for r in rows], "s", ms=3, label="weight (median over rows)")
+    axes[2].plot(index, [r["act_bias"] for r in rows], "o", ms=3, label="activation (per tensor)")
+    axes[2].set_ylabel("exponent bias")
+    axes[2].set_xlabel("Linear, in model order")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.7)
+    fig.suptitle(Path(path).name, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("param_file")
+    parser.add_argument("--out", default=None, help="PNG to write (default: next to the parameter file)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.param_file).with_suffix(".layers.png")
+    try:
+        written = plot_param_file(args.param_file, out)
+    except ParamFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
