@@ -5,7 +5,9 @@ Bad input is tested in test_reliability.py."""
 import json
 import shlex
 
-from conftest import run_main
+import pytest
+
+from conftest import ROOT, run_main
 from utils.cli import parse_args
 
 CALIBRATE = (
@@ -65,3 +67,16 @@ def test_full_precision_run_has_no_quantization(tiny_llama_dir, tmp_path):
                       "--limit", "4", "--output_path", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(out.read_text())["quantization"]["quant_config"] is None
+
+
+@pytest.mark.parametrize("script", sorted(p for p in (ROOT / "complete_scripts").glob("*/*.sh")
+                                          if p.name not in ("env.sh", "fetch_model.sh", "table.sh")))
+def test_every_row_script_parses(script):
+    """Each complete_scripts row is one main.py command whose flags pass validation (env variables filled)."""
+    text = script.read_text().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if line.startswith("python3 main.py"))
+    filled = (command.replace('"$MODEL_ARGS"', "use_accelerate=True").replace('"$TASKS"', "piqa")
+              .replace('"$DEVICE"', "cpu").replace("$OUT", "out"))
+    args = parse_args(shlex.split(filled)[2:])
+    assert args.output_path == f"out/{script.stem}.json"
+    assert args.quant_config is None or args.calib_size in (32, 128)

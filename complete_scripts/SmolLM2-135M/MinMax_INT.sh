@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MinMax INT W4A4E4 on SmolLM2-135M-Instruct, the paper's settings (env.sh).
+# MinMax INT4 W4A4E4 on SmolLM2-135M-Instruct, the paper's settings (env.sh).
 source "$(dirname "$0")/env.sh"
 python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
 --tasks "$TASKS" --device "$DEVICE" --batch_size auto \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Full precision (no quantization) on SmolLM2-135M-Instruct, the paper's settings (env.sh).
+# full precision on SmolLM2-135M-Instruct, the paper's settings (env.sh).
 source "$(dirname "$0")/env.sh"
 python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
 --tasks "$TASKS" --device "$DEVICE" --batch_size auto \
---no_cache --num_fewshot 0  --output_path "$OUT/full_precision.json"
+--no_cache --num_fewshot 0 --output_path "$OUT/full_precision.json"
