@@ -2,6 +2,7 @@
 
 import json
 
+from conftest import ROOT
 from utils.compare import comparison_table, main
 
 
@@ -26,3 +27,17 @@ def test_table_columns_rows_and_mean(tmp_path):
 def test_missing_file_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope.json")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no such results file: {tmp_path / 'nope.json'}"
+
+
+def test_results_report_informative_tasks_and_averages():
+    """A task counts as informative when full precision is >= 5 points above chance; averages need every task."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    accs = {"boolq": 0.41, "piqa": 0.647, "hellaswag": 0.337, "winogrande": 0.506, "arc_easy": 0.516,
+            "arc_challenge": 0.247, "openbookqa": 0.206, "lambada_openai": 0.28}
+    results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
+    assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
+    assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
