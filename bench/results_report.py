@@ -62,7 +62,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
     rows = {row: json.loads((folder / f"{row}.json").read_text()) for row in ROWS if (folder / f"{row}.json").exists()}
     lines = [f"## {MODELS.get(model, model)}", ""]
     if "full_precision" not in rows:
-        return lines + ["Not run yet with the current code: `bash complete_scripts/{}/table.sh` on a GPU.".format(model),
+        return lines + ["Not run yet with the current code: `bash complete_scripts/table.sh {}` on a GPU.".format(model),
                         ""], {}
     informative = informative_tasks(rows["full_precision"])
     tasks = [t for t in PAPER_TASKS + EXTRA_TASKS if any(t in r["results"] for r in rows.values())]

@@ -70,7 +70,7 @@ def test_full_precision_run_has_no_quantization(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("script", sorted(p for p in (ROOT / "complete_scripts").glob("*/*.sh")
-                                          if p.name not in ("env.sh", "fetch_model.sh", "table.sh")))
+                                          if p.name not in ("env.sh", "fetch_model.sh")))
 def test_every_row_script_parses(script):
     """Each complete_scripts row is one main.py command whose flags pass validation (env variables filled)."""
     text = script.read_text().replace("\\\n", " ")

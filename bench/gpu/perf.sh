@@ -31,14 +31,7 @@ case "${PART:?set PART=1 to 5}" in
   step original_search 240 python3 bench/original_search.py --linears q_proj gate_proj down_proj
   ;;
 4)
-  [ -f $S/gguf.part1 ] || { echo "the first GGUF piece is gone (machine not warm): run PART=3 first"; exit 1; }
-  if [ ! -f $S/smollm2.gguf ]; then
-    cat $S/gguf.part1 .gpu_b/gguf.part2 > $S/smollm2.gguf
-    echo "$(cat .gpu_b/gguf.sha256)  $S/smollm2.gguf" | sha256sum -c -
-    mkdir -p $S/cache && tar -C $S/cache -xJf .gpu_b/tasks.tar.xz
-    mkdir -p $S/cache/wheels && cp .gpu_b/exllamav2-*.whl $S/cache/wheels/
-  fi
-  export LLM_FP4_SMOLLM2_GGUF=$S/smollm2.gguf LLM_FP4_CACHE=$S/cache
+  source bench/gpu/join_smollm2.sh
   step eval_throughput 560 python3 bench/eval_throughput.py \
     --param_file "docs/results/SmolLM2-135M/gpu_piqa/FPQ_config_llama_W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
   ;;

@@ -4,14 +4,7 @@
 # an --only_eval rerun of the FPQ file. ROWS (default: all) and TASKS (default piqa) select the work.
 set -euo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-S=/tmp/scratch
-if [ ! -f $S/smollm2.gguf ]; then
-  cat $S/gguf.part1 .gpu_b/gguf.part2 > $S/smollm2.gguf
-  echo "$(cat .gpu_b/gguf.sha256)  $S/smollm2.gguf" | sha256sum -c -
-  mkdir -p $S/cache && tar -C $S/cache -xJf .gpu_b/tasks.tar.xz
-  mkdir -p $S/cache/wheels && cp .gpu_b/exllamav2-*.whl $S/cache/wheels/
-fi
-export LLM_FP4_SMOLLM2_GGUF=$S/smollm2.gguf LLM_FP4_CACHE=$S/cache
+source bench/gpu/join_smollm2.sh
 export TASKS=${TASKS:-piqa} DEVICE=cuda OUT=$OUT
 for row in ${ROWS:-full_precision MinMax_INT MinMax_FP FPQ_baseline FPQ FPQ_only_eval}; do
   echo "== $row $(date +%T)"
