@@ -2,7 +2,7 @@
 # GPU machine: the performance benchmarks (bench/*.py), in parts that fit one call each while the machine
 # stays warm. Results go to $OUT (BENCH_RESULTS); copy them into bench/results/ afterwards.
 #   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
-#                               8-layer 7B-shape calibration, original-vs-ours search
+#                               8-layer 7B-shape calibration, a profile of one block's search
 #   PART=2 (no carry):          32-layer 7B-shape calibration
 #   PART=3 (carry .whl .gpu_a): wheels, first GGUF piece, original-vs-ours on one Linear of each shape
 #   PART=4 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput (right after PART=3: warm machine)
@@ -20,7 +20,7 @@ case "${PART:?set PART=1 to 5}" in
   step kernel_check 90 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
   step kernel_bandwidth 90 python3 bench/kernel_bandwidth.py
   step calib_7b_8_layers 200 python3 bench/calib_7b.py --layers 8
-  step original_search 250 python3 bench/original_search.py
+  step profile_block 120 python3 bench/profile_block.py | tee $OUT/profile_block.txt
   ;;
 2)
   step calib_7b_32_layers 590 python3 bench/calib_7b.py --layers 32

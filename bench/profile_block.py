@@ -1,0 +1,56 @@
+"""Where one LLaMA-7B-shaped block's FPQ search spends its time: torch.profiler over the search of each
+Linear (after one capture pass), the top operators by device time, and the wall time per Linear.
+
+    python bench/profile_block.py [--linears q_proj down_proj]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import TINY_SHAPE, llama_7b_shape, synchronize
+from quant_layers.formats import fp_format
+from utils.models import decoder_layers
+from utils.quant_calib import _capture, _first_block_inputs
+from utils.search import Budget, LinearProblem, SearchSpace, search_linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--linears", nargs="+", default=["q_proj", "gate_proj", "down_proj"])
+    parser.add_argument("--calib_size", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=25, help="operators to list")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llama_7b_shape(1, device, **({} if device == "cuda" else TINY_SHAPE))
+    block = decoder_layers(model)[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ids = torch.randint(0, model.config.vocab_size, (args.calib_size, args.seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    hidden, kwargs = _first_block_inputs(model, decoder_layers(model), ids, None)
+    _, inputs = _capture(block, hidden, kwargs[0], linears)
+    budget = Budget(512 << 20 if device == "cuda" else 256 << 20)
+    space = SearchSpace(0.01, 1.2, 100)
+    chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
+    problem = LinearProblem(inputs[chosen[0]], linears[chosen[0]].weight.detach(), budget)
+    search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for name in chosen:
+            synchronize()
+            start = time.perf_counter()
+            problem = LinearProblem(inputs[name], linears[name].weight.detach(), budget)
+            search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 3, True)
+            synchronize()
+            print(f"{name}: {time.perf_counter() - start:.2f} s", flush=True)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
