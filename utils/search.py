@@ -224,7 +224,7 @@ class LinearProblem:
         for rows in _chunks(candidates.shape[0], step):
             u = weight_residuals(self.weight, fmt, candidates[rows], self.dtype)
             ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
-            losses.append((ug * u).sum(-1) + 2 * (u * v).sum(-1) + const)
+            losses.append((ug.add_(v, alpha=2) * u).sum(-1) + const)  # u G u + 2 u . v + c
         return torch.cat(losses)
 
     def _stats_acts(self, state: LinearState) -> ActCandidates:
