@@ -7,11 +7,12 @@
 #   PART=3 (carry .whl .gpu_a): wheels, first GGUF piece, original-vs-ours on one Linear of each shape
 #   PART=4 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput (right after PART=3: warm machine)
 #   PART=5 (no carry):          calibration scaling
+#   PART=multi8 / multi32:      (several GPUs) calibration split over the GPUs, time and per-GPU peak memory
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
-case "${PART:?set PART=1 to 5}" in
+case "${PART:?set PART=1 to 5, multi8 or multi32}" in
 1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
@@ -37,5 +38,11 @@ case "${PART:?set PART=1 to 5}" in
   ;;
 5)
   step calib_scaling 300 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
+  ;;
+multi8)   # issue 8, on nvidia-h100-x2 or larger: split vs one GPU, 8 layers
+  step multi_gpu_compare 590 python3 bench/multi_gpu.py --layers 8 --compare
+  ;;
+multi32)  # issue 8: the 32-layer 7B shape split over every GPU
+  step multi_gpu_32 590 python3 bench/multi_gpu.py --layers 32
   ;;
 esac
