@@ -12,6 +12,8 @@ Semantics (every format, every caller):
   fit float32 arithmetic.
 - INT grid: step 1, saturating at +-(2^(bits-1) - 1).
 - Computed in float32; the result has x's dtype. NaN stays NaN.
+- Block-scaled formats (NVFP4, MX; formats.py): each block of the last dimension gets its range from its
+  own absolute maximum (`block_max_values`), then the element format is applied as above.
 
 Standard-grid values have at most M + 1 significant bits (INT: bits - 1), so for every format of up
 to 8 bits they are exact in bfloat16: products of grids are exact, which the search uses to run its
