@@ -286,6 +286,7 @@ class LinearProblem:
             weight_q = grid / scale
             hessian = (weight_q.T @ weight_q).to(self.dtype)
         grid_t = grid.to(self.dtype).T
+        output_inverse = act_inverse / scale.view(1, 1, -1)  # [C, 1, out]: 1 / (s_a[c] s_w[o])
         width = max(self.in_features, self.out_features)
         for xt in self._token_chunks(x, 8 * (self.in_features + self.out_features)):
             y = mm32(xt, self.weight_c.T)
@@ -294,15 +295,16 @@ class LinearProblem:
                 r = mm32(xt, grid_t).div_(scale.view(1, -1)).sub_(y)
                 b = r @ weight_q
                 losses += r.square().sum()
+                x32 = xt.float()
                 for rows in _chunks(len(acts), step):
-                    d = self._act_grid(xt, acts.select(rows)).float().mul_(act_inverse[rows]).sub_(xt.float())
+                    d = self._act_grid(xt, acts.select(rows)).float().mul_(act_inverse[rows]).sub_(x32)
                     dh = mm32(d.view(-1, self.in_features).to(self.dtype), hessian).view_as(d)
-                    losses[rows] += (dh * d).sum((1, 2)) + 2 * (d * b).sum((1, 2))
+                    losses[rows] += (dh.add_(b, alpha=2) * d).sum((1, 2))  # d H d + 2 d . b
             else:
                 for rows in _chunks(len(acts), step):
                     g = self._act_grid(xt, acts.select(rows))
                     yq = mm32(g.view(-1, self.in_features), grid_t).view(g.shape[0], xt.shape[0], -1)
-                    losses[rows] += (yq.div_(scale.view(1, 1, -1)).mul_(act_inverse[rows]) - y).square().sum((1, 2))
+                    losses[rows] += yq.mul_(output_inverse[rows]).sub_(y).square_().sum((1, 2))
         return losses
 
     def coarse_rows(self, count: int) -> torch.Tensor | None:
