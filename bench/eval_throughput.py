@@ -75,7 +75,7 @@ def main() -> None:
         calibrate(model, ids, CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), None, 1))
         for module in model.modules():  # MinMax has no shifts: give the FPQ path its channel scales too
             if hasattr(module, "act_channel_scale") and module.act_format is not None:
-                module.act_channel_scale = torch.ones(module.in_features, device="cuda", dtype=torch.bfloat16)
+                module.act_channel_scale = torch.ones(module.in_features, device="cuda")
 
     rows = {"SmolLM2-135M, full hellaswag": compare("smollm2", smollm2, smollm2_quantize, None, args.batch_size),
             f"LLaMA-7B shape, hellaswag first {args.slice}": compare("llama7b", llama7b, llama7b_quantize, args.slice,
