@@ -23,10 +23,11 @@ from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.models import decoder_layers
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search import SearchSpace
+from utils.search import SearchSpace, compute_dtype
 
 GIB = 1 << 30
-RUN_KEYS = ("layers", "seconds", "peak_bytes", "block_weights", "calib_activations", "budget", "mean_mse_over_minmax")
+RUN_KEYS = ("layers", "seconds", "peak_bytes", "block_weights", "calib_activations", "budget", "mean_mse_over_minmax",
+            "search_dtype")
 
 
 def block_budget_bytes(model, tokens: int) -> dict:
@@ -64,7 +65,8 @@ def run(layers: int, args) -> dict:
     ratios = [p.mse / p.mse_minmax for p in params.values() if p.kind == "linear" and p.mse_minmax]
     budget = block_budget_bytes(model, args.calib_size * args.seqlen)
     result = {"layers": layers, "seconds": seconds, "peak_bytes": peak, **budget,
-              "mean_mse_over_minmax": sum(ratios) / len(ratios)}
+              "mean_mse_over_minmax": sum(ratios) / len(ratios),
+              "search_dtype": str(compute_dtype(torch.zeros(1, dtype=torch.bfloat16, device=device)))}
     print(result, flush=True)
     del model, params
     return result
@@ -81,7 +83,7 @@ def summarize(folder: Path) -> None:
     largest = runs[-1]
     shapes = {key: largest[key] for key in ("config", "calib_tokens", "rounds", "candidates", "formats",
                                               "act_coarse_tokens", "offload")}
-    shapes["runs"] = [{k: r[k] for k in RUN_KEYS} for r in runs]
+    shapes["runs"] = [{k: r.get(k) for k in RUN_KEYS} for r in runs]
     env = {"device": largest["device"], "torch": largest["torch"], "triton": largest["triton"],
            "command": largest["command"]}
     minutes = largest["seconds"] / 60
