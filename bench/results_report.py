@@ -66,7 +66,8 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
                         ""], {}
     informative = informative_tasks(rows["full_precision"])
     tasks = [t for t in PAPER_TASKS + EXTRA_TASKS if any(t in r["results"] for r in rows.values())]
-    header = ["row"] + tasks + ["lambada ppl", "6-task avg", "informative avg", "LLaMA-7B (paper)", "calib s", "eval s"]
+    header = ["row"] + tasks + ["lambada ppl", "held-out ppl", "6-task avg", "informative avg", "LLaMA-7B (paper)",
+                                "calib s", "eval s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     averages = {}
     for row, results in rows.items():
@@ -75,11 +76,14 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
         info = mean([accuracy(results, t) for t in informative])
         averages[row] = (six, info)
         ppl = results["results"].get("lambada_openai", {}).get("perplexity,none")
+        heldout = quant.get("heldout_perplexity", {}).get("perplexity")
         lines.append("| " + " | ".join([row] + [cell(accuracy(results, t)) for t in tasks] + [
-            cell(ppl, 1), cell(six), cell(info), cell(PAPER_LLAMA_7B.get(row), 1),
+            cell(ppl, 1), cell(heldout, 2), cell(six), cell(info), cell(PAPER_LLAMA_7B.get(row), 1),
             cell(quant.get("calib_seconds"), 0), cell(quant.get("eval_seconds"), 0)]) + " |")
     device = {r.get("quantization", {}).get("device") for r in rows.values()}
-    lines += ["", f"Informative tasks (full precision at least {ABOVE_CHANCE_MARGIN:g} points above chance): "
+    lines += ["", "Held-out ppl: `--heldout_ppl 16` (16 x 1024 tokens of exllamav2's Wikipedia excerpt), the metric "
+              "any choice between variants is made on; the tasks are only reported.", "",
+              f"Informative tasks (full precision at least {ABOVE_CHANCE_MARGIN:g} points above chance): "
               f"{', '.join(informative)}. Machine: {', '.join(sorted(d for d in device if d))}.", ""]
     if all(k in averages for k in ("full_precision", "MinMax_FP", "FPQ")):
         for index, label in ((0, "6-task average"), (1, "informative-task average")):

@@ -143,3 +143,20 @@ def test_file_errors(tok, tmp_path):
     _one_line_error(tok, tmp_path / "notext.jsonl", "line 3 has no string 'text' field")
     (tmp_path / "badjson.jsonl").write_text(lines[0] + "\n\n{oops\n")
     _one_line_error(tok, tmp_path / "badjson.jsonl", "line 3 is not valid JSON")
+
+
+def test_heldout_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_tokenizer):
+    """A model whose logits are all equal predicts every token with probability 1/V: perplexity V exactly."""
+    import torch
+
+    from conftest import make_llama
+    from utils.evaluation import heldout_perplexity
+
+    model = make_llama(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    value = heldout_perplexity(model, tiny_tokenizer, text, windows=3, seqlen=16)
+    assert value == pytest.approx(len(tiny_tokenizer), rel=1e-5)
+    with pytest.raises(ValueError, match="windows"):
+        heldout_perplexity(model, tiny_tokenizer, "too short", windows=3, seqlen=16)

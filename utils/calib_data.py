@@ -39,6 +39,8 @@ C4_FILE = "en/c4-train.00000-of-01024.json.gz"
 EXLLAMAV2 = ("exllamav2", "0.3.2")
 EXCERPT_MEMBER = "exllamav2/conversion/standard_cal_data/c4.utf8"
 EXCERPT_SHA256 = "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505"
+WIKI_MEMBER = "exllamav2/conversion/standard_cal_data/wiki.utf8"
+WIKI_SHA256 = "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7"
 _MAX_DRAWS = 10_000  # per sample, for the GPTQ scheme (GPTQ itself loops forever)
 
 
@@ -122,20 +124,34 @@ def _c4_hub(tokenizer, calib_size: int, seqlen: int, seed: int) -> CalibSet:
                     f"c4 ({C4_REPO} {C4_FILE}, {len(docs)} docs; GPTQ sampling, seed={seed})")
 
 
-def _excerpt_docs() -> tuple[list[str], str]:
-    """The 118 documents (one per line) of exllamav2's C4 excerpt, and the file's sha256."""
+def _exllamav2_file(member: str, sha256: str, what: str) -> bytes:
+    """A data file of the exllamav2 wheel (fetched once into the cache), checked by sha256."""
     try:
         wheel = fetch_wheel(*EXLLAMAV2, env_var="LLM_FP4_EXLLAMAV2_WHEEL")
         with zipfile.ZipFile(wheel) as zf:
-            raw = zf.read(EXCERPT_MEMBER)
+            raw = zf.read(member)
     except (CacheError, OSError, zipfile.BadZipFile, KeyError) as e:
-        raise CalibDataError(f"cannot read the offline C4 excerpt from exllamav2=={EXLLAMAV2[1]} "
+        raise CalibDataError(f"cannot read the offline {what} from exllamav2=={EXLLAMAV2[1]} "
                              f"({type(e).__name__}: {e}); set LLM_FP4_EXLLAMAV2_WHEEL to the wheel") from e
     digest = hashlib.sha256(raw).hexdigest()
-    if digest != EXCERPT_SHA256:
-        raise CalibDataError(f"{EXCERPT_MEMBER} in {wheel} has sha256 {digest[:16]}, expected "
-                             f"{EXCERPT_SHA256[:16]}; delete the wheel so it is fetched again")
-    return [line for line in raw.decode("utf-8").split("\n") if line.strip()], digest
+    if digest != sha256:
+        raise CalibDataError(f"{member} in {wheel} has sha256 {digest[:16]}, expected "
+                             f"{sha256[:16]}; delete the wheel so it is fetched again")
+    return raw
+
+
+def _excerpt_docs() -> tuple[list[str], str]:
+    """The 118 documents (one per line) of exllamav2's C4 excerpt, and the file's sha256."""
+    raw = _exllamav2_file(EXCERPT_MEMBER, EXCERPT_SHA256, "C4 excerpt")
+    return [line for line in raw.decode("utf-8").split("\n") if line.strip()], EXCERPT_SHA256
+
+
+def heldout_text() -> tuple[str, str]:
+    """Held-out text for perplexity, never used for calibration or evaluation: the Wikipedia excerpt of
+    exllamav2 (``wiki.utf8``, <doc> markup lines dropped), and its description."""
+    raw = _exllamav2_file(WIKI_MEMBER, WIKI_SHA256, "Wikipedia excerpt").decode("utf-8")
+    lines = [line for line in raw.split("\n") if not line.startswith(("<doc", "</doc"))]
+    return "\n".join(lines), f"{WIKI_MEMBER} from exllamav2=={EXLLAMAV2[1]} (sha256 {WIKI_SHA256[:12]})"
 
 
 def _file_docs(path: Path) -> tuple[list[str], str]:

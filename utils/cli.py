@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block l+1 on the outputs of the already quantized block l")
     p.add_argument("--only_eval", action="store_true", help="skip calibration: load --ptq_param_path and evaluate")
+    p.add_argument("--heldout_ppl", type=int, default=0, metavar="N",
+                   help="also report perplexity on N windows of --calib_seqlen tokens of held-out text (exllamav2's "
+                        "Wikipedia excerpt: neither calibration nor evaluation data), a development metric")
     p.add_argument("--plot", action="store_true",
                    help="also write the per-layer figure of the parameter file (formats, exponent biases, MSE vs "
                         "MinMax) next to the results JSON, as <results>.layers.png")
@@ -129,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (0 < low < high) or count < 1 or not float(count).is_integer():
         raise UsageError(f"--search_intervals {low:g} {high:g} {count:g}: need 0 < a < b and an integer n >= 1")
     args.search_intervals = (low, high, int(count))
+    if args.heldout_ppl < 0:
+        raise UsageError(f"--heldout_ppl must be >= 0 windows, got {args.heldout_ppl}")
     if args.act_coarse_tokens < 0:
         raise UsageError(f"--act_coarse_tokens must be >= 0 (0 = every token), got {args.act_coarse_tokens}")
     if args.offload and args.model_args.use_accelerate:

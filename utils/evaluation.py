@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import math
+
+import torch
 from torch import nn
 
 from utils.fileio import write_bytes_atomic
@@ -28,6 +31,24 @@ def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, 
     )
     results.pop("samples", None)
     return results
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, tokenizer, text: str, *, windows: int, seqlen: int) -> float:
+    """exp(mean next-token negative log-likelihood) over the first `windows` non-overlapping windows of
+    `seqlen` tokens of `text` (each window scored on its own, every token but the first predicted)."""
+    prefix = text[: windows * seqlen * 8]  # about 4 characters a token: enough text, not all of it tokenized
+    ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = ids.numel() // seqlen
+    if available < windows:
+        raise ValueError(f"the held-out text holds {available} windows of {seqlen} tokens, {windows} asked")
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    for window in ids[: windows * seqlen].view(windows, seqlen):
+        logits = model(input_ids=window.view(1, -1).to(device), use_cache=False).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, window[1:].to(logits.device), reduction="sum"))
+        count += seqlen - 1
+    return math.exp(total / count)
 
 
 def results_table(results: dict) -> str:

@@ -13,9 +13,9 @@ import torch
 
 from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
-from utils.calib_data import load_calib_set
+from utils.calib_data import heldout_text, load_calib_set
 from utils.cli import UsageError
-from utils.evaluation import evaluate, results_table, write_results
+from utils.evaluation import evaluate, heldout_perplexity, results_table, write_results
 from utils.fileio import WriteError, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
@@ -39,6 +39,17 @@ def place_for_eval(model, device: str) -> None:
     device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
     dispatch_model(model, device_map)
     _log(f"evaluation placement: {sorted(set(map(str, device_map.values())))}")
+
+
+def heldout(model, tokenizer, windows: int, seqlen: int) -> dict:
+    """Perplexity on held-out text (utils.calib_data.heldout_text), for the results' quantization block."""
+    text, description = heldout_text()
+    try:
+        value = heldout_perplexity(model, tokenizer, text, windows=windows, seqlen=seqlen)
+    except ValueError as error:
+        raise UsageError(f"--heldout_ppl {windows}: {error}; ask for fewer windows") from None
+    _log(f"held-out perplexity ({windows} x {seqlen} tokens of {description}): {value:.3f}")
+    return {"perplexity": value, "windows": windows, "seqlen": seqlen, "text": description}
 
 
 def resolve_device(device: str | None) -> str:
@@ -253,6 +264,8 @@ def run(args: argparse.Namespace) -> dict:
         quantization = quantize_model(model, tokenizer, info, args)
     if args.offload:
         place_for_eval(model, device)
+    if args.heldout_ppl:
+        quantization["heldout_perplexity"] = heldout(model, tokenizer, args.heldout_ppl, args.calib_seqlen)
     started = time.perf_counter()
     results = evaluate(model, tokenizer, task_specs, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                        limit=args.limit, seed=args.seed)
@@ -267,5 +280,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.plot:
         from utils.plots import plot_param_file
 
-        _log(f"per-layer figure written to {plot_param_file(quantization['param_file'], output.with_suffix('.layers.png'))}")
+        figure = plot_param_file(quantization["param_file"], output.with_suffix(".layers.png"))
+        _log(f"per-layer figure written to {figure}")
     return results

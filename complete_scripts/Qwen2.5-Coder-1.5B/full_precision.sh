@@ -3,4 +3,4 @@
 source "$(dirname "$0")/env.sh"
 python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
 --tasks "$TASKS" --device "$DEVICE" --batch_size auto \
---no_cache --num_fewshot 0 --output_path "$OUT/full_precision.json"
+--no_cache --num_fewshot 0 --heldout_ppl 16 --output_path "$OUT/full_precision.json"
