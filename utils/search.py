@@ -27,7 +27,8 @@ Numerics: quantized operands are standard-grid values times a scale, and grids a
 (quant_layers/quantize.py). On CUDA with a bfloat16 model every matrix product of a grid and the
 model's own bfloat16 X or W runs on bfloat16 tensor cores with float32 accumulation and output, which
 is exact in its products; the two products of non-grid operands (U G, D H) round their operands to
-bfloat16 (relative 2^-9) for ranking only, and V uses TF32 (2^-11). Elsewhere everything is float32.
+bfloat16 (relative 2^-9) for ranking only, and V, Wq^T Wq and R Wq use TF32 (2^-11). Elsewhere
+everything is float32.
 """
 
 from __future__ import annotations
@@ -284,7 +285,8 @@ class LinearProblem:
         losses = torch.zeros(len(acts), device=self.x.device)
         if self.in_features < self.out_features:
             weight_q = grid / scale
-            hessian = (weight_q.T @ weight_q).to(self.dtype)
+            with _tf32():
+                hessian = (weight_q.T @ weight_q).to(self.dtype)
         grid_t = grid.to(self.dtype).T
         output_inverse = act_inverse / scale.view(1, 1, -1)  # [C, 1, out]: 1 / (s_a[c] s_w[o])
         width = max(self.in_features, self.out_features)
@@ -293,7 +295,8 @@ class LinearProblem:
             step = self.budget.rows(xt.shape[0] * width * 10)
             if self.in_features < self.out_features:
                 r = mm32(xt, grid_t).div_(scale.view(1, -1)).sub_(y)
-                b = r @ weight_q
+                with _tf32():
+                    b = r @ weight_q
                 losses += r.square().sum()
                 x32 = xt.float()
                 for rows in _chunks(len(acts), step):
