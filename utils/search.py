@@ -314,7 +314,7 @@ class LinearProblem:
         """A strided subset of about `count` token rows, or None when that is (nearly) all of them."""
         if count <= 0 or self.tokens < 2 * count:
             return None
-        return self.x[:: self.tokens // count]
+        return self.x[:: self.tokens // count].contiguous()
 
     def loss(self, state: LinearState) -> float:
         """Normalized L of a state."""
