@@ -12,22 +12,19 @@ import time
 
 import torch
 
-from common import TINY_SHAPE, llama_7b_shape, synchronize, write_result
+from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, write_result
 from quant_layers.formats import fp_format
-from utils.models import decoder_layers
-from utils.quant_calib import _capture, _first_block_inputs
-from utils.search import Budget, LinearProblem, SearchSpace, search_linear
+from utils.quant_calib import _capture, default_budget
+from utils.search import LinearProblem, SearchSpace, search_linear
 
 
 def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: int) -> float:
-    block = decoder_layers(model)[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     ids = torch.randint(0, model.config.vocab_size, (calib_size, seqlen), generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = _first_block_inputs(model, decoder_layers(model), ids, None)
-    budget = Budget(1 << 30 if torch.cuda.is_available() else 256 << 20)
+    block, linears, hidden, kwargs = first_block(model, ids)
+    budget = default_budget(hidden.device)
     synchronize()
     start = time.perf_counter()
-    _, inputs = _capture(block, hidden, kwargs[0], linears)
+    _, inputs = _capture(block, hidden, kwargs, linears)
     for name, module in linears.items():
         problem = LinearProblem(inputs[name], module.weight.detach(), budget)
         search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.01, 1.2, candidates), rounds, True)

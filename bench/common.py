@@ -81,3 +81,15 @@ def llama_7b_shape(layers: int, device: str, dtype: torch.dtype = torch.bfloat16
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def first_block(model, ids: torch.Tensor):
+    """Block 0 of model, its Linears {name: module}, and the hidden states [S, T, H] and keyword arguments
+    entering it for the token ids [S, T] (what calibration captures the block's inputs from)."""
+    from utils.models import decoder_layers
+    from utils.quant_calib import _first_block_inputs
+
+    blocks = decoder_layers(model)
+    linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
+    return blocks[0], linears, hidden, kwargs[0]

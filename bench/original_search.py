@@ -26,12 +26,11 @@ import time
 
 import torch
 
-from common import LLAMA_7B, TINY_SHAPE, llama_7b_shape, synchronize, write_result
+from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchronize, write_result
 from quant_layers.formats import exponent_bias_from_max, formats_of_width, fp_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
-from utils.models import decoder_layers
-from utils.quant_calib import _capture, _first_block_inputs
-from utils.search import TINY, Budget, LinearProblem, LinearState, SearchSpace, channel_shift, search_linear
+from utils.quant_calib import _capture, default_budget
+from utils.search import TINY, LinearProblem, LinearState, SearchSpace, channel_shift, search_linear
 
 
 def capture_by_full_forward(model, module, ids):
@@ -118,8 +117,7 @@ def main() -> None:
     model = llama_7b_shape(args.layers, device, **({} if device == "cuda" else TINY_SHAPE))
     ids = torch.randint(0, model.config.vocab_size, (args.calib_size, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
-    block = decoder_layers(model)[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    block, linears, hidden, block_kwargs = first_block(model, ids)
     candidates = SearchSpace(0.01, 1.2, args.candidates).multipliers().tolist()
 
     measured = [n for n in linears if args.linears is None or n.rsplit(".", 1)[-1] in args.linears]
@@ -141,14 +139,13 @@ def main() -> None:
 
     # Ours on the same block: the hidden states entering block 0, one capture pass, our search, in the
     # original's candidate space (bias multipliers: the same search) and in our default (max multipliers).
-    hidden, block_kwargs = _first_block_inputs(model, decoder_layers(model), ids, None)
-    budget = Budget(1 << 30 if device == "cuda" else 256 << 20)
+    budget = default_budget(device)
     ours, seconds = {}, {}
     for space_name in ("bias", "max"):
         space = SearchSpace(0.01, 1.2, args.candidates, space=space_name)
         synchronize()
         start = time.perf_counter()
-        _, inputs = _capture(block, hidden, block_kwargs[0], linears)
+        _, inputs = _capture(block, hidden, block_kwargs, linears)
         for name, module in linears.items():
             problem = LinearProblem(inputs[name], module.weight.detach(), budget)
             ours[space_name, name], _ = search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, args.rounds,

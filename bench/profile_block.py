@@ -12,11 +12,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import TINY_SHAPE, llama_7b_shape, synchronize
+from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize
 from quant_layers.formats import fp_format
-from utils.models import decoder_layers
-from utils.quant_calib import _capture, _first_block_inputs
-from utils.search import Budget, LinearProblem, SearchSpace, search_linear
+from utils.quant_calib import _capture, default_budget
+from utils.search import LinearProblem, SearchSpace, search_linear
 
 
 def main() -> None:
@@ -28,13 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(1, device, **({} if device == "cuda" else TINY_SHAPE))
-    block = decoder_layers(model)[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     ids = torch.randint(0, model.config.vocab_size, (args.calib_size, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = _first_block_inputs(model, decoder_layers(model), ids, None)
-    _, inputs = _capture(block, hidden, kwargs[0], linears)
-    budget = Budget(512 << 20 if device == "cuda" else 256 << 20)
+    block, linears, hidden, kwargs = first_block(model, ids)
+    _, inputs = _capture(block, hidden, kwargs, linears)
+    budget = default_budget(device)
     space = SearchSpace(0.01, 1.2, 100)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
     problem = LinearProblem(inputs[chosen[0]], linears[chosen[0]].weight.detach(), budget)

@@ -38,10 +38,13 @@ def available() -> bool:
     return triton is not None and os.environ.get("LLM_FP4_KERNEL", "1") != "0"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def enabled(x: torch.Tensor) -> bool:
     """Whether quantize.py should route x through the kernel (CUDA tensors, or any under the interpreter)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return available() and (x.is_cuda or interpreted)
+    return available() and (x.is_cuda or _interpreted())
 
 
 if triton is not None:
@@ -135,7 +138,7 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
     if channel_scale is not None:
         channel_scale = channel_scale.to(device=x.device, dtype=torch.float32).reshape(candidates, channels)
         channel_scale = channel_scale.contiguous()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _interpreted()
     args = (x, out, scale, inverse, scale if channel_scale is None else channel_scale, rows, channels, fmt.grid_max)
     flags = dict(MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
                  ROW_SCALE=row_scale, MODE=mode, MANUAL_BF16=interpreted and out.dtype == torch.bfloat16)

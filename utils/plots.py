@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from quant_layers.formats import exponent_bias_from_max
 from utils.params import ParamFileError, load_params
 

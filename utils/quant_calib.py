@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from utils.models import decoder_layers
-from utils.params import Checkpoint, LayerParams
-from utils.smoothquant import apply_saved, block_pairs, fold, migration_scales
+from utils.params import Checkpoint, LayerParams, apply_params
 from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
+from utils.smoothquant import block_pairs, fold, migration_scales
 
 
 class CalibrationError(RuntimeError):
@@ -50,9 +50,12 @@ class CalibSettings:
     offload_device: str | None = None  # blocks kept on the CPU run here, one at a time
 
     def budget(self, device: torch.device) -> Budget:
-        if self.budget_bytes is not None:
-            return Budget(self.budget_bytes)
-        return Budget(512 << 20 if device.type == "cuda" else 256 << 20)
+        return Budget(self.budget_bytes) if self.budget_bytes is not None else default_budget(device)
+
+
+def default_budget(device: torch.device | str) -> Budget:
+    """The search's working memory per batched evaluation: 512 MiB on a GPU, 256 MiB on the CPU."""
+    return Budget(512 << 20 if torch.device(device).type == "cuda" else 256 << 20)
 
 
 class _Stop(Exception):
@@ -136,12 +139,14 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torc
     return torch.cat(inputs), block_kwargs
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Block outputs [S, T, H], one sequence at a time."""
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each=None) -> torch.Tensor:
+    """Block outputs [S, T, H], one sequence at a time; before_each(s) is called before sequence s."""
     device = _device_of(block)
     kwargs = {k: _move(v, device) for k, v in kwargs.items()}
     outputs = []
-    for h in hidden.split(1):
+    for index, h in enumerate(hidden.split(1)):
+        if before_each is not None:
+            before_each(index)
         out = block(h.to(device), **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outputs)
@@ -151,8 +156,6 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype, written
     into one preallocated buffer per distinct tensor: Linears that read the same tensor share it)."""
-    device = _device_of(block)
-    kwargs = {k: _move(v, device) for k, v in kwargs.items()}
     tokens_per_sequence = hidden.shape[1]
     buffers: dict[str, torch.Tensor] = {}
     first_inputs: list[tuple[torch.Tensor, str]] = []  # held during sequence 0, so no address is reused
@@ -173,19 +176,19 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
                 buffers[name][offset : offset + x.shape[0]].copy_(x)
         return keep
 
+    def next_sequence(index: int) -> None:
+        nonlocal offset
+        offset = index * tokens_per_sequence
+        first_inputs.clear()  # grouping is settled after sequence 0
+
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    outputs = []
     try:
         with torch.no_grad():
-            for index, h in enumerate(hidden.split(1)):
-                offset = index * tokens_per_sequence
-                out = block(h.to(device), **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-                first_inputs.clear()
+            outputs = _run_block(block, hidden, kwargs, next_sequence)
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(outputs), {name: buffers[leader[name]] for name in linears}
+    return outputs, {name: buffers[leader[name]] for name in linears}
 
 
 def _check_finite(what: str, x: torch.Tensor) -> None:
@@ -289,12 +292,9 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
 
 
 def _apply_block(run: _Run, block: nn.Module) -> None:
-    """Set a block's saved parameters: SmoothQuant's scales first, then the Linears'."""
-    prefix = run.names[block]
-    for key in block_pairs(block) if run.settings.config.smooth_alpha else ():
-        apply_saved(run.model, f"{prefix}.{key}", run.params[f"{prefix}.{key}"].smooth_scale)
-    for name, module in run.linears(block).items():
-        run.params[name].apply(module)
+    """Set a block's saved parameters (apply_params: SmoothQuant's scales first, then the Linears')."""
+    prefix = run.names[block] + "."
+    apply_params(run.model, {name: p for name, p in run.params.items() if name.startswith(prefix)})
 
 
 def _smooth_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
