@@ -76,7 +76,7 @@ def test_every_row_script_parses(script):
     text = script.read_text().replace("\\\n", " ")
     command = next(line for line in text.splitlines() if line.startswith("python3 main.py"))
     filled = (command.replace('"$MODEL_ARGS"', "use_accelerate=True").replace('"$TASKS"', "piqa")
-              .replace('"$DEVICE"', "cpu").replace("$OUT", "out"))
+              .replace('"$DEVICE"', "cpu").replace('"$BATCH_SIZE"', "auto").replace("$OUT", "out"))
     args = parse_args(shlex.split(filled)[2:])
     assert args.output_path == f"out/{script.stem}.json"
     assert args.quant_config is None or args.calib_size in (32, 128)

@@ -166,7 +166,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
                 del module.config.quantization_config
 
 
-def _gguf_to_folder(path: Path) -> Path:
+def gguf_to_folder(path: Path) -> Path:
     """Convert a GGUF file once into an HF folder in the cache (fp32, or bf16 above the size limit); return it."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -304,7 +304,7 @@ def _load_gguf(path: Path, source: str, dtype: str | torch.dtype, device: str, u
                trust_remote_code: bool, offload: bool) -> tuple[PreTrainedModel, object]:
     """Load a GGUF through its cached HF conversion."""
     try:
-        folder = _gguf_to_folder(path)
+        folder = gguf_to_folder(path)
     except OSError as e:
         raise ModelLoadError(f"cannot load model {source}: {_short(e)}; check the file and the cache directory") from e
     return _from_pretrained(folder, source, dtype, device, use_accelerate, trust_remote_code, offload)

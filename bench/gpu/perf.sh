@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU machine: the performance benchmarks (bench/*.py), in parts that fit one call each while the machine
 # stays warm. Results go to $OUT (BENCH_RESULTS); copy them into bench/results/ afterwards.
+#   PART=setup (carry .whl .gpu_a): wheels and the first GGUF piece only (then bench/gpu/smollm2_table.sh)
 #   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
 #                               8-layer 7B-shape calibration, a profile of one block's search
 #   PART=2 (no carry):          32-layer 7B-shape calibration
@@ -12,10 +13,16 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
-case "${PART:?set PART=1 to 5, multi8 or multi32}" in
-1)
+setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
+}
+case "${PART:?set PART=setup, 1 to 5, multi8 or multi32}" in
+setup)
+  setup
+  ;;
+1)
+  setup
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   step kernel_check 90 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
@@ -27,8 +34,7 @@ case "${PART:?set PART=1 to 5, multi8 or multi32}" in
   step calib_7b_32_layers 590 python3 bench/calib_7b.py --layers 32
   ;;
 3)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  mkdir -p $S && cp .gpu_a/gguf.part1 $S/
+  setup
   step original_search 240 python3 bench/original_search.py --linears q_proj gate_proj down_proj
   ;;
 4)

@@ -1,6 +1,7 @@
 # Shared settings of this folder's row scripts (sourced, not run). Environment you may set:
 #   MODEL_ADDR  model path or hub id (default: the GGUF that fetch_model.sh assembles from PyPI)
 #   TASKS       lm-eval tasks (default: the paper's 6 + openbookqa + lambada_openai)
+#   BATCH_SIZE  lm-eval batch size (default auto, as the paper; a number makes rows comparable run to run)
 #   DEVICE      cuda (default) or cpu;  OUT  results folder (default docs/results/Qwen2.5-Coder-1.5B)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -9,4 +10,5 @@ MODEL_ADDR=${MODEL_ADDR:-${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}/models/qwen2.5-c
 MODEL_ARGS=pretrained=$MODEL_ADDR,use_accelerate=True
 TASKS=${TASKS:-arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande,lambada_openai}
 DEVICE=${DEVICE:-cuda}
+BATCH_SIZE=${BATCH_SIZE:-auto}
 OUT=${OUT:-docs/results/Qwen2.5-Coder-1.5B}
