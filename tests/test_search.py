@@ -124,6 +124,18 @@ def test_search_never_worse_than_minmax(seed, shifts):
     assert problem.loss(best) < 0.9 * problem.loss(minmax)  # an outlier leaves room to gain
 
 
+def test_search_result_holds_only_its_own_values():
+    """The chosen ranges and shifts own their storage: a view into the [C, in] candidate tensors would keep
+    every candidate alive for as long as the parameters (27 MiB per 7B block on the GPU, found by
+    bench/calib_7b.py's peak growing with the number of layers)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=g) * torch.exp2(torch.randint(-3, 4, (24,), generator=g).float())
+    problem = LinearProblem(x, torch.randn(20, 24, generator=g) * 0.1, Budget(1 << 22))
+    best, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.01, 1.2, 12), rounds=2, shifts=True)
+    for tensor in (best.weight_max_value, best.act_max_value, best.act_channel_shift):
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def test_channel_shift_by_hand():
     """E2M1: bias(max) = log2(12 / max). Tensor max 6 -> b_a = 1. Channel maxima 6, 1.5, 0.7, 0.01 ->
     b_c = 1, 3, 4.1, 10.2 -> round -> 1, 3, 4, 10 -> k = 0, 2, 3, 9 -> clamp to 2^E - 1 = 3."""

@@ -408,8 +408,9 @@ def search_act(problem: LinearProblem, state: LinearState, formats: list[QuantFo
         pick = int(losses.argmin())
         chosen = int(index[pick])
         if float(losses[pick]) < best.loss and chosen != current:
-            best = LinearState(state.weight_format, state.weight_max_value, fmt, acts.max_value[chosen],
-                               None if acts.shift is None else acts.shift[chosen], float(losses[pick]))
+            # clones: a view would keep every candidate's shifts [C, in] alive for as long as the result
+            best = LinearState(state.weight_format, state.weight_max_value, fmt, acts.max_value[chosen].clone(),
+                               None if acts.shift is None else acts.shift[chosen].clone(), float(losses[pick]))
     return best
 
 
