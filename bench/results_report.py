@@ -106,7 +106,10 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
     lines += ["```", ""]
     figure = folder / "FPQ_only_eval.layers.png"
     if figure.exists():
-        lines += [f"![per-layer FPQ parameters]({figure.relative_to(DOC.parent).as_posix()})", ""]
+        lines += [f"![per-layer FPQ parameters]({figure.relative_to(DOC.parent).as_posix()})", "",
+                  "Per Linear of the FPQ file, in model order: output MSE of the searched and the MinMax parameters, "
+                  "the chosen weight and activation formats, and their exponent biases (`--plot`; "
+                  "`python -m utils.plots FILE` draws it for any saved parameter file).", ""]
     return lines, averages
 
 
@@ -156,7 +159,9 @@ READING = {"SmolLM2-135M": [
     "moves held-out perplexity by 6 to 16% and the informative average by less than a point; what does move it is "
     "giving the activations more resolution or dynamic ranges: NVFP4's per-16-value scales, chosen per token at "
     "run time, beat every static per-tensor range the search can find. Per-layer output MSE (the figure below and "
-    "the CPU probe further down) puts the largest activation errors at the down_proj inputs and at lm_head.", ""]}
+    "the CPU probe further down) puts the largest activation errors at the down_proj inputs (the SwiGLU product, "
+    "whose outliers grow in the last blocks and in block 11, where the search moves to E1M2 with an activation "
+    "exponent bias of -10) and at lm_head.", ""]}
 
 
 def heldout(results: dict) -> float | None:
@@ -288,13 +293,6 @@ def main() -> None:
     figure = accuracy_figure(all_averages)
     if figure:
         lines += ["## Accuracy per method", "", figure, ""]
-    lines += ["## Per-layer parameters of the first GPU FPQ file (SmolLM2-135M, piqa run)", "",
-              "![per-layer FPQ parameters](figures/SmolLM2-135M_FPQ_gpu_piqa_layers.png)", "",
-              "Drawn by `python -m utils.plots` from `docs/results/SmolLM2-135M/gpu_piqa/"
-              "FPQ_config_llama_W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt`. The largest output errors, "
-              "searched and MinMax alike, are at the inputs of down_proj (the SwiGLU product, whose outliers grow "
-              "in the last blocks and in block 11, where the search even moves to E1M2 with an activation exponent "
-              "bias of -10) and at lm_head.", ""]
     lines += ablation_section(RESULTS / "SmolLM2-135M" / "ablation_heldout_cpu.jsonl")
     lines += variants_section(RESULTS / "SmolLM2-135M" / "variants_heldout_cpu")
     DOC.write_text("\n".join(lines))
