@@ -46,6 +46,12 @@ def informative_tasks(full_precision: dict) -> list[str]:
             if (accuracy(full_precision, t) or 0.0) >= CHANCE[t] + ABOVE_CHANCE_MARGIN]
 
 
+def peak_gib(quant: dict) -> float | None:
+    """The largest per-GPU peak of allocated memory during calibration (main.py records it on CUDA)."""
+    peaks = quant.get("calib_peak_gpu_bytes") or {}
+    return max(peaks.values()) / 2**30 if peaks else None
+
+
 def gpu_name(results: dict) -> str:
     """The card, short (H100, H200), from the quantization block or, for plain lm-eval, its config."""
     device = results.get("quantization", {}).get("device") or results.get("device") or ""
@@ -73,7 +79,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
     informative = informative_tasks(rows["full_precision"])
     tasks = [t for t in PAPER_TASKS + EXTRA_TASKS if any(t in r["results"] for r in rows.values())]
     header = ["row"] + tasks + ["lambada ppl", "held-out ppl", "6-task avg", "informative avg", "LLaMA-7B (paper)",
-                                "calib s", "eval s", "GPU"]
+                                "calib s", "calib peak GiB", "eval s", "GPU"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     averages = {}
     for row, results in rows.items():
@@ -85,7 +91,8 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
         heldout = quant.get("heldout_perplexity", {}).get("perplexity")
         lines.append("| " + " | ".join([row] + [cell(accuracy(results, t)) for t in tasks] + [
             cell(ppl, 1), cell(heldout, 2), cell(six), cell(info), cell(PAPER_LLAMA_7B.get(row), 1),
-            cell(quant.get("calib_seconds"), 0), cell(quant.get("eval_seconds"), 0), gpu_name(results)]) + " |")
+            cell(quant.get("calib_seconds"), 0), cell(peak_gib(quant)), cell(quant.get("eval_seconds"), 0),
+            gpu_name(results)]) + " |")
     device = {r.get("quantization", {}).get("device") for r in rows.values()}
     lines += ["", "Held-out ppl: `--heldout_ppl 16` (16 x 1024 tokens of exllamav2's Wikipedia excerpt), the metric "
               "any choice between variants is made on; the tasks are only reported.", "",

@@ -463,6 +463,7 @@ def test_same_seed_gives_byte_identical_files(files, work):
                              "--seed", str(seed), "--search_result_dir", run], files)
         quantization = _calibrate_only(argv)
         assert quantization["calib_seconds"] > 0
+        assert quantization["calib_peak_gpu_bytes"] is None  # no GPU here: no peak to report
         path = Path(quantization["param_file"])
         outputs.append((path.read_bytes(), path.with_suffix(".safetensors").read_bytes()))
         payload = torch.load(path, weights_only=True)

@@ -208,11 +208,15 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
         return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}
     checkpoint = _open_checkpoint(path, metadata, args.resume)
     resumed_from = checkpoint.next_block if checkpoint.layers else None
+    gpus = range(torch.cuda.device_count())
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     started = time.perf_counter()
     layers = _calibrate_with_checkpoint(model, calib.tokens, _calib_settings(args, config), checkpoint)
     calib_seconds = time.perf_counter() - started
     _save_final(path, layers, metadata, checkpoint)
-    return path, {"calib_seconds": calib_seconds, "resumed_from_block": resumed_from}
+    peaks = {f"cuda:{gpu}": torch.cuda.max_memory_allocated(gpu) for gpu in gpus} or None
+    return path, {"calib_seconds": calib_seconds, "resumed_from_block": resumed_from, "calib_peak_gpu_bytes": peaks}
 
 
 def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) -> dict:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU machine: the performance benchmarks (bench/*.py), in parts that fit one call each while the machine
 # stays warm. Results go to $OUT (BENCH_RESULTS); copy them into bench/results/ afterwards.
-#   PART=setup (carry .whl .gpu_a): wheels and the first GGUF piece only (then bench/gpu/smollm2_table.sh)
+#   PART=setup (carry .whl .gpu_a): wheels and the first GGUF piece only (then bench/gpu/table_rows.sh)
+#   PART=setup_qwen (carry .whl .gpu_t): wheels, task data and calibration text for Qwen's table, then the
+#                               19 calls of bench/gpu/qwen_transfer.sh (.gpu_t: mkdir .gpu_t && cp
+#                               .gpu_b/tasks.tar.xz .gpu_b/exllamav2-*.whl .gpu_t/)
 #   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
 #                               8-layer 7B-shape calibration, a profile of one block's search
 #   PART=2 (no carry):          32-layer 7B-shape calibration
@@ -17,9 +20,13 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
-case "${PART:?set PART=setup, 1 to 5, multi8 or multi32}" in
+case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8 or multi32}" in
 setup)
   setup
+  ;;
+setup_qwen)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p $S/cache/wheels && tar -C $S/cache -xJf .gpu_t/tasks.tar.xz && cp .gpu_t/exllamav2-*.whl $S/cache/wheels/
   ;;
 1)
   setup

@@ -3,5 +3,5 @@
 source "$(dirname "$0")/env.sh"
 python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
 --tasks "$TASKS" --device "$DEVICE" --batch_size "$BATCH_SIZE" \
---no_cache --num_fewshot 0 --quant_config 'FPQ_config_llama' --qbits 4 8 4 2 4 2 --calib_size 32 --search_round 3 \
+--no_cache --num_fewshot 0 --quant_config 'FPQ_config_llama' --qbits 4 8 4 2 4 2 --calib_size 32 --search_result_dir search_result/Qwen2.5-Coder-1.5B --search_round 3 \
 --search_intervals 0.01 1.2 100 --heldout_ppl 16 --output_path "$OUT/ablation_W4A8.json"

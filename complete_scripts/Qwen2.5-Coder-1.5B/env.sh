@@ -3,6 +3,7 @@
 #   TASKS       lm-eval tasks (default: the paper's 6 + openbookqa + lambada_openai)
 #   BATCH_SIZE  lm-eval batch size (default auto, as the paper; a number makes rows comparable run to run)
 #   DEVICE      cuda (default) or cpu;  OUT  results folder (default docs/results/Qwen2.5-Coder-1.5B)
+# Parameter files go under search_result/Qwen2.5-Coder-1.5B/ (--search_result_dir), apart from SmolLM2's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODEL_ADDR=${MODEL_ADDR:-${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Here (not on the GPU machine): build the git-ignored folders the GPU calls carry, each under the 64 MiB a call
+# may take with the working tree. Needs the registries (PyPI); run from the project checkout.
+#   .whl/      lm-eval, datasets, gguf and their small dependencies as cp312 wheels (../shared/tools/gpu-wheels.sh)
+#   .gpu_a/    the first 48,234,496 bytes of the SmolLM2 GGUF
+#   .gpu_b/    the rest of it, its sha256, the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt)
+#   .gpu_t/    the task data and exllamav2 wheel alone (Qwen's setup call)
+#   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF in 19 pieces of 58 MiB (bench/gpu/qwen_transfer.sh, one per call)
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+cache=${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}
+bash ../shared/tools/gpu-wheels.sh
+smollm2=$(python3 -c "from utils.models import smollm2_gguf_path; from utils.task_data import build_task_data
+build_task_data(); print(smollm2_gguf_path())" | tail -1)
+mkdir -p .gpu_a .gpu_b .gpu_t
+head -c 48234496 "$smollm2" > .gpu_a/gguf.part1
+tail -c +48234497 "$smollm2" > .gpu_b/gguf.part2
+sha256sum "$smollm2" | cut -d' ' -f1 > .gpu_b/gguf.sha256
+tar -C "$cache" -cJf .gpu_b/tasks.tar.xz tasks
+python3 -m pip download -q --no-deps exllamav2==0.3.2 -d .gpu_b
+cp .gpu_b/tasks.tar.xz .gpu_b/exllamav2-*.whl .gpu_t/
+qwen=$cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+bash complete_scripts/Qwen2.5-Coder-1.5B/fetch_model.sh "$qwen"
+pieces=$(mktemp -d)
+split -b 58M -d -a 2 "$qwen" "$pieces/qwen.part"
+for piece in "$pieces"/qwen.part*; do
+  folder=.gpu_q${piece##*part}
+  mkdir -p "$folder" && mv "$piece" "$folder/"
+done
+rmdir "$pieces"
+du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00

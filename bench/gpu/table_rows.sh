@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU machine: a model's table rows (issue 5), JOBS rows at a time on the one GPU. A small model leaves the GPU
+# mostly idle and lm-eval's per-request Python work is the bottleneck, so rows run as parallel processes; their
+# calibration and evaluation seconds are then upper bounds (shared GPU and CPU): run_wave<N>.json records the
+# concurrency. Everything (row results, logs, parameter files) comes back as one archive $OUT/wave<N>.tar.gz:
+# the machine returns only a few files and drops names with parentheses.
+#   MODEL=SmolLM2-135M (default): the first call of a machine carries .gpu_b, right after a call that carried
+#     .whl .gpu_a and installed the wheels (bench/gpu/perf.sh PART=setup); later calls carry nothing.
+#   MODEL=Qwen2.5-Coder-1.5B: after a call carrying .whl .gpu_t (PART=setup_qwen) and the 19 calls of
+#     bench/gpu/qwen_transfer.sh that join /tmp/scratch/qwen.gguf; carry nothing.
+#   WAVE=1: full precision, plain lm-eval, MinMax FP, sequential calibration
+#   WAVE=2: the paper's quantized rows and the NVFP4 / MXFP4 references
+#   WAVE=3: FPQ_only_eval (wave 2's parameter file, kept on the warm machine) and the ablations
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
+export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-32} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+case "${WAVE:?set WAVE=1, 2 or 3}" in
+  1) rows="full_precision plain_lm_eval MinMax_FP ablation_sequential" ;;
+  2) rows="FPQ FPQ_baseline MinMax_INT SmoothQuant NVFP4 MXFP4" ;;
+  3) rows="FPQ_only_eval ablation_bias_space ablation_calib128 ablation_W4A8 ablation_W8A8_E4M3 ablation_W4A4E8" ;;
+esac
+rows=${ROWS:-$rows}
+MODEL=${MODEL:-SmolLM2-135M}
+if [ "$MODEL" = SmolLM2-135M ]; then
+  source bench/gpu/join_smollm2.sh
+  gguf=$LLM_FP4_SMOLLM2_GGUF
+else
+  [ -f /tmp/scratch/qwen.gguf ] || { echo "no /tmp/scratch/qwen.gguf: run the bench/gpu/qwen_transfer.sh calls first"; exit 1; }
+  export LLM_FP4_CACHE=/tmp/scratch/cache MODEL_ADDR=/tmp/scratch/qwen.gguf
+  gguf=$MODEL_ADDR
+fi
+export MODEL gguf
+python3 -c "import sys; from pathlib import Path; from utils.models import gguf_to_folder
+from utils.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
+mkdir -p "$OUT/logs"
+run_row() {
+  if [ "$1" = FPQ_only_eval ]; then  # the file it reads, written (renamed into place) by this or an earlier FPQ row
+    params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/FPQ_only_eval.sh")
+    until [ -f "$params" ]; do sleep 5; done
+  fi
+  if [ "$1" = plain_lm_eval ]; then
+    python3 bench/plain_lm_eval.py --model "$gguf" --batch_size "$BATCH_SIZE" --output "$OUT/plain_lm_eval.json"
+  else
+    bash "complete_scripts/$MODEL/$1.sh"
+  fi > "$OUT/logs/$1.log" 2>&1
+  echo "$1 exit $? at $(date +%T)"
+}
+export -f run_row
+start=$(date +%s)
+echo $rows | tr ' ' '\n' | timeout ${LIMIT_S:-560} xargs -P "${JOBS:-6}" -I{} bash -c 'run_row {}'
+printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s"}\n' \
+  "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$BATCH_SIZE" "$(( $(date +%s) - start ))" \
+  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" > "$OUT/run_wave$WAVE.json"
+tail -n 3 "$OUT"/logs/*.log
+# one archive: parameter file names hold parentheses and the machine returns only a few files
+tar -czf /tmp/wave$WAVE.tar.gz -C "$OUT" . -C "$PWD" search_result
+rm -rf "${OUT:?}"/* && mv /tmp/wave$WAVE.tar.gz "$OUT/"
