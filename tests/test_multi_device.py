@@ -74,3 +74,43 @@ def test_place_outside_blocks_moves_everything_but_the_blocks():
     assert model.model.norm.weight.device.type == "meta"
     assert all(p.device.type == "cpu" for p in decoder_layers(model).parameters())
     assert len(decoder_layers(model)) == 2
+
+
+def _torchrun(processes: int, argv: list, cwd):
+    """main.py as `processes` data-parallel processes on the CPU (gloo), as `accelerate launch` starts them."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(ROOT / "main.py"), *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_data_parallel_evaluation_equals_one_process(tiny_llama_dir, calib_text_file, tmp_path):
+    """--only_eval split over two processes (each scores half the documents, rank 0 gathers and writes) gives the
+    accuracies of the single-process run; calibration under several processes is refused in one line."""
+    import json
+
+    from conftest import run_main
+
+    common = ["--model_args", f"pretrained={tiny_llama_dir}", "--tasks", "piqa,arc_easy", "--device", "cpu",
+              "--batch_size", "4", "--limit", "10", "--quant_config", "FPQ_config_llama"]
+    calibrated = run_main(*common, "--calib_size", "2", "--calib_seqlen", "32", "--search_round", "1",
+                          "--search_intervals", "0.3", "1.2", "6", "--calib_data", calib_text_file,
+                          "--output_path", tmp_path / "one.json", cwd=tmp_path)
+    assert calibrated.returncode == 0, calibrated.stderr[-2000:]
+    param_file = next((tmp_path / "search_result").rglob("*.pt"))
+    split = _torchrun(2, common + ["--only_eval", "--ptq_param_path", param_file, "--output_path",
+                                   tmp_path / "two.json"], tmp_path)
+    assert split.returncode == 0, split.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for task in ("piqa", "arc_easy"):
+        assert two["results"][task]["acc,none"] == one["results"][task]["acc,none"]
+        assert two["results"][task]["acc_norm,none"] == one["results"][task]["acc_norm,none"]
+    assert two["quantization"]["eval_processes"] == 2 and one["quantization"]["eval_processes"] == 1
+    refused = _torchrun(2, common + ["--calib_size", "2", "--calib_data", calib_text_file], tmp_path)
+    assert refused.returncode != 0
+    assert "split evaluation only: calibrate in one process first" in refused.stderr
+    assert "utils/pipeline.py" not in refused.stderr  # torchrun prints its own traceback, none comes from ours

@@ -7,9 +7,9 @@ definitions, with the data read from a local build when the hub is unreachable (
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,19 +17,36 @@ from torch import nn
 from utils.fileio import write_bytes_atomic
 
 
+def data_parallel_rank() -> tuple[int, int] | None:
+    """(rank, local rank) when launched as several processes (`accelerate launch`, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, num_fewshot: int,
-             limit: int | float | None, seed: int) -> dict:
-    """lm_eval.simple_evaluate on HFLM(model); returns lm-eval's results dict (without samples)."""
+             limit: int | float | None, seed: int) -> dict | None:
+    """lm_eval.simple_evaluate on HFLM(model); returns lm-eval's results dict (without samples).
+
+    Launched as several processes (data_parallel_rank), each process holds the whole model and scores its
+    share of the documents; rank 0 gathers and gets the results, the other ranks get None.
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer,
               batch_size=batch_size if batch_size == "auto" else int(batch_size))
+    if data_parallel_rank() is not None:  # HFLM leaves a model instance single-process: join it to the group
+        from accelerate import Accelerator
+
+        lm.accelerator = Accelerator()
+        lm._rank, lm._world_size = lm.accelerator.process_index, lm.accelerator.num_processes
     results = lm_eval.simple_evaluate(
         model=lm, tasks=task_specs, num_fewshot=num_fewshot, limit=limit, log_samples=False,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
-    results.pop("samples", None)
+    if results is not None:
+        results.pop("samples", None)
     return results
 
 

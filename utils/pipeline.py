@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -15,7 +16,7 @@ from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
 from utils.calib_data import heldout_text, load_calib_set
 from utils.cli import UsageError
-from utils.evaluation import evaluate, heldout_perplexity, results_table, write_results
+from utils.evaluation import data_parallel_rank, evaluate, heldout_perplexity, results_table, write_results
 from utils.fileio import WriteError, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
@@ -252,15 +253,28 @@ def default_output_path(args: argparse.Namespace) -> Path:
     return Path("results") / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
+def data_parallel_device(args: argparse.Namespace, device: str, ranks: tuple[int, int]) -> str:
+    """Under `accelerate launch` / torchrun each process evaluates a whole model on its own GPU (cuda:LOCAL_RANK)
+    or the CPU; calibration is not split over processes."""
+    if args.quant_config and not args.only_eval:
+        raise UsageError(f"{os.environ['WORLD_SIZE']} processes (accelerate launch / torchrun) split evaluation only: "
+                         "calibrate in one process first, then evaluate its file with --only_eval --ptq_param_path")
+    return f"cuda:{ranks[1]}" if device.startswith("cuda") else device
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Load, quantize, evaluate; prints lm-eval's table and writes the results JSON. Returns the results."""
+    """Load, quantize, evaluate; prints lm-eval's table and writes the results JSON. Returns the results
+    (empty on the ranks > 0 of a data-parallel evaluation, which leave writing to rank 0)."""
     device = resolve_device(args.device)
+    ranks = data_parallel_rank()
+    if ranks is not None:
+        device = data_parallel_device(args, device, ranks)
     check_outputs_writable(args)
     seed_everything(args.seed)
     task_specs = get_task_specs(args.tasks)
     margs = args.model_args
     model, tokenizer, info = load_model(margs.pretrained, device=device, dtype=margs.dtype,
-                                        use_accelerate=margs.use_accelerate,
+                                        use_accelerate=margs.use_accelerate and ranks is None,
                                         trust_remote_code=margs.trust_remote_code, offload=args.offload)
     _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
     quantization = {"quant_config": None}
@@ -273,10 +287,13 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     results = evaluate(model, tokenizer, task_specs, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                        limit=args.limit, seed=args.seed)
+    if results is None:  # a data-parallel rank > 0: rank 0 holds the gathered results
+        return {}
     results["quantization"] = {**quantization, "eval_seconds": time.perf_counter() - started,
                                "model": {"source": info.source, "fingerprint": info.fingerprint,
                                          "architecture": info.architecture, "dtype": info.dtype},
-                               "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+                               "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                               "eval_processes": int(os.environ.get("WORLD_SIZE", "1"))}
     print(results_table(results))
     output = Path(args.output_path) if args.output_path else default_output_path(args)
     write_results(output, results)
