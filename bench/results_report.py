@@ -24,8 +24,8 @@ ABOVE_CHANCE_MARGIN = 5.0  # points of full-precision accuracy above chance for 
 MODELS = {"SmolLM2-135M": "SmolLM2-135M-Instruct (Llama, 30 blocks)",
           "Qwen2.5-Coder-1.5B": "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 blocks)"}
 ROWS = ["full_precision", "MinMax_INT", "MinMax_FP", "SmoothQuant", "FPQ_baseline", "FPQ", "FPQ_only_eval", "NVFP4",
-        "MXFP4", "ablation_sequential", "ablation_bias_space", "ablation_calib128", "ablation_W4A8",
-        "ablation_W8A8_E4M3", "ablation_W4A4E8"]
+        "MXFP4", "ablation_sequential", "ablation_bias_space", "ablation_calib128", "ablation_candidates400",
+        "ablation_W4A8", "ablation_W8A8_E4M3", "ablation_W4A4E8"]
 # The paper's LLaMA-7B rows (6-task zero-shot average, %), for reference.
 PAPER_LLAMA_7B = {"full_precision": 66.3, "MinMax_INT": 38.1, "MinMax_FP": 37.4, "SmoothQuant": 49.1,
                   "FPQ_baseline": 42.7, "FPQ": 58.1}
@@ -150,6 +150,7 @@ def checks(rows: dict) -> list[str]:
 VARIANTS = {"ablation_sequential": "sequential calibration (each block sees quantized inputs)",
             "ablation_bias_space": "the original's exponent-bias candidates instead of max values",
             "ablation_calib128": "128 calibration sequences instead of 32",
+            "ablation_candidates400": "400 candidates per search step instead of 100",
             "ablation_W4A4E8": "8-bit token embedding", "ablation_W4A8": "8-bit activations (weights stay 4-bit)",
             "ablation_W8A8_E4M3": "8-bit weights and activations (E4M3)",
             "NVFP4": "NVFP4: dynamic E4M3 scales per 16 values, no search",
