@@ -17,18 +17,19 @@ from torch import nn
 from utils.fileio import write_bytes_atomic
 
 
-def data_parallel_rank() -> tuple[int, int] | None:
-    """(rank, local rank) when launched as several processes (`accelerate launch`, torchrun), else None."""
+def data_parallel_local_rank() -> int | None:
+    """This process's rank on its machine when launched as several processes (`accelerate launch`, torchrun),
+    else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, num_fewshot: int,
              limit: int | float | None, seed: int) -> dict | None:
     """lm_eval.simple_evaluate on HFLM(model); returns lm-eval's results dict (without samples).
 
-    Launched as several processes (data_parallel_rank), each process holds the whole model and scores its
+    Launched as several processes (data_parallel_local_rank), each process holds the whole model and scores its
     share of the documents; rank 0 gathers and gets the results, the other ranks get None.
     """
     import lm_eval
@@ -36,7 +37,7 @@ def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, 
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer,
               batch_size=batch_size if batch_size == "auto" else int(batch_size))
-    if data_parallel_rank() is not None:  # HFLM leaves a model instance single-process: join it to the group
+    if data_parallel_local_rank() is not None:  # HFLM keeps a model instance single-process: join the group
         from accelerate import Accelerator
 
         lm.accelerator = Accelerator()

@@ -16,7 +16,7 @@ from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
 from utils.calib_data import heldout_text, load_calib_set
 from utils.cli import UsageError
-from utils.evaluation import data_parallel_rank, evaluate, heldout_perplexity, results_table, write_results
+from utils.evaluation import data_parallel_local_rank, evaluate, heldout_perplexity, results_table, write_results
 from utils.fileio import WriteError, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
@@ -253,28 +253,28 @@ def default_output_path(args: argparse.Namespace) -> Path:
     return Path("results") / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
-def data_parallel_device(args: argparse.Namespace, device: str, ranks: tuple[int, int]) -> str:
+def data_parallel_device(args: argparse.Namespace, device: str, local_rank: int) -> str:
     """Under `accelerate launch` / torchrun each process evaluates a whole model on its own GPU (cuda:LOCAL_RANK)
     or the CPU; calibration is not split over processes."""
     if args.quant_config and not args.only_eval:
         raise UsageError(f"{os.environ['WORLD_SIZE']} processes (accelerate launch / torchrun) split evaluation only: "
                          "calibrate in one process first, then evaluate its file with --only_eval --ptq_param_path")
-    return f"cuda:{ranks[1]}" if device.startswith("cuda") else device
+    return f"cuda:{local_rank}" if device.startswith("cuda") else device
 
 
 def run(args: argparse.Namespace) -> dict:
     """Load, quantize, evaluate; prints lm-eval's table and writes the results JSON. Returns the results
     (empty on the ranks > 0 of a data-parallel evaluation, which leave writing to rank 0)."""
     device = resolve_device(args.device)
-    ranks = data_parallel_rank()
-    if ranks is not None:
-        device = data_parallel_device(args, device, ranks)
+    local_rank = data_parallel_local_rank()
+    if local_rank is not None:
+        device = data_parallel_device(args, device, local_rank)
     check_outputs_writable(args)
     seed_everything(args.seed)
     task_specs = get_task_specs(args.tasks)
     margs = args.model_args
     model, tokenizer, info = load_model(margs.pretrained, device=device, dtype=margs.dtype,
-                                        use_accelerate=margs.use_accelerate and ranks is None,
+                                        use_accelerate=margs.use_accelerate and local_rank is None,
                                         trust_remote_code=margs.trust_remote_code, offload=args.offload)
     _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
     quantization = {"quant_config": None}
