@@ -1,5 +1,5 @@
-"""How calibration cost grows: one LLaMA-7B-shaped block (its 7 Linears, one capture pass + FPQ search,
-3 rounds), timed over calibration sizes (x 1024 tokens) and candidate counts. Writes calib_scaling.json
+"""How calibration cost grows: one LLaMA-7B-shaped block on a GPU (a tiny Llama block on the CPU) (its 7 Linears,
+one capture pass + FPQ search, 3 rounds), timed over calibration sizes (x 1024 tokens) and candidate counts. Writes calib_scaling.json
 (a table for docs/performance.md's plot; no target).
 
     python bench/calib_scaling.py
@@ -46,9 +46,10 @@ def main() -> None:
     print("by calib size (x seqlen tokens), 100 candidates:", by_size, flush=True)
     by_candidates = {count: block_seconds(model, 32, args.seqlen, count, args.rounds) for count in args.candidates}
     print("by candidates, 32 sequences:", by_candidates, flush=True)
-    write_result("calib_scaling", by_size.get(32, next(iter(by_size.values()))), "seconds per 7B-shaped block",
+    block = "LLaMA-7B shape" if device == "cuda" else f"tiny Llama shape on the CPU {TINY_SHAPE}"
+    write_result("calib_scaling", by_size.get(32, next(iter(by_size.values()))), "seconds per block",
                  "none (how the cost grows)", True,
-                 {"block": "LLaMA-7B shape, 7 Linears", "seqlen": args.seqlen, "rounds": args.rounds},
+                 {"block": f"{block}, 7 Linears", "seqlen": args.seqlen, "rounds": args.rounds},
                  {"seconds_by_calib_size_at_100_candidates": by_size,
                   "seconds_by_candidates_at_32_sequences": by_candidates})
 

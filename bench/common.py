@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.fileio import code_fingerprint  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
@@ -45,7 +47,7 @@ def environment() -> dict:
     """Where and how a measure was taken."""
     return {"device": device_name(), "torch": torch.__version__, "triton": triton_version(),
             "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code_fingerprint": code_fingerprint()}
 
 
 def write_result(name: str, value: float, unit: str, target: str, met: bool, shapes: dict, extra: dict | None = None,

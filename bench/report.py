@@ -86,10 +86,11 @@ def scaling_figure(data: dict) -> str:
     axes[1].plot(list(by_count), list(by_count.values()), "o-")
     axes[1].set_xlabel("candidates per format")
     for ax in axes:
-        ax.set_ylabel("seconds per 7B-shaped block")
+        ax.set_ylabel("seconds per block")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"FPQ search cost of one LLaMA-7B-shaped block ({data['device']})")
+    fig.suptitle(f"FPQ search cost of one block: {data['shapes']['block'].split(' {')[0]} ({data['device']})",
+                 fontsize=9)
     fig.tight_layout()
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=120)
@@ -118,7 +119,8 @@ def main() -> None:
     scaling = load("calib_scaling")
     lines += ["## How the calibration cost grows", ""]
     if scaling:
-        lines += [scaling_figure(scaling), "", "Data: `bench/results/calib_scaling.json` (`bench/calib_scaling.py`).", ""]
+        lines += [scaling_figure(scaling), "", f"Data: `bench/results/calib_scaling.json` (`bench/calib_scaling.py`; "
+                  f"{scaling['shapes']['block']}, {scaling['device']}).", ""]
     else:
         lines += ["`bench/calib_scaling.py` (one 7B-shaped block over calibration sizes and candidate counts) has not "
                   "run on the GPU yet; its figure appears here once `bench/results/calib_scaling.json` exists.", ""]

@@ -202,8 +202,12 @@ def run_conditions(folder: Path) -> list[str]:
     for wave in waves:
         lines.append(f"- wave {wave['wave']} on {wave['device']}: {wave['concurrent_processes']} processes at "
                      f"batch size {wave['batch_size']}, {wave['seconds']} s wall: {wave['rows'].replace(' ', ', ')}"
-                     + (f" ({wave['note']})" if wave.get("note") else ""))
-    return lines + [""]
+                     + (f" ({wave['note']})" if wave.get("note") else "")
+                     + (f"; code: {wave.get('code') or wave.get('code_fingerprint')}"
+                        if wave.get("code") or wave.get("code_fingerprint") else ""))
+    return lines + ["", "lm-eval's own `git_hash` field in these files names the GPU machine's copy of the "
+                        "repository history, not the code that ran; `code_fingerprint` (main.py's results and "
+                        "run_wave files from now on) hashes the code itself.", ""]
 
 
 def accuracy_figure(all_averages: dict) -> str | None:

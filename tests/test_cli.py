@@ -59,6 +59,7 @@ def test_calibrate_then_only_eval_end_to_end(tiny_llama_dir, calib_text_file, tm
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(again.read_text())["results"] == calibrated["results"]
     assert json.loads(again.read_text())["quantization"]["param_file_sha256"] == quant["param_file_sha256"]
+    assert quant["code_fingerprint"] == json.loads(again.read_text())["quantization"]["code_fingerprint"]
 
 
 def test_full_precision_run_has_no_quantization(tiny_llama_dir, tmp_path):

@@ -154,3 +154,24 @@ def test_layer_table_and_figure(tmp_path):
     with pytest.raises(ParamFileError, match="nothing to plot"):
         plot_param_file(empty, tmp_path / "x.png")
     assert main([str(tmp_path / "missing.pt")]) == 2
+
+
+def test_code_fingerprint_follows_the_code_only(tmp_path):
+    """Same code, same fingerprint (wherever it lies); one changed byte in a code file changes it; files outside
+    the code folders (results, docs) do not."""
+    import shutil
+
+    from conftest import ROOT
+    from utils.fileio import code_fingerprint
+
+    copy = tmp_path / "copy"
+    for name in ("configs", "quant_layers", "utils"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "main.py", copy / "main.py")
+    assert code_fingerprint(copy) == code_fingerprint(ROOT)
+    (copy / "docs").mkdir()
+    (copy / "docs" / "notes.py").write_text("x = 1\n")
+    assert code_fingerprint(copy) == code_fingerprint(ROOT)
+    search = copy / "utils" / "search.py"
+    search.write_text(search.read_text().replace("TINY = 1e-30", "TINY = 1e-31", 1))
+    assert code_fingerprint(copy) != code_fingerprint(ROOT)

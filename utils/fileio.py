@@ -81,3 +81,17 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+CODE_FOLDERS = ("configs", "quant_layers", "utils")
+
+
+def code_fingerprint(root: str | Path = Path(__file__).resolve().parents[1]) -> str:
+    """sha256 (first 16 hex digits) over the path and bytes of main.py and every .py file of the code folders:
+    which code made a result, also where no git history travels with the code (the GPU machine)."""
+    root = Path(root)
+    files = [root / "main.py"] + sorted(p for folder in CODE_FOLDERS for p in (root / folder).rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -17,7 +17,7 @@ from quant_layers.modules import swap_modules
 from utils.calib_data import heldout_text, load_calib_set
 from utils.cli import UsageError
 from utils.evaluation import data_parallel_local_rank, evaluate, heldout_perplexity, results_table, write_results
-from utils.fileio import WriteError, remove_stale_temps, sha256_file, unwritable_reason
+from utils.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
                           param_file_path, resolve_param_path, save_params)
@@ -293,7 +293,8 @@ def run(args: argparse.Namespace) -> dict:
                                "model": {"source": info.source, "fingerprint": info.fingerprint,
                                          "architecture": info.architecture, "dtype": info.dtype},
                                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                               "eval_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+                               "eval_processes": int(os.environ.get("WORLD_SIZE", "1")),
+                               "code_fingerprint": code_fingerprint()}
     print(results_table(results))
     output = Path(args.output_path) if args.output_path else default_output_path(args)
     write_results(output, results)

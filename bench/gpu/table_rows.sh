@@ -50,9 +50,10 @@ run_row() {
 export -f run_row
 start=$(date +%s)
 echo $rows | tr ' ' '\n' | timeout ${LIMIT_S:-560} xargs -P "${JOBS:-6}" -I{} bash -c 'run_row {}'
-printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s"}\n' \
+printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
   "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$BATCH_SIZE" "$(( $(date +%s) - start ))" \
-  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" > "$OUT/run_wave$WAVE.json"
+  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+  "$(python3 -c 'from utils.fileio import code_fingerprint; print(code_fingerprint())')" > "$OUT/run_wave$WAVE.json"
 tail -n 3 "$OUT"/logs/*.log
 # one archive: parameter file names hold parentheses and the machine returns only a few files
 tar -czf /tmp/wave$WAVE.tar.gz -C "$OUT" . -C "$PWD" search_result
