@@ -120,7 +120,12 @@ def main() -> None:
     lines += ["## How the calibration cost grows", ""]
     if scaling:
         lines += [scaling_figure(scaling), "", f"Data: `bench/results/calib_scaling.json` (`bench/calib_scaling.py`; "
-                  f"{scaling['shapes']['block']}, {scaling['device']}).", ""]
+                  f"{scaling['shapes']['block']}, {scaling['device']}). Growth in calibration tokens is sublinear: "
+                  "activation candidates are ranked on a fixed 4096-token subset and only the best 8 are scored on "
+                  "all tokens, and weight candidates are scored through the input's second moments, computed once "
+                  "per Linear. Growth in candidates is close to linear above a fixed cost (capture, second moments, "
+                  "the final scoring). The GPU run of the 7B-shaped block (`bench/gpu/perf.sh PART=5`) is still "
+                  "missing.", ""]
     else:
         lines += ["`bench/calib_scaling.py` (one 7B-shaped block over calibration sizes and candidate counts) has not "
                   "run on the GPU yet; its figure appears here once `bench/results/calib_scaling.json` exists.", ""]
