@@ -34,8 +34,9 @@ def main() -> None:
     budget = default_budget(device)
     space = SearchSpace(0.01, 1.2, 100)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
-    problem = LinearProblem(inputs[chosen[0]], linears[chosen[0]].weight.detach(), budget)
-    search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)  # warm-up
+    for name in chosen:  # warm-up: Triton compiles and autotunes once per channel count (down_proj has its own)
+        problem = LinearProblem(inputs[name][:2048], linears[name].weight.detach(), budget)
+        search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for name in chosen:
