@@ -1,6 +1,6 @@
-"""How calibration cost grows: one LLaMA-7B-shaped block on a GPU (a tiny Llama block on the CPU) (its 7 Linears,
-one capture pass + FPQ search, 3 rounds), timed over calibration sizes (x 1024 tokens) and candidate counts. Writes calib_scaling.json
-(a table for docs/performance.md's plot; no target).
+"""How calibration cost grows: one LLaMA-7B-shaped block on a GPU, a tiny Llama block on the CPU (its 7 Linears,
+one capture pass + FPQ search, 3 rounds), timed over calibration sizes (x 1024 tokens) and candidate counts.
+Writes calib_scaling.json (a table for docs/performance.md's plot; no target).
 
     python bench/calib_scaling.py
 """

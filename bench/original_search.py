@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchronize, write_result
+from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search, write_result
 from quant_layers.formats import exponent_bias_from_max, formats_of_width, fp_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
 from utils.quant_calib import _capture, default_budget
@@ -140,12 +140,8 @@ def main() -> None:
     # Ours on the same block: the hidden states entering block 0, one capture pass, our search, in the
     # original's candidate space (bias multipliers: the same search) and in our default (max multipliers).
     budget = default_budget(device)
-    # Warm-up: our kernels are compiled and autotuned once per process and channel count (Triton times ten tile
-    # shapes, a few seconds); done on 2 sequences here, as calib_scaling.py does, so that neither timed run pays it.
     _, small = _capture(block, hidden[:2], block_kwargs, linears)
-    for name, module in linears.items():
-        search_linear(LinearProblem(small[name], module.weight.detach(), budget), fp_format(2, 1), fp_format(2, 1),
-                      SearchSpace(0.01, 1.2, 10), 1, shifts=True)
+    warm_up_search(linears, small, budget)  # neither timed run pays the kernels' one-time autotuning
     del small
     ours, seconds = {}, {}
     for space_name in ("bias", "max"):

@@ -12,7 +12,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize
+from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
 from utils.search import LinearProblem, SearchSpace, search_linear
@@ -34,9 +34,7 @@ def main() -> None:
     budget = default_budget(device)
     space = SearchSpace(0.01, 1.2, 100)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
-    for name in chosen:  # warm-up: Triton compiles and autotunes once per channel count (down_proj has its own)
-        problem = LinearProblem(inputs[name][:2048], linears[name].weight.detach(), budget)
-        search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)
+    warm_up_search({name: linears[name] for name in chosen}, inputs, budget)  # down_proj has its own channel count
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for name in chosen:

@@ -36,6 +36,11 @@ def accuracy(results: dict, task: str) -> float | None:
     return 100 * values["acc,none"] if "acc,none" in values else None
 
 
+def heldout(results: dict) -> float | None:
+    """The `--heldout_ppl` perplexity of a row (None when the run did not measure it)."""
+    return (results.get("quantization", {}).get("heldout_perplexity") or {}).get("perplexity")
+
+
 def mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
@@ -88,9 +93,8 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
         info = mean([accuracy(results, t) for t in informative])
         averages[row] = (six, info)
         ppl = results["results"].get("lambada_openai", {}).get("perplexity,none")
-        heldout = quant.get("heldout_perplexity", {}).get("perplexity")
         lines.append("| " + " | ".join([row] + [cell(accuracy(results, t)) for t in tasks] + [
-            cell(ppl, 1), cell(heldout, 2), cell(six), cell(info), cell(PAPER_LLAMA_7B.get(row), 1),
+            cell(ppl, 1), cell(heldout(results), 2), cell(six), cell(info), cell(PAPER_LLAMA_7B.get(row), 1),
             cell(quant.get("calib_seconds"), 0), cell(peak_gib(quant)), cell(quant.get("eval_seconds"), 0),
             gpu_name(results)]) + " |")
     device = {r.get("quantization", {}).get("device") for r in rows.values()}
@@ -107,7 +111,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
         lines.append("")
     plain = folder / "plain_lm_eval.json"
     lines += checks({**rows, **({"plain_lm_eval": json.loads(plain.read_text())} if plain.exists() else {})})
-    lines += variants_against_fpq(rows, informative) + READING.get(model, []) + run_conditions(folder)
+    lines += variants_against_fpq(rows, averages) + READING.get(model, []) + run_conditions(folder)
     lines += ["Commands (each row's script in `complete_scripts/{}/`):".format(model), "", "```"]
     lines += [f"# {row}\n{command_of(model, row)}" for row in rows if command_of(model, row)]
     lines += ["```", ""]
@@ -172,21 +176,17 @@ READING = {"SmolLM2-135M": [
     "exponent bias of -10) and at lm_head.", ""]}
 
 
-def heldout(results: dict) -> float | None:
-    return (results.get("quantization", {}).get("heldout_perplexity") or {}).get("perplexity")
-
-
-def variants_against_fpq(rows: dict, informative: list[str]) -> list[str]:
-    """What moves FPQ: each variant's held-out perplexity (the selection metric) and informative average."""
+def variants_against_fpq(rows: dict, averages: dict) -> list[str]:
+    """What moves FPQ: each variant's held-out perplexity (the selection metric) and informative average.
+    averages: {row: (6-task average, informative average)} as model_section computed them."""
     if "FPQ" not in rows or heldout(rows["FPQ"]) is None:
         return []
-    base_ppl = heldout(rows["FPQ"])
-    base_info = mean([accuracy(rows["FPQ"], t) for t in informative])
+    base_ppl, base_info = heldout(rows["FPQ"]), averages["FPQ"][1]
     lines = ["What moves FPQ (W4A4E4, held-out perplexity {:.1f}, informative average {:.2f}):".format(base_ppl, base_info),
              "", "| variant | held-out ppl | vs FPQ | informative avg | vs FPQ |", "|---|---:|---:|---:|---:|"]
     for row, words in VARIANTS.items():
         if row in rows and heldout(rows[row]) is not None:
-            ppl, info = heldout(rows[row]), mean([accuracy(rows[row], t) for t in informative])
+            ppl, info = heldout(rows[row]), averages[row][1]
             lines.append(f"| {words} | {ppl:.1f} | {ppl / base_ppl:.2f}x | {cell(info)} | "
                          f"{'-' if info is None else f'{info - base_info:+.2f}'} |")
     return lines + [""]
@@ -279,9 +279,9 @@ def variants_section(folder: Path) -> list[str]:
              f"results in `{folder.relative_to(ROOT).as_posix()}/`.", "",
              "| variant | held-out ppl | calibration (s) |", "|---|---:|---:|"]
     for path in files:
-        quant = json.loads(path.read_text())["quantization"]
-        ppl = quant.get("heldout_perplexity", {}).get("perplexity")
-        lines.append(f"| {path.stem} | {cell(ppl)} | {cell(quant.get('calib_seconds'), 0)} |")
+        results = json.loads(path.read_text())
+        lines.append(f"| {path.stem} | {cell(heldout(results))} | "
+                     f"{cell(results['quantization'].get('calib_seconds'), 0)} |")
     return lines + ["", "Read with care: one small calibration set and 4096 held-out tokens. FPQ_exhaustive_act must "
                         "equal FPQ here (2048 calibration tokens are below the coarse ranking's 2 x 4096), which it "
                         "does. In this probe the dynamic 16-value block scales of NVFP4 beat every static "

@@ -16,8 +16,11 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
-setup() {
+install_wheels() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+setup() {
+  install_wheels
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
 case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8 or multi32}" in
@@ -25,7 +28,7 @@ setup)
   setup
   ;;
 setup_qwen)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  install_wheels
   mkdir -p $S/cache/wheels && tar -C $S/cache -xJf .gpu_t/tasks.tar.xz && cp .gpu_t/exllamav2-*.whl $S/cache/wheels/
   ;;
 1)
