@@ -149,5 +149,6 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
         def launch(meta):
             return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(channels, meta["BLOCK_COLS"]), candidates
 
-        _tuned_kernel[launch](*args, **flags)
+        with torch.cuda.device(x.device):  # Triton launches on the current device's stream, not x's
+            _tuned_kernel[launch](*args, **flags)
     return out
