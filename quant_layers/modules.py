@@ -15,6 +15,8 @@ parameters are set, and stored in the model dtype: evaluation never re-quantizes
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,22 +147,32 @@ def swap_modules(model: nn.Module, linear: bool = True, lm_head: bool = True, em
     is untied so that `tie_weights()` (called by lm-eval) does not join them again.
     Returns {qualified name: new module}.
     """
-    head = model.get_output_embeddings()
-    token_embedding = model.get_input_embeddings()
-    swapped: dict[str, nn.Module] = {}
-    for name, module in list(model.named_modules()):
-        if module is head and isinstance(module, nn.Linear):
-            if lm_head:
-                swapped[name] = QuantLinear(module)
-        elif type(module) is nn.Linear and linear:
-            swapped[name] = QuantLinear(module)
-        elif module is token_embedding and isinstance(module, nn.Embedding) and embedding:
-            swapped[name] = QuantEmbedding(module)
+    swapped = _replacements(model, linear, lm_head, embedding)
     for name, module in swapped.items():
         _set_submodule(model, name, module)
     if swapped:
         _untie(model)
+        # A module with accelerate hooks (use_accelerate=True) is in a reference cycle: only the cyclic collector
+        # frees the replaced ones, and until it does each holds the full-precision weight that set_quant_params
+        # replaces (twice the weights in memory). Free them now.
+        gc.collect()
     return swapped
+
+
+def _replacements(model: nn.Module, linear: bool, lm_head: bool, embedding: bool) -> dict[str, nn.Module]:
+    """{qualified name: the quantized module that replaces it} (holds no reference to the replaced ones)."""
+    head = model.get_output_embeddings()
+    token_embedding = model.get_input_embeddings()
+    replacements: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if module is head and isinstance(module, nn.Linear):
+            if lm_head:
+                replacements[name] = QuantLinear(module)
+        elif type(module) is nn.Linear and linear:
+            replacements[name] = QuantLinear(module)
+        elif module is token_embedding and isinstance(module, nn.Embedding) and embedding:
+            replacements[name] = QuantEmbedding(module)
+    return replacements
 
 
 def _untie(model: nn.Module) -> None:

@@ -7,6 +7,9 @@ carried over by swap_modules, per-block devices read from the blocks' own weight
 result must equal the plain model's bit for bit.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -114,3 +117,22 @@ def test_data_parallel_evaluation_equals_one_process(tiny_llama_dir, calib_text_
     assert refused.returncode != 0
     assert "split evaluation only: calibrate in one process first" in refused.stderr
     assert "utils/pipeline.py" not in refused.stderr  # torchrun prints its own traceback, none comes from ours
+
+
+def test_replaced_weights_are_freed_at_once():
+    """accelerate's hooks wrap each module's forward around the module itself (a reference cycle), so a swapped
+    out nn.Linear is freed only by Python's cyclic collector, and with it the full-precision weight that
+    calibration replaces: on two GPUs, calibration held twice the weights. They must go without a collection."""
+    model = make_llama(300, tied=False, layers=2)
+    model = dispatch_model(model, split_map(model), force_hooks=True)
+    originals = [weakref.ref(m.weight) for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    gc.disable()
+    try:
+        swap_modules(model)
+        calibrate(model, ids, SETTINGS)
+        alive = sum(ref() is not None for ref in originals)
+    finally:
+        gc.enable()
+    assert len(originals) == 15 and alive == 0
