@@ -2,8 +2,11 @@
 # GPU machine: a model's table rows (issue 5), JOBS rows at a time on the one GPU. A small model leaves the GPU
 # mostly idle and lm-eval's per-request Python work is the bottleneck, so rows run as parallel processes; their
 # calibration and evaluation seconds are then upper bounds (shared GPU and CPU): run_wave<N>.json records the
-# concurrency. Everything (row results, logs, parameter files) comes back as one archive $OUT/wave<N>.tar.gz:
-# the machine returns only a few files and drops names with parentheses.
+# concurrency. A wave may outlast one call: the first call starts the rows in their own process session
+# (setsid: they outlive the call while the machine stays warm) and waits up to LIMIT_S; the same command
+# again waits for the same rows instead of starting them anew. Every call returns what has finished (row
+# results, logs, parameter files) as one archive, $OUT/wave<N>.tar.gz once the wave is complete and
+# $OUT/wave<N>.partial.tar.gz before: the machine returns only a few files and drops names with parentheses.
 #   MODEL=SmolLM2-135M (default): the first call of a machine carries .gpu_b, right after a call that carried
 #     .whl .gpu_a and installed the wheels (bench/gpu/perf.sh PART=setup); later calls carry nothing.
 #   MODEL=Qwen2.5-Coder-1.5B: after a call carrying .whl .gpu_t (PART=setup_qwen) and the 19 calls of
@@ -12,6 +15,7 @@
 #   WAVE=2: the paper's quantized rows and the NVFP4 / MXFP4 references
 #   WAVE=3: FPQ_only_eval (wave 2's parameter file, kept on the warm machine) and the ablations
 #   WAVE=4: the slow ablation (4x the candidates)
+#   ROWS="a b" replaces the wave's rows (WAVE then only names the wave's folder and archive).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
 export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-32} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -32,9 +36,8 @@ else
   gguf=$MODEL_ADDR
 fi
 export MODEL gguf
-python3 -c "import sys; from pathlib import Path; from utils.models import gguf_to_folder
-from utils.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
-mkdir -p "$OUT/logs"
+W=/tmp/scratch/wave$WAVE
+RESULTS=$OUT  # what this call returns; the rows write into $W/out, which outlives the call
 run_row() {
   if [ "$1" = FPQ_only_eval ]; then  # the file it reads, written (renamed into place) by this or an earlier FPQ row
     params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/FPQ_only_eval.sh")
@@ -48,13 +51,28 @@ run_row() {
   echo "$1 exit $? at $(date +%T)"
 }
 export -f run_row
-start=$(date +%s)
-echo $rows | tr ' ' '\n' | timeout ${LIMIT_S:-560} xargs -P "${JOBS:-6}" -I{} bash -c 'run_row {}'
-printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
-  "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$BATCH_SIZE" "$(( $(date +%s) - start ))" \
-  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
-  "$(python3 -c 'from utils.fileio import code_fingerprint; print(code_fingerprint())')" > "$OUT/run_wave$WAVE.json"
-tail -n 3 "$OUT"/logs/*.log
+if [ ! -f "$W/started" ]; then
+  python3 -c "import sys; from pathlib import Path; from utils.models import gguf_to_folder
+from utils.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
+  mkdir -p "$W/out/logs" && date +%s > "$W/started"
+  OUT=$W/out setsid bash -c "echo $rows | tr ' ' '\n' | xargs -P ${JOBS:-6} -I{} bash -c 'run_row {}'; date +%s > $W/finished" \
+    > "$W/rows.log" 2>&1 < /dev/null &
+else
+  echo "wave $WAVE already started $(( $(date +%s) - $(cat "$W/started") )) s ago: waiting for it"
+fi
+deadline=$(( $(date +%s) + ${LIMIT_S:-560} ))
+until [ -f "$W/finished" ] || [ "$(date +%s)" -ge "$deadline" ]; do sleep 10; done
+cat "$W/rows.log"
+if [ -f "$W/finished" ]; then
+  printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
+    "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$BATCH_SIZE" "$(( $(cat "$W/finished") - $(cat "$W/started") ))" \
+    "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    "$(python3 -c 'from utils.fileio import code_fingerprint; print(code_fingerprint())')" > "$W/out/run_wave$WAVE.json"
+  archive=wave$WAVE.tar.gz
+else
+  echo "wave $WAVE still running: run the same command again while the machine is warm"
+  archive=wave$WAVE.partial.tar.gz
+fi
+tail -n 3 "$W"/out/logs/*.log
 # one archive: parameter file names hold parentheses and the machine returns only a few files
-tar -czf /tmp/wave$WAVE.tar.gz -C "$OUT" . -C "$PWD" search_result
-rm -rf "${OUT:?}"/* && mv /tmp/wave$WAVE.tar.gz "$OUT/"
+tar -czf "$RESULTS/$archive" -C "$W/out" . -C "$PWD" search_result
