@@ -108,11 +108,13 @@ if triton is not None:
 
 if triton is not None:
     # Tile shapes tried once per (channels, dtypes) on the GPU; the fastest is kept (the output is rewritten
-    # by every trial, so the result does not depend on which wins).
+    # by every trial, so the result does not depend on which wins). The last four keep 64 elements per thread
+    # in flight (more bytes in flight per SM for the large activation tensors).
     _tuned_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w)
                  for r, c, w in ((8, 256, 8), (4, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4),
-                                 (4, 1024, 8), (2, 1024, 4), (32, 128, 4), (64, 128, 8))],
+                                 (4, 1024, 8), (2, 1024, 4), (32, 128, 4), (64, 128, 8),
+                                 (16, 512, 4), (32, 512, 8), (16, 1024, 8), (64, 256, 8))],
         key=["channels"],
     )(_fake_quantize_kernel)
 
