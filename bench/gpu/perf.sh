@@ -12,6 +12,8 @@
 #   PART=4 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput (right after PART=3: warm machine)
 #   PART=5 (no carry):          calibration scaling
 #   PART=multi8 / multi32:      (several GPUs) calibration split over the GPUs, time and per-GPU peak memory
+#   PART=pair32 (4 GPUs):       at once, the 32-layer shape split over GPUs 0,1 and on GPU 2 alone
+#   PART=multi32 on 4 GPUs:     the 32-layer shape split over all four
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
@@ -23,7 +25,7 @@ setup() {
   install_wheels
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
-case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8 or multi32}" in
+case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8, multi32 or pair32}" in
 setup)
   setup
   ;;
@@ -60,5 +62,11 @@ multi8)   # issue 8, on nvidia-h100-x2 or larger: split vs one GPU, 8 layers
   ;;
 multi32)  # issue 8: the 32-layer 7B shape split over every GPU
   step multi_gpu_32 590 python3 bench/multi_gpu.py --layers 32
+  ;;
+pair32)   # issue 8, on nvidia-h100-x4 or larger: two GPUs against one, side by side on one machine
+  CUDA_VISIBLE_DEVICES=0,1 timeout 590 python3 bench/multi_gpu.py --layers 32 > $S.pair.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=2 timeout 590 python3 bench/multi_gpu.py --layers 32 > $S.single.log 2>&1
+  wait
+  grep -v "block/s" $S.pair.log | tail -3; grep -v "block/s" $S.single.log | tail -3
   ;;
 esac
