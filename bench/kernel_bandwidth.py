@@ -5,7 +5,7 @@ and writes the same bytes. Each is timed with CUDA events around --calls back-to
 --repeats after warm-up), for E2M1 per tensor and with per-channel shifts, and for E4M3. The kernel is called
 as QuantLinear calls it (scales computed once, float32 channel scales); `wrapper_ms` times quantize_activation
 without the precomputed scales (two more small kernels per call) and the unfused PyTorch reference is timed
-beside it.
+beside it. `tiles` times every tile of the autotuned set (quant_layers/kernels.py TILES) on its own.
 
     python bench/kernel_bandwidth.py
 """
@@ -18,6 +18,7 @@ import os
 import torch
 
 from common import write_result
+from quant_layers import kernels
 from quant_layers.formats import fp_format
 from quant_layers.quantize import activation_scales, quantize_activation
 
@@ -62,6 +63,9 @@ def main() -> None:
                               args.calls)
         wrapper_ms = median_ms(lambda: quantize_activation(x, fmt, max_value, channel_scale), args.repeats,
                                args.calls)
+        tiles = {"x".join(map(str, tile)): copy_ms / median_ms(
+            lambda: kernels.fake_quantize(x, fmt, *scales, channel_scale, kernels.FAKE, tile=tile), args.repeats,
+            args.calls) for tile in kernels.TILES}
         os.environ["LLM_FP4_KERNEL"] = "0"
         reference_ms = median_ms(lambda: quantize_activation(x, fmt, max_value, channel_scale), args.repeats,
                                  args.calls)
@@ -69,7 +73,7 @@ def main() -> None:
         fraction = copy_ms / kernel_ms
         fractions.append(fraction)
         rows[label] = {"kernel_ms": kernel_ms, "wrapper_ms": wrapper_ms, "reference_ms": reference_ms,
-                       "kernel_gb_s": moved / kernel_ms / 1e6,
+                       "kernel_gb_s": moved / kernel_ms / 1e6, "tiles_rows_cols_warps_fraction_of_copy": tiles,
                        "fraction_of_copy": fraction, "speedup_vs_reference": reference_ms / kernel_ms}
         print(label, rows[label], flush=True)
     worst = min(fractions)

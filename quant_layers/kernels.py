@@ -19,6 +19,7 @@ missing Triton or LLM_FP4_KERNEL=0 use the reference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -106,24 +107,27 @@ if triton is not None:
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# (BLOCK_ROWS, BLOCK_COLS, num_warps) tried once per (channels, dtypes) on the GPU; the fastest is kept (the output
+# is rewritten by every trial, so the result does not depend on which wins). The last four keep 64 elements per
+# thread in flight (more bytes in flight per SM for the large activation tensors).
+TILES = ((8, 256, 8), (4, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4), (4, 1024, 8), (2, 1024, 4),
+         (32, 128, 4), (64, 128, 8), (16, 512, 4), (32, 512, 8), (16, 1024, 8), (64, 256, 8))
+INTERPRETER_TILE = (8, 256, 4)  # the autotuner needs a GPU to time its configurations
+
 if triton is not None:
-    # Tile shapes tried once per (channels, dtypes) on the GPU; the fastest is kept (the output is rewritten
-    # by every trial, so the result does not depend on which wins). The last four keep 64 elements per thread
-    # in flight (more bytes in flight per SM for the large activation tensors).
     _tuned_kernel = triton.autotune(
-        configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w)
-                 for r, c, w in ((8, 256, 8), (4, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4),
-                                 (4, 1024, 8), (2, 1024, 4), (32, 128, 4), (64, 128, 8),
-                                 (16, 512, 4), (32, 512, 8), (16, 1024, 8), (64, 256, 8))],
+        configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w) for r, c, w in TILES],
         key=["channels"],
     )(_fake_quantize_kernel)
 
 
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
-                  channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None,
+                  tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Kernel entry point (see the module docstring). x: [..., channels]; scale: [C] or, per row, [C, rows]
     float32 grid scales (rows = x.numel() // channels) and `inverse` the reference's max_value / grid_max of
-    the same shape; channel_scale: [C, channels] or [channels] powers of two, or None.
+    the same shape; channel_scale: [C, channels] or [channels] powers of two, or None. tile: one of TILES to
+    launch with instead of the autotuned one (bench/kernel_bandwidth.py times each).
 
     Returns [C, *x.shape] in `dtype` (default x.dtype).
     """
@@ -144,13 +148,17 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
     args = (x, out, scale, inverse, scale if channel_scale is None else channel_scale, rows, channels, fmt.grid_max)
     flags = dict(MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", HAS_CHANNEL=channel_scale is not None,
                  ROW_SCALE=row_scale, MODE=mode, MANUAL_BF16=interpreted and out.dtype == torch.bfloat16)
-    if interpreted:  # one fixed tile; the autotuner needs a GPU to time its configurations
-        launch = (triton.cdiv(rows, 8), triton.cdiv(channels, 256), candidates)
-        _fake_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=8, BLOCK_COLS=256)
-    else:
-        def launch(meta):
-            return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(channels, meta["BLOCK_COLS"]), candidates
+    if tile is None and interpreted:
+        tile = INTERPRETER_TILE
 
-        with torch.cuda.device(x.device):  # Triton launches on the current device's stream, not x's
+    def launch(meta):
+        return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(channels, meta["BLOCK_COLS"]), candidates
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton uses the current device
+        if tile is None:
             _tuned_kernel[launch](*args, **flags)
+        else:
+            rows_per_tile, cols_per_tile, warps = tile
+            _fake_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=rows_per_tile, BLOCK_COLS=cols_per_tile,
+                                          num_warps=warps)
     return out
