@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU machine: a model's table rows (issue 5), JOBS rows at a time on the one GPU. A small model leaves the GPU
+# GPU machine: a model's table rows (issue 5), JOBS rows at a time, dealt round-robin to the machine's GPUs in
+# row order (one GPU each: a row's script then loads the model on that GPU). A small model leaves the GPU
 # mostly idle and lm-eval's per-request Python work is the bottleneck, so rows run as parallel processes; their
 # calibration and evaluation seconds are then upper bounds (shared GPU and CPU): run_wave<N>.json records the
 # concurrency. A wave may outlast one call: the first call starts the rows in their own process session
@@ -38,7 +39,12 @@ fi
 export MODEL gguf
 W=/tmp/scratch/wave$WAVE
 RESULTS=$OUT  # what this call returns; the rows write into $W/out, which outlives the call
-run_row() {
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+[ "$GPUS" -ge 1 ] || GPUS=1
+export GPUS
+run_row() {  # $1: the row's place in the wave, $2: the row
+  export CUDA_VISIBLE_DEVICES=$(( $1 % GPUS ))
+  shift
   if [ "$1" = FPQ_only_eval ]; then  # the file it reads, written (renamed into place) by this or an earlier FPQ row
     params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/FPQ_only_eval.sh")
     until [ -f "$params" ]; do sleep 5; done
@@ -48,14 +54,14 @@ run_row() {
   else
     bash "complete_scripts/$MODEL/$1.sh"
   fi > "$OUT/logs/$1.log" 2>&1
-  echo "$1 exit $? at $(date +%T)"
+  echo "$1 exit $? at $(date +%T) on GPU $CUDA_VISIBLE_DEVICES"
 }
 export -f run_row
 if [ ! -f "$W/started" ]; then
   python3 -c "import sys; from pathlib import Path; from utils.models import gguf_to_folder
 from utils.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
   mkdir -p "$W/out/logs" && date +%s > "$W/started"
-  OUT=$W/out setsid bash -c "echo $rows | tr ' ' '\n' | xargs -P ${JOBS:-6} -I{} bash -c 'run_row {}'; date +%s > $W/finished" \
+  OUT=$W/out setsid bash -c "echo $rows | tr ' ' '\n' | nl -v0 -w1 -s' ' | xargs -P ${JOBS:-6} -I{} bash -c 'run_row {}'; date +%s > $W/finished" \
     > "$W/rows.log" 2>&1 < /dev/null &
 else
   echo "wave $WAVE already started $(( $(date +%s) - $(cat "$W/started") )) s ago: waiting for it"
@@ -64,8 +70,8 @@ deadline=$(( $(date +%s) + ${LIMIT_S:-560} ))
 until [ -f "$W/finished" ] || [ "$(date +%s)" -ge "$deadline" ]; do sleep 10; done
 cat "$W/rows.log"
 if [ -f "$W/finished" ]; then
-  printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
-    "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$BATCH_SIZE" "$(( $(cat "$W/finished") - $(cat "$W/started") ))" \
+  printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "gpus": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
+    "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$GPUS" "$BATCH_SIZE" "$(( $(cat "$W/finished") - $(cat "$W/started") ))" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
     "$(python3 -c 'from utils.fileio import code_fingerprint; print(code_fingerprint())')" > "$W/out/run_wave$WAVE.json"
   archive=wave$WAVE.tar.gz
