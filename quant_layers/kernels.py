@@ -107,9 +107,9 @@ if triton is not None:
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_ROWS, BLOCK_COLS, num_warps) tried once per (channels, dtypes) on the GPU; the fastest is kept (the output
-# is rewritten by every trial, so the result does not depend on which wins). The last four keep 64 elements per
-# thread in flight (more bytes in flight per SM for the large activation tensors).
+# (BLOCK_ROWS, BLOCK_COLS, num_warps) tried once per (channels, mode, scale layout, dtypes) on the GPU; the fastest
+# is kept (the output is rewritten by every trial, so the result does not depend on which wins). The last four keep
+# 64 elements per thread in flight (more bytes in flight per SM for the large activation tensors).
 TILES = ((8, 256, 8), (4, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4), (4, 1024, 8), (2, 1024, 4),
          (32, 128, 4), (64, 128, 8), (16, 512, 4), (32, 512, 8), (16, 1024, 8), (64, 256, 8))
 INTERPRETER_TILE = (8, 256, 4)  # the autotuner needs a GPU to time its configurations
@@ -117,7 +117,7 @@ INTERPRETER_TILE = (8, 256, 4)  # the autotuner needs a GPU to time its configur
 if triton is not None:
     _tuned_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w) for r, c, w in TILES],
-        key=["channels"],
+        key=["channels", "MODE", "ROW_SCALE", "HAS_CHANNEL"],  # the search's modes and evaluation's tune apart
     )(_fake_quantize_kernel)
 
 
