@@ -193,14 +193,15 @@ def variants_against_fpq(rows: dict, averages: dict) -> list[str]:
 
 
 def run_conditions(folder: Path) -> list[str]:
-    """Which rows ran together (bench/gpu/smollm2_table.sh's run_wave<N>.json): their times are upper bounds."""
+    """Which rows ran together (bench/gpu/table_rows.sh's run_wave<N>.json): their times are upper bounds."""
     waves = [json.loads(p.read_text()) for p in sorted(folder.glob("run_wave*.json"))]
     if not waves:
         return []
-    lines = ["Rows ran as parallel processes sharing one GPU (a small model leaves it mostly idle), so the "
+    lines = ["Rows ran as parallel processes sharing the GPU (a small model leaves it mostly idle), so the "
              "calibration and evaluation seconds above are upper bounds, not single-process times:", ""]
     for wave in waves:
-        lines.append(f"- wave {wave['wave']} on {wave['device']}: {wave['concurrent_processes']} processes at "
+        lines.append(f"- wave {wave['wave']} on {wave.get('gpus', 1)} x {wave['device']}: "
+                     f"{wave['concurrent_processes']} processes at "
                      f"batch size {wave['batch_size']}, {wave['seconds']} s wall: {wave['rows'].replace(' ', ', ')}"
                      + (f" ({wave['note']})" if wave.get("note") else "")
                      + (f"; code: {wave.get('code') or wave.get('code_fingerprint')}"

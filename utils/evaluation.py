@@ -17,10 +17,15 @@ from torch import nn
 from utils.fileio import write_bytes_atomic
 
 
+def data_parallel_processes() -> int:
+    """How many processes evaluate together (`accelerate launch`, torchrun set WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def data_parallel_local_rank() -> int | None:
     """This process's rank on its machine when launched as several processes (`accelerate launch`, torchrun),
     else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if data_parallel_processes() <= 1:
         return None
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -16,7 +15,8 @@ from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
 from utils.calib_data import heldout_text, load_calib_set
 from utils.cli import UsageError
-from utils.evaluation import data_parallel_local_rank, evaluate, heldout_perplexity, results_table, write_results
+from utils.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
+                              results_table, write_results)
 from utils.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
 from utils.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
@@ -257,7 +257,7 @@ def data_parallel_device(args: argparse.Namespace, device: str, local_rank: int)
     """Under `accelerate launch` / torchrun each process evaluates a whole model on its own GPU (cuda:LOCAL_RANK)
     or the CPU; calibration is not split over processes."""
     if args.quant_config and not args.only_eval:
-        raise UsageError(f"{os.environ['WORLD_SIZE']} processes (accelerate launch / torchrun) split evaluation only: "
+        raise UsageError(f"{data_parallel_processes()} processes (accelerate launch / torchrun) split evaluation only: "
                          "calibrate in one process first, then evaluate its file with --only_eval --ptq_param_path")
     return f"cuda:{local_rank}" if device.startswith("cuda") else device
 
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
                                "model": {"source": info.source, "fingerprint": info.fingerprint,
                                          "architecture": info.architecture, "dtype": info.dtype},
                                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                               "eval_processes": int(os.environ.get("WORLD_SIZE", "1")),
+                               "eval_processes": data_parallel_processes(),
                                "code_fingerprint": code_fingerprint()}
     print(results_table(results))
     output = Path(args.output_path) if args.output_path else default_output_path(args)
