@@ -13,6 +13,7 @@
 #   PART=multi8 / multi32:      (several GPUs) calibration split over the GPUs, time and per-GPU peak memory
 #   PART=pair32 (4 GPUs):       at once, the 32-layer shape split over GPUs 0,1 and on GPU 2 alone
 #   PART=multi32 on 4 GPUs:     the 32-layer shape split over all four
+#   PART=x4 (4 GPUs, no carry): multi32, then pair32 with the kernel check and bandwidth on GPU 3 beside it
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
@@ -24,7 +25,7 @@ setup() {
   install_wheels
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
-case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8, multi32 or pair32}" in
+case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8, multi32, pair32 or x4}" in
 setup)
   setup
   ;;
@@ -67,5 +68,14 @@ pair32)   # issue 8, on nvidia-h100-x4 or larger: two GPUs against one, side by 
   CUDA_VISIBLE_DEVICES=2 timeout 590 python3 bench/multi_gpu.py --layers 32 > $S.single.log 2>&1
   wait
   grep -v "block/s" $S.pair.log | tail -3; grep -v "block/s" $S.single.log | tail -3
+  ;;
+x4)       # issue 8 and 6 in one background run (setsid, OUT on /tmp/scratch) while Qwen's pieces arrive
+  PART=multi32 bash bench/gpu/perf.sh
+  ( export CUDA_VISIBLE_DEVICES=3,0  # the check's second-GPU case uses cuda:1 (GPU 0): correctness only
+    step kernel_check 180 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
+    CUDA_VISIBLE_DEVICES=3 step kernel_bandwidth 240 python3 bench/kernel_bandwidth.py ) > $S/kernel.log 2>&1 &
+  PART=pair32 bash bench/gpu/perf.sh
+  wait
+  cp $S/kernel.log $S.pair.log $S.single.log $OUT/
   ;;
 esac
