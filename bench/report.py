@@ -109,9 +109,10 @@ def multi_gpu_section() -> list[str]:
              "`use_accelerate=True` does; Triton's kernels warmed up on a 1-layer model first. `--compare` calibrates "
              "the same model on one GPU in the same run and compares formats, weight ranges and the logits of a "
              "probe batch. Peak memory is `torch.cuda.max_memory_allocated` per GPU.", "",
-             "| layers | GPUs | card | seconds | peak GiB per GPU | one GPU, same run: seconds | one GPU, same run: "
-             "peak GiB (cuda:0 / cuda:1) | split = one GPU | file |", "|---|---|---|---|---|---|---|---|---|"]
-    files = sorted(RESULTS.glob("multi_gpu_L*gpu.json"), key=lambda p: json.loads(p.read_text())["layers"])
+             "| layers | GPUs | card | seconds | peak GiB per GPU | `--compare` on one GPU: seconds | `--compare` on one "
+             "GPU: peak GiB (cuda:0 / cuda:1) | split = one GPU | file |", "|---|---|---|---|---|---|---|---|---|"]
+    files = sorted(RESULTS.glob("multi_gpu_L*gpu.json"),
+                   key=lambda p: (json.loads(p.read_text())["layers"], json.loads(p.read_text())["gpus"]))
     notes = []
     for path in files:
         data = json.loads(path.read_text())
@@ -123,7 +124,7 @@ def multi_gpu_section() -> list[str]:
                     else f"formats same: {data['same_formats']}, max logit difference {data['max_logit_difference']:g}")
             single = f"{data['single_gpu_seconds']:.1f} | {gib(data['single_gpu_peak_gib'])} | {same}"
         else:
-            single = "not run | | "
+            single = "| | "
         lines.append(f"| {data['layers']} | {data['gpus']} | {data['device']} | {data['seconds']:.1f} | "
                      f"{gib(data['peak_gib_per_gpu'])} | {single} | `bench/results/{path.name}` |")
     if not files:
