@@ -21,6 +21,8 @@ from utils.fileio import code_fingerprint  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                 vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6)  # Qwen2.5-1.5B's sizes
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
 
 

@@ -36,6 +36,13 @@ _EXPONENT_FIELD = 0x7F800000  # float32 bits of the biased exponent
 _EXPONENT_ONE = 128 << 23  # biased exponent field of 2^1
 
 
+def abs_max(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """max |x| over `dim` (all of x when None) as max(max x, -min x): no |x| copy of x. NaN propagates."""
+    if dim is None:
+        return torch.maximum(x.amax(), x.amin().neg())
+    return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg())
+
+
 def grid_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
     """s = grid_max / max_value (float32, max_value's shape): multiplies x onto the standard grid."""

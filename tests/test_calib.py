@@ -7,7 +7,7 @@ from configs import CONFIG_NAMES, QBits, get_config
 from conftest import make_llama
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
 from quant_layers.quantize import quantize
-from utils.quant_calib import CalibrationError, CalibSettings, calibrate
+from utils.quant_calib import CalibrationError, CalibSettings, _check_finite, calibrate
 from utils.search import SearchSpace
 from utils.smoothquant import SmoothingError
 
@@ -122,6 +122,17 @@ def test_non_finite_activations_stop_and_name_the_layer():
     swap_modules(model)
     with pytest.raises(CalibrationError, match=r"model.layers.1.mlp.down_proj|block 1"):
         calibrate(model, IDS, setting)
+
+
+def test_non_finite_check_tells_nan_from_inf():
+    x = torch.zeros(3, 4, dtype=torch.bfloat16)
+    _check_finite("the input of L", x)
+    x[1, 2] = -float("inf")
+    with pytest.raises(CalibrationError, match="^Inf in the input of L during calibration"):
+        _check_finite("the input of L", x)
+    x[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="^NaN in the input of L during calibration"):
+        _check_finite("the input of L", x)
 
 
 def test_capture_shares_one_buffer_per_distinct_input():

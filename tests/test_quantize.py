@@ -8,7 +8,7 @@ import torch
 
 from quant_layers.formats import (QuantFormat, exponent_bias_from_max, formats_of_width, fp_format, int_format,
                                   max_from_exponent_bias, parse_format)
-from quant_layers.quantize import quantize
+from quant_layers.quantize import abs_max, quantize
 
 
 def enumerate_fp_grid(exponent_bits: int, mantissa_bits: int, bias: float) -> list[float]:
@@ -209,3 +209,22 @@ def test_block_formats_edge_cases():
         blocks = q.view(8, -1, fmt.block_size)
         assert all(len(set(b.tolist())) <= 15 for b in blocks.reshape(-1, fmt.block_size))
         assert float((q - x).abs().max()) < float(x.abs().max()) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(5))
+def test_abs_max_equals_max_of_abs(dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(37, 19, generator=generator) * 10 ** torch.randint(-3, 4, (37, 1), generator=generator)).to(dtype)
+    x[0, :3] = torch.tensor([-0.0, 0.0, -1e-3])
+    assert torch.equal(abs_max(x), x.abs().amax())
+    for dim in (0, 1, -1):
+        assert torch.equal(abs_max(x, dim=dim), x.abs().amax(dim=dim))
+
+
+def test_abs_max_propagates_nan_and_inf():
+    x = torch.ones(4, 3, dtype=torch.bfloat16)
+    x[1, 2] = -float("inf")
+    assert abs_max(x) == float("inf") and abs_max(x, dim=0).tolist() == [1, 1, float("inf")]
+    x[2, 0] = float("nan")
+    assert torch.isnan(abs_max(x)) and torch.isnan(abs_max(x, dim=0)[0]) and abs_max(x, dim=1)[0] == 1

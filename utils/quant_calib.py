@@ -26,11 +26,14 @@ from tqdm.auto import tqdm
 
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
+from quant_layers.quantize import abs_max
 from utils.models import decoder_layers
 from utils.params import Checkpoint, LayerParams, apply_params
 from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
 from utils.smoothquant import block_pairs, fold, migration_scales
+
+SMOOTH_ROWS = 4096  # token rows SmoothQuant rescales at once (bounds its float32 temporary)
 
 
 class CalibrationError(RuntimeError):
@@ -143,13 +146,16 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each
     """Block outputs [S, T, H], one sequence at a time; before_each(s) is called before sequence s."""
     device = _device_of(block)
     kwargs = {k: _move(v, device) for k, v in kwargs.items()}
-    outputs = []
+    outputs = None  # [S, T, H], allocated at the first output: no list of outputs to concatenate at the end
     for index, h in enumerate(hidden.split(1)):
         if before_each is not None:
             before_each(index)
         out = block(h.to(device), **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outputs)
+        out = out[0] if isinstance(out, tuple) else out
+        if outputs is None:
+            outputs = out.new_empty((hidden.shape[0], *out.shape[1:]))
+        outputs[index : index + 1].copy_(out)
+    return outputs
 
 
 def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
@@ -192,8 +198,10 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
 
 
 def _check_finite(what: str, x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
-        bad = "NaN" if torch.isnan(x).any() else "Inf"
+    """Stop on NaN or Inf in x (found through max |x|, which either propagates: no full-size mask)."""
+    bound = abs_max(x)
+    if not torch.isfinite(bound):
+        bad = "NaN" if torch.isnan(bound) else "Inf"
         raise CalibrationError(
             f"{bad} in {what} during calibration: the model overflows on this input; "
             "try --model_args dtype=float32 or other calibration data"
@@ -304,9 +312,10 @@ def _smooth_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) 
     for key, names in block_pairs(block).items():
         linears = [block.get_submodule(n) for n in names]
         x = inputs[f"{prefix}.{names[0]}"]
-        scales = migration_scales(x.abs().amax(dim=0), [m.weight for m in linears], run.settings.config.smooth_alpha)
+        scales = migration_scales(abs_max(x, dim=0), [m.weight for m in linears], run.settings.config.smooth_alpha)
         fold(block.get_submodule(key), linears, scales)
-        x.copy_((x.float() / scales).to(x.dtype))  # q/k/v (gate/up) share this buffer
+        for rows in x.split(SMOOTH_ROWS):  # in place, q/k/v (gate/up) share this buffer; no full float32 copy
+            rows.copy_((rows.float() / scales).to(x.dtype))
         run.params[f"{prefix}.{key}"] = LayerParams("smooth", None, None, smooth_scale=scales)
 
 

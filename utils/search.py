@@ -40,7 +40,7 @@ from functools import lru_cache
 import torch
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, formats_of_width, max_from_exponent_bias
-from quant_layers.quantize import grid_candidates, grid_scale, quantize, round_to_grid, weight_residuals
+from quant_layers.quantize import abs_max, grid_candidates, grid_scale, quantize, round_to_grid, weight_residuals
 
 TINY = 1e-30  # floor for ranges: an all-zero row or tensor keeps a finite scale
 
@@ -190,8 +190,8 @@ class LinearProblem:
         self.tokens = x.shape[0]
         self.out_features, self.in_features = self.weight.shape
         self.weight_absmax = self.weight.abs().amax(dim=1)
-        self.act_absmax = self.x.abs().amax().float()
-        self.channel_absmax = self.x.abs().amax(dim=0).float()
+        self.channel_absmax = abs_max(self.x, dim=0).float()
+        self.act_absmax = self.channel_absmax.amax()
         self._stats_key: tuple | None = None
         self._stats_for: ActCandidates | None = None
         self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple = ()
