@@ -38,10 +38,11 @@ def column_ranges(acts: ActCandidates, index: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tokens", [256, 8])  # quadratic form (N >= in) and direct path (N < in)
-def test_weight_losses_match_brute_force(tokens):
+@pytest.mark.parametrize("budget_rows", [1 << 20, 30, 5])  # all at once, 2 candidates a step, 5 weight rows a step
+def test_weight_losses_match_brute_force(tokens, budget_rows):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(tokens, 32, generator=g), torch.randn(12, 32, generator=g)
-    problem = LinearProblem(x, w, Budget(1 << 20))
+    problem = LinearProblem(x, w, Budget(budget_rows * 32 * 16))  # 16 bytes per weight element and candidate
     acts = shifted_ranges(g, 1, 32)
     state = LinearState(E2M1, problem.weight_absmax, E2M1, acts.max_value[0], acts.shift[0])
     candidates = SearchSpace(0.3, 1.2, 7).candidates(E2M1, problem.weight_absmax)
@@ -177,3 +178,20 @@ def test_search_table_is_no_worse_than_minmax():
     direct = float((quantize(table, fmt, ranges.view(-1, 1)) - table).square().mean())
     assert mse == pytest.approx(direct, rel=1e-5)
     assert search_table(table, E2M1, None, Budget(1 << 20))[2] == pytest.approx(mse_minmax)
+
+
+def test_weight_losses_stay_in_budget_when_one_candidate_does_not_fit(monkeypatch):
+    """lm_head's case: one candidate's residuals [out, in] exceed the budget, so they go in row slices."""
+    import utils.search as search
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 16, generator=g), torch.randn(40, 16, generator=g)
+    problem = LinearProblem(x, w, Budget(7 * 16 * 16))  # 7 weight rows of 16 inputs
+    state = minmax_state(problem, E2M1, E2M1)
+    candidates = SearchSpace(0.3, 1.2, 3).candidates(E2M1, problem.weight_absmax)
+    shapes, residuals = [], search.weight_residuals
+    monkeypatch.setattr(search, "weight_residuals", lambda *a: shapes.append(a[0].shape) or residuals(*a))
+    sliced = problem.weight_losses(E2M1, candidates, state)
+    assert shapes and max(rows for rows, _ in shapes) == 7 and sum(rows for rows, _ in shapes) == len(candidates) * 40
+    problem.budget = Budget(1 << 20)
+    torch.testing.assert_close(sliced, problem.weight_losses(E2M1, candidates, state), rtol=1e-6, atol=1e-6)

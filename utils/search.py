@@ -220,13 +220,15 @@ class LinearProblem:
         if self.tokens < self.in_features:
             return self._weight_losses_direct(fmt, candidates, acts)
         gram, v, const = self._weight_stats(acts)
-        losses = []
-        step = self.budget.rows(self.out_features * self.in_features * 16)
-        for rows in _chunks(candidates.shape[0], step):
-            u = weight_residuals(self.weight, fmt, candidates[rows], self.dtype)
-            ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
-            losses.append((ug.add_(v, alpha=2) * u).sum(-1) + const)  # u G u + 2 u . v + c
-        return torch.cat(losses)
+        losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
+        rows_per_step = self.budget.rows(self.in_features * 16)  # u, u G and their product for one weight row
+        out_step = min(self.out_features, rows_per_step)  # a candidate over budget (lm_head) goes in row slices
+        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
+            for outs in _chunks(self.out_features, out_step):
+                u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
+                ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
+                losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
+        return losses
 
     def _stats_acts(self, state: LinearState) -> ActCandidates:
         """The activation quantizer of state as one candidate; the same object for the same quantizer, so
@@ -283,11 +285,11 @@ class LinearProblem:
         grid, scale = self.weight_grid(weight_format, weight_max_value)
         act_inverse = (1.0 / acts.scale()).view(-1, 1, 1)
         losses = torch.zeros(len(acts), device=self.x.device)
+        grid_t = grid.to(self.dtype, copy=self.in_features < self.out_features).T
         if self.in_features < self.out_features:
-            weight_q = grid / scale
+            weight_q = grid.div_(scale)  # in place (grid_t is a copy): lm_head's grid is 0.9 GiB in float32
             with _tf32():
                 hessian = (weight_q.T @ weight_q).to(self.dtype)
-        grid_t = grid.to(self.dtype).T
         output_inverse = act_inverse / scale.view(1, 1, -1)  # [C, 1, out]: 1 / (s_a[c] s_w[o])
         width = max(self.in_features, self.out_features)
         for xt in self._token_chunks(x, 8 * (self.in_features + self.out_features)):
