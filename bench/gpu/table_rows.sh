@@ -80,5 +80,8 @@ else
   archive=wave$WAVE.partial.tar.gz
 fi
 tail -n 3 "$W"/out/logs/*.log
-# one archive: parameter file names hold parentheses and the machine returns only a few files
-tar -czf "$RESULTS/$archive" -C "$W/out" . -C "$PWD" search_result
+# one archive: parameter file names hold parentheses and the machine returns only a few files, 16 MiB each at
+# most, so parameter files over 4 MiB (Qwen's are 16 MB) stay on the machine and are named here
+find search_result -type f -size +4194304c -printf 'left on the machine: %p (%s bytes)\n'
+find search_result -type f ! -size +4194304c > "$W/small_files"
+tar -czf "$RESULTS/$archive" -C "$W/out" . -C "$PWD" -T "$W/small_files"
