@@ -195,3 +195,20 @@ def test_weight_losses_stay_in_budget_when_one_candidate_does_not_fit(monkeypatc
     assert shapes and max(rows for rows, _ in shapes) == 7 and sum(rows for rows, _ in shapes) == len(candidates) * 40
     problem.budget = Budget(1 << 20)
     torch.testing.assert_close(sliced, problem.weight_losses(E2M1, candidates, state), rtol=1e-6, atol=1e-6)
+
+
+def test_search_table_goes_in_row_slices_within_budget(monkeypatch):
+    """The embedding's case: one candidate over the whole table exceeds the budget; slices give the same
+    format and ranges as one pass."""
+    import utils.search as search
+
+    g = torch.Generator().manual_seed(6)
+    table = torch.randn(50, 16, generator=g)
+    table[3, 3], table[40, 1] = 30.0, -12.0
+    whole = search_table(table, E2M1, SearchSpace(0.2, 1.2, 10), Budget(1 << 20))
+    shapes, quantizer = [], search.quantize
+    monkeypatch.setattr(search, "quantize", lambda w, *a: shapes.append(w.shape) or quantizer(w, *a))
+    sliced = search_table(table, E2M1, SearchSpace(0.2, 1.2, 10), Budget(7 * 16 * 12))  # 7 rows of 16 at a time
+    assert max(rows for rows, _ in shapes) == 7
+    assert sliced[0] == whole[0] and torch.equal(sliced[1], whole[1])
+    assert sliced[2] == pytest.approx(whole[2], rel=1e-6) and sliced[3] == pytest.approx(whole[3], rel=1e-6)

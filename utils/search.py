@@ -185,7 +185,7 @@ class LinearProblem:
         self.dtype = compute_dtype(x)
         self.x = x.to(self.dtype)
         self.weight = weight.float()
-        self.weight_c = weight.to(self.dtype)
+        self.weight_c = self.weight if self.dtype == torch.float32 else weight.to(self.dtype)  # no second copy
         self.budget = budget
         self.tokens = x.shape[0]
         self.out_features, self.in_features = self.weight.shape
@@ -444,17 +444,35 @@ def search_linear(problem: LinearProblem, weight_format: QuantFormat, act_format
 def search_table(weight: torch.Tensor, fmt: QuantFormat, space: SearchSpace | None, budget: Budget
                  ) -> tuple[QuantFormat, torch.Tensor, float, float]:
     """Weight-only search for a lookup table [rows, dim] (the token embedding): per-row range minimizing
-    |Q(E) - E|^2 over every format of fmt's width; space None = MinMax.
+    |Q(E) - E|^2 over every format of fmt's width; space None = MinMax. Rows are independent, so the table goes
+    in row slices within the budget (Qwen's 151936 x 1536 table is 0.9 GiB in float32 per candidate).
 
     Returns (format, range [rows], searched MSE, MinMax MSE).
     """
-    weight = weight.float()
-    absmax = weight.abs().amax(dim=1).clamp(min=TINY)
+    formats = formats_of_width(fmt.bits, fmt.kind) if space is not None else []
+    rows_per_step = budget.rows(weight.shape[1] * 12)  # float32 row, its quantized copy, their squared difference
+    absmax = torch.empty(weight.shape[0], device=weight.device)
+    minmax_rows = torch.empty(weight.shape[0], device=weight.device)
+    best_rows = torch.empty(len(formats), weight.shape[0], device=weight.device)  # per format: best loss per row
+    best_ranges = torch.empty(len(formats), weight.shape[0], device=weight.device)
+    for rows in _chunks(weight.shape[0], rows_per_step):
+        w = weight[rows].float()
+        absmax[rows] = abs_max(w, dim=1).clamp(min=TINY)
+        minmax_rows[rows] = (quantize(w, fmt, absmax[rows].view(-1, 1)) - w).square().sum(dim=-1)
+        for index, candidate_format in enumerate(formats):
+            candidates = space.candidates(candidate_format, absmax[rows])  # [C, rows of the slice]
+            losses = torch.cat([(quantize(w, candidate_format, candidates[c].unsqueeze(-1)) - w).square().sum(dim=-1)
+                                for c in _chunks(candidates.shape[0], max(1, rows_per_step // w.shape[0]))])
+            best, chosen = losses.min(dim=0)
+            best_rows[index, rows], best_ranges[index, rows] = best, candidates[chosen, torch.arange(w.shape[0])]
     numel = weight.numel()
-    minmax_loss = float((quantize(weight, fmt, absmax.view(-1, 1)) - weight).square().sum()) / numel
+    minmax_loss = float(minmax_rows.sum()) / numel
     best = (fmt, absmax, minmax_loss)
-    if space is None:
-        return (*best, minmax_loss)
+    for index, candidate_format in enumerate(formats):
+        total = float(best_rows[index].sum()) / numel
+        if total < best[2]:
+            best = (candidate_format, best_ranges[index], total)
+    return (*best, minmax_loss)
     rows = torch.arange(weight.shape[0], device=weight.device)
     for candidate_format in formats_of_width(fmt.bits, fmt.kind):
         candidates = space.candidates(candidate_format, absmax)
