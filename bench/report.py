@@ -109,8 +109,9 @@ def multi_gpu_section() -> list[str]:
              "`use_accelerate=True` does; Triton's kernels warmed up on a 1-layer model first. `--compare` calibrates "
              "the same model on one GPU in the same run and compares formats, weight ranges and the logits of a "
              "probe batch. Peak memory is `torch.cuda.max_memory_allocated` per GPU.", "",
-             "| layers | GPUs | card | seconds | peak GiB per GPU | `--compare` on one GPU: seconds | `--compare` on one "
-             "GPU: peak GiB (cuda:0 / cuda:1) | split = one GPU | file |", "|---|---|---|---|---|---|---|---|---|"]
+             "| layers | GPUs | card | seconds | peak GiB per GPU | `--compare` on one GPU: seconds | `--compare` on "
+             "one GPU: peak GiB (cuda:0 / cuda:1) | split = one GPU | file |",
+             "|---|---|---|---|---|---|---|---|---|"]
     files = sorted(RESULTS.glob("multi_gpu_L*gpu.json"),
                    key=lambda p: (json.loads(p.read_text())["layers"], json.loads(p.read_text())["gpus"]))
     notes = []

@@ -463,8 +463,8 @@ def search_table(weight: torch.Tensor, fmt: QuantFormat, space: SearchSpace | No
             candidates = space.candidates(candidate_format, absmax[rows])  # [C, rows of the slice]
             losses = torch.cat([(quantize(w, candidate_format, candidates[c].unsqueeze(-1)) - w).square().sum(dim=-1)
                                 for c in _chunks(candidates.shape[0], max(1, rows_per_step // w.shape[0]))])
-            best, chosen = losses.min(dim=0)
-            best_rows[index, rows], best_ranges[index, rows] = best, candidates[chosen, torch.arange(w.shape[0])]
+            best_rows[index, rows], chosen = losses.min(dim=0)
+            best_ranges[index, rows] = candidates[chosen, torch.arange(w.shape[0], device=w.device)]
     numel = weight.numel()
     minmax_loss = float(minmax_rows.sum()) / numel
     best = (fmt, absmax, minmax_loss)
