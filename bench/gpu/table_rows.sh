@@ -16,15 +16,16 @@
 #   WAVE=2: the paper's quantized rows and the NVFP4 / MXFP4 references
 #   WAVE=3: FPQ_only_eval (wave 2's parameter file, kept on the warm machine) and the ablations
 #   WAVE=4: the slow ablation (4x the candidates)
-#   ROWS="a b" replaces the wave's rows (WAVE then only names the wave's folder and archive).
+#   ROWS="a b" replaces the wave's rows (WAVE then only names the wave's folder and archive, any number).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
 export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-32} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-case "${WAVE:?set WAVE=1 to 4}" in
+case "${WAVE:?set WAVE=1 to 4, or any number with ROWS}" in
   1) rows="full_precision plain_lm_eval MinMax_FP ablation_sequential" ;;
   2) rows="FPQ FPQ_baseline MinMax_INT SmoothQuant NVFP4 MXFP4" ;;
   3) rows="FPQ_only_eval ablation_bias_space ablation_calib128 ablation_W4A8 ablation_W8A8_E4M3 ablation_W4A4E8" ;;
   4) rows="ablation_candidates400" ;;
+  *) [ -n "${ROWS:-}" ] || { echo "WAVE=$WAVE has no rows of its own: set ROWS"; exit 2; } ;;
 esac
 rows=${ROWS:-$rows}
 MODEL=${MODEL:-SmolLM2-135M}
