@@ -189,7 +189,7 @@ class LinearProblem:
         self.budget = budget
         self.tokens = x.shape[0]
         self.out_features, self.in_features = self.weight.shape
-        self.weight_absmax = self.weight.abs().amax(dim=1)
+        self.weight_absmax = abs_max(self.weight, dim=1)
         self.channel_absmax = abs_max(self.x, dim=0).float()
         self.act_absmax = self.channel_absmax.amax()
         self._stats_key: tuple | None = None
@@ -472,17 +472,4 @@ def search_table(weight: torch.Tensor, fmt: QuantFormat, space: SearchSpace | No
         total = float(best_rows[index].sum()) / numel
         if total < best[2]:
             best = (candidate_format, best_ranges[index], total)
-    return (*best, minmax_loss)
-    rows = torch.arange(weight.shape[0], device=weight.device)
-    for candidate_format in formats_of_width(fmt.bits, fmt.kind):
-        candidates = space.candidates(candidate_format, absmax)
-        losses = []
-        step = budget.rows(numel * 12)
-        for start in range(0, candidates.shape[0], step):
-            q = quantize(weight, candidate_format, candidates[start : start + step].unsqueeze(-1))
-            losses.append((q - weight).square().sum(dim=-1))
-        index = torch.cat(losses).argmin(dim=0)
-        total = float(torch.cat(losses)[index, rows].sum()) / numel
-        if total < best[2]:
-            best = (candidate_format, candidates[index, rows], total)
     return (*best, minmax_loss)

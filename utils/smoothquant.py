@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant_layers.quantize import abs_max
+
 PAIRS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 SUPPORTED_BLOCKS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
@@ -34,7 +36,7 @@ def block_pairs(block: nn.Module) -> dict[str, tuple[str, ...]]:
 
 def migration_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """s [in] (float32) from the input channels' absolute maxima [in] and the Linears' weights [out_i, in]."""
-    w_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    w_absmax = torch.stack([abs_max(w.detach(), dim=0).float() for w in weights]).amax(dim=0)
     scales = x_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
     return scales.clamp(min=1e-5)
 
