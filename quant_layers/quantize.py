@@ -159,9 +159,10 @@ def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, chan
 
 def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, dtype: torch.dtype
                      ) -> torch.Tensor:
-    """q(W) - W for C candidate ranges per row: weight [out, in] float32, max_value [C, out] -> [C, out, in]
-    as `dtype`. One fused kernel on CUDA."""
+    """q(W) - W for C candidate ranges per row: weight [out, in] (float32 or bfloat16; computed in float32 from
+    its exact upcast), max_value [C, out] -> [C, out, in] as `dtype`. One fused kernel on CUDA."""
     if kernels.enabled(weight):
         scale, inverse = grid_scale(fmt, max_value, weight.device), grid_inverse(fmt, max_value, weight.device)
         return kernels.fake_quantize(weight, fmt, scale, inverse, None, kernels.RESIDUAL, dtype=dtype)
+    weight = weight.float()
     return (quantize(weight, fmt, max_value.unsqueeze(-1)) - weight).to(dtype)

@@ -86,15 +86,16 @@ def main(device: str) -> None:
                     if got.dtype != want.dtype or not same_bits(got, want):
                         mismatches.append(f"grid {fmt} {dtype}->{out_dtype} shift={channel_scale is not None}"
                                           + first_difference(got, want))
-        weight = x.to(device)
-        ranges = (torch.rand(3, weight.shape[0], generator=g) * 5 + 0.05).to(device)
-        for out_dtype in (torch.float32, torch.bfloat16):
+        ranges = (torch.rand(3, x.shape[0], generator=g) * 5 + 0.05).to(device)
+        for weight_dtype, out_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                        (torch.bfloat16, torch.bfloat16)):  # the search's bfloat16 path
+            weight = x.to(device=device, dtype=weight_dtype)
             got = weight_residuals(weight, fmt, ranges, out_dtype)
-            want = reference(weight_residuals, weight, fmt, ranges, out_dtype)
+            want = reference(weight_residuals, weight.float(), fmt, ranges, out_dtype)
             checked += 1
             exact = same_bits(got, want) if device == "cpu" else residual_close(got, want, weight, out_dtype)
             if got.dtype != want.dtype or not exact:
-                mismatches.append(f"residual {fmt} -> {out_dtype}" + first_difference(got, want))
+                mismatches.append(f"residual {fmt} {weight_dtype} -> {out_dtype}" + first_difference(got, want))
     checked += len(kernels.TILES)
     mismatches += tile_mismatches(device, g)
     if device == "cuda" and torch.cuda.device_count() > 1:

@@ -20,7 +20,7 @@ def test_kernel_equals_reference_under_interpreter():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     from quant_layers.kernels import TILES
 
-    assert report["checked"] == 8 * (3 * 6 + 2) + len(TILES)
+    assert report["checked"] == 8 * (3 * 6 + 3) + len(TILES)
     assert report["mismatches"] == []
 
 

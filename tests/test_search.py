@@ -212,3 +212,29 @@ def test_search_table_goes_in_row_slices_within_budget(monkeypatch):
     assert max(rows for rows, _ in shapes) == 7
     assert sliced[0] == whole[0] and torch.equal(sliced[1], whole[1])
     assert sliced[2] == pytest.approx(whole[2], rel=1e-6) and sliced[3] == pytest.approx(whole[3], rel=1e-6)
+
+
+def test_bfloat16_path_keeps_the_model_weight_and_exact_losses(monkeypatch):
+    """Where products run in bfloat16 (CUDA; emulated here by exact float32 products of the upcast operands),
+    the problem holds the model's own bfloat16 weight, no float32 copy (0.9 GiB for Qwen's lm_head), and its
+    losses still match brute force (within the bfloat16 rounding of the residuals used for ranking)."""
+    import utils.search as search
+
+    monkeypatch.setattr(search, "_bf16_products", lambda device: True)
+    monkeypatch.setattr(search, "mm32", lambda a, b: a.float() @ b.float())
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 16, generator=g).bfloat16()
+    w = torch.randn(40, 16, generator=g).bfloat16()  # in < out: lm_head's input-space form
+    problem = LinearProblem(x, w, Budget(1 << 16))
+    assert problem.weight.dtype == torch.bfloat16 and problem.weight.data_ptr() == w.data_ptr()
+    assert problem.weight_absmax.dtype == torch.float32
+    acts = shifted_ranges(g, 5, 16)
+    state = LinearState(E2M1, problem.weight_absmax, E2M1, acts.max_value[0], acts.shift[0])
+    candidates = SearchSpace(0.3, 1.2, 7).candidates(E2M1, problem.weight_absmax)
+    x64, w64 = x.double(), w.double()
+    expected = torch.stack([brute_force_loss(x64, w64, E2M1, c, E2M1, column_ranges(acts, 0)) for c in candidates])
+    torch.testing.assert_close(problem.weight_losses(E2M1, candidates, state).double(), expected, rtol=2e-2, atol=1e-2)
+    weight_max = problem.weight_absmax * 0.8
+    expected = torch.stack([brute_force_loss(x64, w64, E2M1, weight_max, E2M1, column_ranges(acts, i)).sum()
+                            for i in range(len(acts))])
+    torch.testing.assert_close(problem.act_losses(acts, E2M1, weight_max).double(), expected, rtol=2e-2, atol=1e-2)

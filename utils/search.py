@@ -179,17 +179,21 @@ def _chunks(total: int, step: int):
 
 
 class LinearProblem:
-    """Calibration inputs X [N, in] (the model's dtype) and weight W [out, in] of one Linear, with losses."""
+    """Calibration inputs X [N, in] (the model's dtype) and weight W [out, in] of one Linear, with losses.
+
+    W is held once, in the compute dtype: the model's own bfloat16 tensor where products run in bfloat16
+    (every elementwise use upcasts it to float32, which is exact; no float32 copy: 0.9 GiB for Qwen's
+    lm_head), else float32.
+    """
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, budget: Budget) -> None:
         self.dtype = compute_dtype(x)
         self.x = x.to(self.dtype)
-        self.weight = weight.float()
-        self.weight_c = self.weight if self.dtype == torch.float32 else weight.to(self.dtype)  # no second copy
+        self.weight = weight.to(self.dtype)
         self.budget = budget
         self.tokens = x.shape[0]
         self.out_features, self.in_features = self.weight.shape
-        self.weight_absmax = abs_max(self.weight, dim=1)
+        self.weight_absmax = abs_max(self.weight, dim=1).float()
         self.channel_absmax = abs_max(self.x, dim=0).float()
         self.act_absmax = self.channel_absmax.amax()
         self._stats_key: tuple | None = None
@@ -255,7 +259,7 @@ class LinearProblem:
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
             grid = self._act_grid(xt, acts)[0]
             gram += mm32(grid.T, grid)
-            r = mm32(grid, self.weight_c.T).mul_(inverse) - mm32(xt, self.weight_c.T)
+            r = mm32(grid, self.weight.T).mul_(inverse) - mm32(xt, self.weight.T)
             with _tf32():
                 v += r.T @ (grid.float() * inverse)
             const += r.square().sum(dim=0)
@@ -273,7 +277,7 @@ class LinearProblem:
             row_bytes = 8 * grid.shape[0] * self.out_features + 2 * self.in_features
             for xt in self._token_chunks(self.x, row_bytes):
                 err = mm32(self._act_grid(xt, acts)[0], grid_t).mul_(inverse)
-                err = err.view(xt.shape[0], -1, self.out_features) - mm32(xt, self.weight_c.T).unsqueeze(1)
+                err = err.view(xt.shape[0], -1, self.out_features) - mm32(xt, self.weight.T).unsqueeze(1)
                 losses[rows] += err.square().sum(dim=0)
         return losses
 
@@ -293,7 +297,7 @@ class LinearProblem:
         output_inverse = act_inverse / scale.view(1, 1, -1)  # [C, 1, out]: 1 / (s_a[c] s_w[o])
         width = max(self.in_features, self.out_features)
         for xt in self._token_chunks(x, 8 * (self.in_features + self.out_features)):
-            y = mm32(xt, self.weight_c.T)
+            y = mm32(xt, self.weight.T)
             step = self.budget.rows(xt.shape[0] * width * 10)
             if self.in_features < self.out_features:
                 r = mm32(xt, grid_t).div_(scale.view(1, -1)).sub_(y)
@@ -327,11 +331,12 @@ class LinearProblem:
 
     def _reference_loss(self, state: LinearState) -> torch.Tensor:
         """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included."""
-        weight_q = quantize(self.weight, state.weight_format, state.weight_max_value.view(-1, 1))
+        weight = self.weight.float()
+        weight_q = quantize(weight, state.weight_format, state.weight_max_value.view(-1, 1))
         total = torch.zeros((), device=self.x.device)
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
             xq = quantize(xt.float(), state.act_format, state.act_max_value)
-            total += (xq @ weight_q.T - xt.float() @ self.weight.T).square().sum()
+            total += (xq @ weight_q.T - xt.float() @ weight.T).square().sum()
         return total
 
 

@@ -14,6 +14,10 @@
 #   PART=pair32 (4 GPUs):       at once, the 32-layer shape split over GPUs 0,1 and on GPU 2 alone
 #   PART=multi32 on 4 GPUs:     the 32-layer shape split over all four
 #   PART=x4 (4 GPUs, no carry): multi32, then pair32 with the kernel check and bandwidth on GPU 3 beside it
+#   PART=x2 (2 GPUs, carry .whl .gpu_t): setup_qwen, then in the background (setsid, results in $S/x2) while
+#                               Qwen's pieces arrive: original-vs-ours alone on GPU 0; on GPU 1 the kernel check,
+#                               Qwen-shaped memory traces at 32 and 128 sequences and calibration scaling
+#   PART=x2_wait:               wait for x2's background run, return its results as $OUT/x2.tar.gz
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
@@ -25,7 +29,7 @@ setup() {
   install_wheels
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
-case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8, multi32, pair32 or x4}" in
+case "${PART:?set PART=setup, setup_qwen, 1 to 5, multi8, multi32, pair32, x4, x2 or x2_wait}" in
 setup)
   setup
   ;;
@@ -77,5 +81,29 @@ x4)       # issue 8 and 6 in one background run (setsid, OUT on /tmp/scratch) wh
   PART=pair32 bash bench/gpu/perf.sh
   wait
   cp $S/kernel.log $S.pair.log $S.single.log $OUT/
+  ;;
+x2)
+  PART=setup_qwen bash bench/gpu/perf.sh
+  mkdir -p $S/x2 && rm -f $S/x2/done
+  OUT=$S/x2 PART=x2_background setsid bash bench/gpu/perf.sh > $S/x2/background.log 2>&1 < /dev/null &
+  ;;
+x2_background)
+  ( CUDA_VISIBLE_DEVICES=0 step original_search 420 python3 bench/original_search.py \
+      --linears q_proj gate_proj down_proj ) > $OUT/gpu0.log 2>&1 &
+  ( export CUDA_VISIBLE_DEVICES=1
+    step kernel_check 180 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
+    for size in 32 128; do
+      step mem_trace_$size 240 python3 bench/mem_trace.py --placement single --shape qwen1.5b --layers 4 \
+        --calib_size $size
+    done
+    step calib_scaling 420 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
+  ) > $OUT/gpu1.log 2>&1
+  wait
+  date > $OUT/done
+  ;;
+x2_wait)
+  until [ -f $S/x2/done ]; do sleep 5; done
+  cat $S/x2/gpu0.log $S/x2/gpu1.log
+  tar -czf $OUT/x2.tar.gz -C $S/x2 .
   ;;
 esac
