@@ -100,12 +100,17 @@ def first_block(model, ids: torch.Tensor):
 
 
 def warm_up_search(linears: dict, inputs: dict, budget) -> None:
-    """Run a tiny FPQ search once per Linear (first 2048 input rows, 4 candidates, 1 round) before anything is
-    timed: Triton compiles and autotunes our kernels once per process and channel count (it times ten tile shapes,
-    a few seconds), which no timed run should pay. inputs: {name: captured input [N, in]}."""
+    """Run a tiny FPQ search once per Linear (in + 64 input rows, 4 candidates, 1 round) before anything is
+    timed: Triton compiles and autotunes our kernels once per process, channel count and mode (it times each tile
+    shape, a few seconds), which no timed run should pay. More rows than the Linear has inputs make the weight
+    step go the quadratic-form way (the weight-residual kernel) as the timed runs do; fewer would warm up only the
+    direct path. inputs: {name: captured input [N, in], N >= in + 64}."""
     from quant_layers.formats import fp_format
     from utils.search import LinearProblem, SearchSpace, search_linear
 
     for name, module in linears.items():
-        problem = LinearProblem(inputs[name][:2048], module.weight.detach(), budget)
+        rows = module.weight.shape[1] + 64
+        if inputs[name].shape[0] < rows:
+            raise ValueError(f"warm_up_search needs {rows} input rows for {name}, got {inputs[name].shape[0]}")
+        problem = LinearProblem(inputs[name][:rows], module.weight.detach(), budget)
         search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)

@@ -72,9 +72,13 @@ def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
     """Standard-grid values round(clamp(x * scale, +-grid_max)) as a new float32 tensor.
 
-    scale: float32, broadcastable to x (see `grid_scale`).
+    scale: float32, broadcastable to x (see `grid_scale`). One float32 tensor of the result's size is
+    allocated (a bfloat16 x is upcast into it, exactly, when scale does not broadcast x to a larger shape).
     """
-    y = x.to(torch.float32) * scale
+    if torch.broadcast_shapes(x.shape, scale.shape) == x.shape:
+        y = x.to(torch.float32, copy=True).mul_(scale)
+    else:
+        y = x.to(torch.float32) * scale
     y.clamp_(-fmt.grid_max, fmt.grid_max)
     return _round_to_standard_grid_(y, fmt)
 

@@ -238,3 +238,27 @@ def test_bfloat16_path_keeps_the_model_weight_and_exact_losses(monkeypatch):
     expected = torch.stack([brute_force_loss(x64, w64, E2M1, weight_max, E2M1, column_ranges(acts, i)).sum()
                             for i in range(len(acts))])
     torch.testing.assert_close(problem.act_losses(acts, E2M1, weight_max).double(), expected, rtol=2e-2, atol=1e-2)
+
+
+def test_weight_statistics_are_not_held_through_the_activation_step(monkeypatch):
+    """V = R^T Xq [out, in] (float32) is freed before each activation step and rebuilt by the next weight step,
+    so the lm_head's V does not sit beside the activation step's own buffers; the result is unchanged."""
+    import utils.search as search
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 24, generator=g) * torch.exp2(torch.randint(-3, 4, (24,), generator=g).float())
+    w = torch.randn(20, 24, generator=g) * 0.1
+    space = SearchSpace(0.01, 1.2, 12)
+    held, act_step = [], search.search_act
+
+    def watched(problem, *args):
+        held.append(len(problem._stats))
+        return act_step(problem, *args)
+
+    with monkeypatch.context() as patch:  # the statistics kept from round to round, as before
+        patch.setattr(LinearProblem, "release_weight_stats", lambda self: None)
+        kept, _ = search_linear(LinearProblem(x, w, Budget(1 << 22)), E2M1, E2M1, space, rounds=3, shifts=True)
+    monkeypatch.setattr(search, "search_act", watched)
+    released, _ = search_linear(LinearProblem(x, w, Budget(1 << 22)), E2M1, E2M1, space, rounds=3, shifts=True)
+    assert held == [0, 0, 0]
+    assert released.loss == kept.loss and torch.equal(released.weight_max_value, kept.weight_max_value)

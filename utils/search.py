@@ -234,6 +234,11 @@ class LinearProblem:
                 losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
         return losses
 
+    def release_weight_stats(self) -> None:
+        """Free G, V and c (V is [out, in] float32: 0.9 GiB for Qwen's lm_head) before a step that does not use
+        them; the next weight step recomputes them, to the same values."""
+        self._stats_key, self._stats_for, self._stats = None, None, ()
+
     def _stats_acts(self, state: LinearState) -> ActCandidates:
         """The activation quantizer of state as one candidate; the same object for the same quantizer, so
         that `_weight_stats` can keep its statistics."""
@@ -260,8 +265,10 @@ class LinearProblem:
             grid = self._act_grid(xt, acts)[0]
             gram += mm32(grid.T, grid)
             r = mm32(grid, self.weight.T).mul_(inverse) - mm32(xt, self.weight.T)
-            with _tf32():
-                v += r.T @ (grid.float() * inverse)
+            grid_q = grid.float() * inverse
+            with _tf32():  # V in row slices within the budget (one slice unless V is larger: lm_head)
+                for outs in _chunks(self.out_features, self.budget.rows(4 * self.in_features)):
+                    v[outs].add_(r[:, outs].T @ grid_q)
             const += r.square().sum(dim=0)
         self._stats = ((gram * inverse.square()).to(self.dtype), v, const)
         return self._stats
@@ -440,6 +447,7 @@ def search_linear(problem: LinearProblem, weight_format: QuantFormat, act_format
         state = shifted if shifted.loss < start.loss else start
     for _ in range(rounds):
         state = search_weight(problem, state, weight_formats, space, per_tensor_weight)
+        problem.release_weight_stats()  # not held through the activation step, which builds its own
         state = search_act(problem, state, act_formats, space, shifts)
     if state is not start:
         state.loss = problem.loss(state)
