@@ -15,8 +15,9 @@
 #   PART=multi32 on 4 GPUs:     the 32-layer shape split over all four
 #   PART=x4 (4 GPUs, no carry): multi32, then pair32 with the kernel check and bandwidth on GPU 3 beside it
 #   PART=x2 (2 GPUs, carry .whl .gpu_t): setup_qwen, then in the background (setsid, results in $S/x2) while
-#                               Qwen's pieces arrive: original-vs-ours alone on GPU 0; on GPU 1 the kernel check,
-#                               Qwen-shaped memory traces at 32 and 128 sequences and calibration scaling
+#                               Qwen's pieces arrive: original-vs-ours alone on GPU 0; on GPU 1 the kernel check
+#                               and Qwen-shaped memory traces at 32 and 128 sequences (timings that need a quiet
+#                               GPU, as PART=5, go before or after table rows, never beside them)
 #   PART=x2_wait:               wait for x2's background run, return its results as $OUT/x2.tar.gz
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
@@ -96,7 +97,6 @@ x2_background)
       step mem_trace_$size 240 python3 bench/mem_trace.py --placement single --shape qwen1.5b --layers 4 \
         --calib_size $size
     done
-    step calib_scaling 420 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
   ) > $OUT/gpu1.log 2>&1
   wait
   date > $OUT/done
