@@ -112,6 +112,8 @@ def main() -> None:
                         help="run the original on these Linears of block 0 only (e.g. q_proj gate_proj down_proj, one "
                              "of each shape) and extrapolate its block time: every other Linear costs what the "
                              "measured one of its shape cost")
+    parser.add_argument("--weight_refine", type=int, default=0,
+                        help="our search's --weight_refine (0: every weight candidate scored exactly, the same search)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(args.layers, device, **({} if device == "cuda" else TINY_SHAPE))
@@ -146,7 +148,7 @@ def main() -> None:
     del small
     ours, seconds = {}, {}
     for space_name in ("bias", "max"):
-        space = SearchSpace(0.01, 1.2, args.candidates, space=space_name)
+        space = SearchSpace(0.01, 1.2, args.candidates, space=space_name, weight_refine=args.weight_refine)
         synchronize()
         start = time.perf_counter()
         _, inputs = _capture(block, hidden, block_kwargs, linears)
@@ -168,7 +170,8 @@ def main() -> None:
     ratio_max = sum(v["ours_max_space"] / v["original"] for v in losses.values()) / len(losses)
     print({"original_block_seconds": original_seconds, "our_block_seconds": seconds, "losses": losses}, flush=True)
     shapes = {"config": {**LLAMA_7B, "num_hidden_layers": args.layers}, "calib_tokens": [args.calib_size, args.seqlen],
-              "rounds": args.rounds, "candidates": args.candidates, "measured_on": "block 0 (7 Linears)"}
+              "rounds": args.rounds, "candidates": args.candidates, "measured_on": "block 0 (7 Linears)",
+              "our_weight_refine": args.weight_refine}
     write_result("calib_speedup_vs_original", speedup, "x", ">= 30x, equal or lower final layer MSE",
                  speedup >= 30 and not_worse == len(losses), shapes,
                  {"original_block0_seconds": original_seconds, "our_block0_seconds": our_seconds,

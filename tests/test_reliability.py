@@ -117,6 +117,7 @@ CASES = {
     "limit_negative": (["--limit", "-1"], "--limit must be positive", "got -1"),
     "batch_size_word": (["--batch_size", "big"], "--batch_size big", "positive integer or 'auto'"),
     "heldout_ppl_negative": (["--heldout_ppl", "-2"], "--heldout_ppl must be >= 0", "got -2"),
+    "weight_refine_negative": (["--weight_refine", "-1"], "--weight_refine must be >= 0", "got -1"),
     "plot_without_config": (["--plot"], "--plot draws a parameter file", "--quant_config"),
     "offload_with_accelerate": (["--offload", "--model_args", "use_accelerate=True"], "--offload and use_accelerate",
                                 "use one of them"),
@@ -469,3 +470,14 @@ def test_same_seed_gives_byte_identical_files(files, work):
         payload = torch.load(path, weights_only=True)
         assert "calib_seconds" not in payload["metadata"]["search"]
     assert outputs[0] == outputs[1] and outputs[0][0] != outputs[2][0]
+
+
+def test_files_from_before_weight_refine_still_match():
+    """Metadata written before --weight_refine existed has no such key; it was 0 then, so it still matches 0."""
+    from utils.pipeline import _search_difference
+
+    current = {"quant_config": {"name": "FPQ_config_llama"}, "search": {"search_round": 3, "weight_refine": 0}}
+    old = {"quant_config": {"name": "FPQ_config_llama"}, "search": {"search_round": 3}}
+    assert _search_difference(old, current) is None
+    assert _search_difference(old, {**current, "search": {"search_round": 3, "weight_refine": 8}}) == \
+        "made with weight_refine = 0, not 8"

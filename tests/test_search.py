@@ -262,3 +262,37 @@ def test_weight_statistics_are_not_held_through_the_activation_step(monkeypatch)
     released, _ = search_linear(LinearProblem(x, w, Budget(1 << 22)), E2M1, E2M1, space, rounds=3, shifts=True)
     assert held == [0, 0, 0]
     assert released.loss == kept.loss and torch.equal(released.weight_max_value, kept.weight_max_value)
+
+
+def test_weight_proxy_with_a_full_basis_is_the_exact_loss():
+    """The proxy keeps G's diagonal and its leading eigenvectors; with as many as G has, it is L itself."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs: G not diagonal
+    problem = LinearProblem(x, torch.randn(12, 16, generator=g), Budget(1 << 20))
+    state = minmax_state(problem, E2M1, E2M1)
+    candidates = SearchSpace(0.3, 1.2, 9).candidates(E2M1, problem.weight_absmax)
+    exact = problem.weight_losses(E2M1, candidates, state)
+    torch.testing.assert_close(problem.weight_proxy_losses(E2M1, candidates, state, 16), exact, rtol=1e-4, atol=1e-3)
+    diagonal_only = problem.weight_proxy_losses(E2M1, candidates, state, 0)
+    assert (diagonal_only - exact).abs().max() > 1e-2 * exact.abs().max()  # off-diagonal terms matter here
+
+
+@pytest.mark.parametrize("shifts", [False, True])
+def test_proxy_ranked_weight_step(shifts):
+    """Re-scoring every candidate equals the exhaustive search; re-scoring a few is never worse than MinMax and,
+    with a good proxy, finds the planted optimum."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(400, 24, generator=g) * torch.exp2(torch.randint(-3, 4, (24,), generator=g).float())
+    problem = LinearProblem(x, torch.randn(20, 24, generator=g) * 0.1, Budget(1 << 22))
+    exhaustive, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.01, 1.2, 12), 2, shifts)
+    covering, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.01, 1.2, 12, weight_refine=64), 2, shifts)
+    few, minmax = search_linear(problem, E2M1, E2M1, SearchSpace(0.01, 1.2, 12, weight_refine=3, proxy_rank=4), 2,
+                                shifts)
+    assert covering.loss == exhaustive.loss and torch.equal(covering.weight_max_value, exhaustive.weight_max_value)
+    assert few.loss <= minmax.loss and few.loss <= 1.05 * exhaustive.loss
+    w = planted(16, 32, torch.rand(16, 1, generator=g) + 0.5, g)
+    problem = LinearProblem(planted(512, 32, torch.tensor(0.7), g), w, Budget(1 << 24))
+    best, _ = search_linear(problem, E2M1, E2M1, SearchSpace(0.5, 2.0, 6, weight_refine=2, proxy_rank=8), 2, False)
+    assert best.loss < 1e-9
+    torch.testing.assert_close(best.weight_max_value, 1.5 * problem.weight_absmax)
+

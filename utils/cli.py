@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act_coarse_tokens", type=int, default=4096,
                    help="rank activation candidates on this many (strided) calibration tokens and re-score the best "
                         "8 on all of them; 0 scores every candidate on every token (slower, the same in most layers)")
+    p.add_argument("--weight_refine", type=int, default=0,
+                   help="rank weight candidates per row by a cheap proxy of their loss (G's diagonal and 32 leading "
+                        "eigenvectors) and re-score the best K exactly; 0 (default) scores every candidate exactly")
     p.add_argument("--offload", action="store_true",
                    help="keep the decoder blocks in CPU memory and move one at a time to --device for calibration "
                         "(GPU memory: one block), then place the model for evaluation with accelerate (GPU first)")
@@ -136,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--heldout_ppl must be >= 0 windows, got {args.heldout_ppl}")
     if args.act_coarse_tokens < 0:
         raise UsageError(f"--act_coarse_tokens must be >= 0 (0 = every token), got {args.act_coarse_tokens}")
+    if args.weight_refine < 0:
+        raise UsageError(f"--weight_refine must be >= 0 (0 = every candidate exactly), got {args.weight_refine}")
     if args.offload and args.model_args.use_accelerate:
         raise UsageError("--offload and use_accelerate=True both place the model: use one of them")
     for flag in ("calib_size", "calib_seqlen", "search_round"):

@@ -79,10 +79,13 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
         "search": {
             "search_round": args.search_round, "search_intervals": list(args.search_intervals),
             "search_space": args.search_space, "sequential": args.sequential,
-            "act_coarse_tokens": args.act_coarse_tokens,
+            "act_coarse_tokens": args.act_coarse_tokens, "weight_refine": args.weight_refine,
             "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen, "seed": args.seed,
         },
     }
+
+
+SEARCH_DEFAULTS = {"weight_refine": 0}  # search arguments added after files were written: what those files used
 
 
 def _model_words(model: dict) -> str:
@@ -93,8 +96,9 @@ def _search_difference(saved: dict, current: dict) -> str | None:
     if saved["quant_config"] != current["quant_config"]:
         return f"made with another definition of {current['quant_config']['name']} (its configs/ file changed)"
     for key, value in current["search"].items():
-        if saved["search"].get(key) != value:
-            return f"made with {key} = {saved['search'].get(key)}, not {value}"
+        before = saved["search"].get(key, SEARCH_DEFAULTS.get(key))  # a file from before the key existed
+        if before != value:
+            return f"made with {key} = {before}, not {value}"
     return None
 
 
@@ -170,7 +174,8 @@ def _finished_file(path: Path, metadata: dict) -> bool:
 
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
     low, high, count = args.search_intervals
-    space = SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens) if config.search else None
+    space = (SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens, weight_refine=args.weight_refine)
+             if config.search else None)
     offload = args.device if args.offload else None
     return CalibSettings(config, args.qbits, space, args.search_round, args.sequential, offload_device=offload)
 

@@ -51,6 +51,9 @@ class SearchSpace:
 
     coarse_tokens / refine: activation candidates are ranked on coarse_tokens tokens, the best `refine`
     re-scored on all (0: every candidate on every token).
+    weight_refine / proxy_rank: weight candidates are ranked per row by a proxy of their loss that keeps G's
+    diagonal and its proxy_rank leading eigenvectors, the best `weight_refine` (and the current range) re-scored
+    exactly (0: every candidate exactly).
     """
 
     low: float
@@ -59,6 +62,8 @@ class SearchSpace:
     space: str = "max"
     coarse_tokens: int = 4096
     refine: int = 8
+    weight_refine: int = 0
+    proxy_rank: int = 32
 
     def multipliers(self, device: torch.device | str = "cpu") -> torch.Tensor:
         i = torch.arange(self.count, dtype=torch.float64)
@@ -234,6 +239,28 @@ class LinearProblem:
                 losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
         return losses
 
+    def weight_proxy_losses(self, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState, rank: int
+                            ) -> torch.Tensor:
+        """A proxy [C, out] of `weight_losses` for ranking, at C x out x in x (rank + 1) instead of C x out x in^2:
+        G is replaced by E diag(l) E^T + diag(G - E diag(l) E^T), with E [in, rank] an orthonormal basis of G's
+        leading eigenvectors (subspace iteration from a seeded start) and l their Rayleigh quotients. Quadratic-form
+        path only (tokens >= in)."""
+        gram, v, const = self._weight_stats(self._stats_acts(state))
+        basis, values = _leading_eigenpairs(gram.float(), rank)
+        diagonal = gram.float().diagonal() - (basis.square() * values).sum(-1)
+        basis_c = basis.to(self.dtype)
+        losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
+        rows_per_step = self.budget.rows(self.in_features * 16)
+        out_step = min(self.out_features, rows_per_step)
+        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
+            for outs in _chunks(self.out_features, out_step):
+                u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
+                projected = mm32(u.view(-1, self.in_features), basis_c).view(*u.shape[:2], -1)
+                u32 = u.float()
+                losses[cands, outs] = (projected.square() @ values + (u32 * diagonal + 2 * v[outs]).mul_(u32).sum(-1)
+                                       + const[outs])
+        return losses
+
     def release_weight_stats(self) -> None:
         """Free G, V and c (V is [out, in] float32: 0.9 GiB for Qwen's lm_head) before a step that does not use
         them; the next weight step recomputes them, to the same values."""
@@ -347,6 +374,24 @@ class LinearProblem:
         return total
 
 
+def _leading_eigenpairs(gram: torch.Tensor, rank: int, iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """An orthonormal basis [in, rank] of the leading eigenvectors of a symmetric PSD matrix [in, in] (float32) and
+    their Rayleigh quotients [rank], by subspace iteration with 8 extra vectors from a seeded start."""
+    size = gram.shape[0]
+    rank = min(rank, size)
+    if rank == 0:
+        return gram.new_zeros(size, 0), gram.new_zeros(0)
+    scale = gram.diagonal().max().clamp(min=TINY)
+    normalized = gram / scale
+    start = torch.randn(size, min(size, rank + 8), generator=torch.Generator().manual_seed(0))
+    basis = torch.linalg.qr(start.to(gram.device)).Q
+    for _ in range(iterations):
+        basis = torch.linalg.qr(normalized @ basis).Q
+    values, vectors = torch.linalg.eigh(basis.T @ normalized @ basis)
+    basis = basis @ vectors[:, -rank:]
+    return basis, values[-rank:].clamp(min=0) * scale
+
+
 def minmax_weight_max(problem: LinearProblem, per_tensor: bool) -> torch.Tensor:
     """MinMax weight ranges [out]: each row's absolute maximum, or the whole tensor's repeated per row."""
     weight_max = problem.weight_absmax.clamp(min=TINY)
@@ -371,7 +416,10 @@ def search_weight(problem: LinearProblem, state: LinearState, formats: list[Quan
         candidates = space.candidates(fmt, base_absmax)
         if fmt == state.weight_format:
             candidates = torch.cat([candidates, state.weight_max_value.unsqueeze(0)])
-        losses = problem.weight_losses(fmt, candidates, state)
+        if _ranks_weights(problem, space, candidates.shape[0], per_tensor):
+            losses = _refined_weight_losses(problem, fmt, candidates, state, space, fmt == state.weight_format)
+        else:
+            losses = problem.weight_losses(fmt, candidates, state)
         if per_tensor:
             index = losses.sum(dim=1).argmin().expand(problem.out_features)
         else:
@@ -382,6 +430,24 @@ def search_weight(problem: LinearProblem, state: LinearState, formats: list[Quan
             best = LinearState(fmt, candidates[index, rows], state.act_format, state.act_max_value,
                                state.act_channel_shift, total)
     return best
+
+
+def _ranks_weights(problem: LinearProblem, space: SearchSpace, count: int, per_tensor: bool) -> bool:
+    """Whether the weight step ranks its candidates by the proxy first: asked for, more candidates than it
+    re-scores, ranges per row, and the quadratic-form path (tokens >= in)."""
+    return (0 < space.weight_refine < count and not per_tensor and problem.tokens >= problem.in_features)
+
+
+def _refined_weight_losses(problem: LinearProblem, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState,
+                           space: SearchSpace, has_current: bool) -> torch.Tensor:
+    """Exact losses [C, out] for each row's best `space.weight_refine` candidates by the proxy (and the current
+    range, candidates[-1] when has_current); +inf for the others."""
+    rough = problem.weight_proxy_losses(fmt, candidates, state, space.proxy_rank)
+    if has_current:  # always re-scored: the step never ends above the current loss
+        rough[-1] = float("-inf")
+    index = rough.topk(min(candidates.shape[0], space.weight_refine + has_current), dim=0, largest=False).indices
+    exact = problem.weight_losses(fmt, candidates.gather(0, index), state)  # [k, out]
+    return torch.full_like(rough, float("inf")).scatter_(0, index, exact)
 
 
 def _with_current(acts: ActCandidates, state: LinearState) -> ActCandidates:
