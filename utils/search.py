@@ -21,7 +21,9 @@ are computed at once, chunked to a memory budget, by whichever of two exact form
   output head); or directly when out <= in.
 Activation candidates are first ranked on a strided subset of `coarse_tokens` tokens and the best
 `refine` of them (plus the current state) re-scored on all tokens (SearchSpace; coarse_tokens=0 scores
-every candidate on every token).
+every candidate on every token). With `weight_refine` > 0 (off by default), weight candidates are first
+ranked per row by a proxy of L that keeps G's diagonal and its leading eigenvectors, and the best
+`weight_refine` (plus the current range) re-scored exactly.
 
 Numerics: quantized operands are standard-grid values times a scale, and grids are exact in bfloat16
 (quant_layers/quantize.py). On CUDA with a bfloat16 model every matrix product of a grid and the
