@@ -224,6 +224,16 @@ class LinearProblem:
         scale = grid_scale(fmt, max_value, self.weight.device).unsqueeze(-1)
         return round_to_grid(self.weight, fmt, scale), scale
 
+    def _residual_slices(self, fmt: QuantFormat, candidates: torch.Tensor):
+        """(candidate slice, row slice, u = q(W) - W [c, o, in] in the compute dtype) over candidates [C, out],
+        within the budget (16 bytes per weight element: u, u G and their product); a candidate over budget
+        (lm_head) goes in row slices."""
+        rows_per_step = self.budget.rows(self.in_features * 16)
+        out_step = min(self.out_features, rows_per_step)
+        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
+            for outs in _chunks(self.out_features, out_step):
+                yield cands, outs, weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
+
     def weight_losses(self, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState) -> torch.Tensor:
         """Per-row loss [C, out] (summed over tokens, not normalized) of weight candidates [C, out], with the
         activation quantizer of `state` fixed."""
@@ -232,13 +242,9 @@ class LinearProblem:
             return self._weight_losses_direct(fmt, candidates, acts)
         gram, v, const = self._weight_stats(acts)
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
-        rows_per_step = self.budget.rows(self.in_features * 16)  # u, u G and their product for one weight row
-        out_step = min(self.out_features, rows_per_step)  # a candidate over budget (lm_head) goes in row slices
-        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
-            for outs in _chunks(self.out_features, out_step):
-                u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
-                ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
-                losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
+        for cands, outs, u in self._residual_slices(fmt, candidates):
+            ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
+            losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
         return losses
 
     def weight_proxy_losses(self, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState, rank: int
@@ -252,15 +258,11 @@ class LinearProblem:
         diagonal = gram.float().diagonal() - (basis.square() * values).sum(-1)
         basis_c = basis.to(self.dtype)
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
-        rows_per_step = self.budget.rows(self.in_features * 16)
-        out_step = min(self.out_features, rows_per_step)
-        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
-            for outs in _chunks(self.out_features, out_step):
-                u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
-                projected = mm32(u.view(-1, self.in_features), basis_c).view(*u.shape[:2], -1)
-                u32 = u.float()
-                losses[cands, outs] = (projected.square() @ values + (u32 * diagonal + 2 * v[outs]).mul_(u32).sum(-1)
-                                       + const[outs])
+        for cands, outs, u in self._residual_slices(fmt, candidates):
+            projected = mm32(u.view(-1, self.in_features), basis_c).view(*u.shape[:2], -1)
+            u32 = u.float()
+            losses[cands, outs] = (projected.square() @ values + (u32 * diagonal + 2 * v[outs]).mul_(u32).sum(-1)
+                                   + const[outs])
         return losses
 
     def release_weight_stats(self) -> None:
