@@ -100,11 +100,12 @@ def first_block(model, ids: torch.Tensor):
 
 
 def warm_up_search(linears: dict, inputs: dict, budget) -> None:
-    """Run a tiny FPQ search once per Linear (in + 64 input rows, 4 candidates, 1 round) before anything is
-    timed: Triton compiles and autotunes our kernels once per process, channel count and mode (it times each tile
-    shape, a few seconds), which no timed run should pay. More rows than the Linear has inputs make the weight
-    step go the quadratic-form way (the weight-residual kernel) as the timed runs do; fewer would warm up only the
-    direct path. inputs: {name: captured input [N, in], N >= in + 64}."""
+    """Run a tiny FPQ search once per Linear (in + 64 input rows, 4 candidates, 1 round, with the exact weight
+    step and with the proxy-ranked one) before anything is timed: Triton compiles and autotunes our kernels once
+    per process, channel count and mode (it times each tile shape, a few seconds), which no timed run should pay.
+    More rows than the Linear has inputs make the weight step go the quadratic-form way (the weight-residual
+    kernel) as the timed runs do; fewer would warm up only the direct path.
+    inputs: {name: captured input [N, in], N >= in + 64}."""
     from quant_layers.formats import fp_format
     from utils.search import LinearProblem, SearchSpace, search_linear
 
@@ -113,4 +114,6 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
         if inputs[name].shape[0] < rows:
             raise ValueError(f"warm_up_search needs {rows} input rows for {name}, got {inputs[name].shape[0]}")
         problem = LinearProblem(inputs[name][:rows], module.weight.detach(), budget)
-        search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.5, 1.2, 4), 1, True)
+        for weight_refine in (0, 2):  # the exact weight step, then the proxy-ranked one (--weight_refine)
+            space = SearchSpace(0.5, 1.2, 4, weight_refine=weight_refine)
+            search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 1, True)

@@ -20,7 +20,12 @@
 #                               Qwen's pieces arrive: original-vs-ours alone on GPU 0; on GPU 1 the kernel check
 #                               and Qwen-shaped memory traces at 32 and 128 sequences (timings that need a quiet
 #                               GPU, as PART=5, go before or after table rows, never beside them)
-#   PART=x2_wait:               wait for x2's background run, return its results as $OUT/x2.tar.gz
+#   PART=fast (one GPU: GPU $PERF_GPU, default 1; no carry, after a part that installed the wheels): in the
+#                               background (setsid, results in $S/fast) while table rows run on the other GPU:
+#                               original-vs-ours with every configuration of bench/original_search.py --ours,
+#                               calibration scaling, the 8-layer 7B shape with --weight_refine 8 and 1024 coarse
+#                               tokens, and the Qwen-shaped memory trace at 32 sequences
+#   PART=wait BG=x2|fast:       wait for that background run, return its results as $OUT/$BG.tar.gz
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
 S=/tmp/scratch
@@ -32,7 +37,7 @@ setup() {
   install_wheels
   mkdir -p $S && cp .gpu_a/gguf.part1 $S/
 }
-case "${PART:?set PART=setup, setup_qwen, 1 to 5, 3r, multi8, multi32, pair32, x4, x2 or x2_wait}" in
+case "${PART:?set PART=setup, setup_qwen, 1 to 5, 3r, multi8, multi32, pair32, x4, x2, fast or wait}" in
 setup)
   setup
   ;;
@@ -110,9 +115,23 @@ x2_background)
   wait
   date > $OUT/done
   ;;
-x2_wait)
-  until [ -f $S/x2/done ]; do sleep 5; done
-  cat $S/x2/gpu0.log $S/x2/gpu1.log
-  tar -czf $OUT/x2.tar.gz -C $S/x2 .
+fast)
+  mkdir -p $S/fast && rm -f $S/fast/done
+  OUT=$S/fast PART=fast_background setsid bash bench/gpu/perf.sh > $S/fast/background.log 2>&1 < /dev/null &
+  ;;
+fast_background)
+  export CUDA_VISIBLE_DEVICES=${PERF_GPU:-1}
+  step original_search 560 python3 bench/original_search.py --linears q_proj gate_proj down_proj
+  step calib_scaling 400 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
+  mkdir -p $OUT/fast
+  ( export BENCH_RESULTS=$OUT/fast
+    step calib_7b_fast 400 python3 bench/calib_7b.py --layers 8 --weight_refine 8 --coarse_tokens 1024 )
+  step mem_trace_32 240 python3 bench/mem_trace.py --placement single --shape qwen1.5b --layers 4 --calib_size 32
+  date > $OUT/done
+  ;;
+wait)
+  until [ -f $S/${BG:?set BG=x2 or fast}/done ]; do sleep 5; done
+  cat $S/$BG/*.log
+  tar -czf $OUT/$BG.tar.gz -C $S/$BG .
   ;;
 esac

@@ -17,6 +17,7 @@
 #   WAVE=3: FPQ_only_eval (wave 2's parameter file, kept on the warm machine) and the ablations
 #   WAVE=4: the slow ablation (4x the candidates)
 #   ROWS="a b" replaces the wave's rows (WAVE then only names the wave's folder and archive, any number).
+#   ROW_GPUS="0" deals the rows to these GPUs only (default: every GPU), e.g. while a benchmark has another.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
 export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-32} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -40,11 +41,13 @@ fi
 export MODEL gguf
 W=/tmp/scratch/wave$WAVE
 RESULTS=$OUT  # what this call returns; the rows write into $W/out, which outlives the call
-GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-[ "$GPUS" -ge 1 ] || GPUS=1
-export GPUS
+ROW_GPUS=${ROW_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -o '^GPU [0-9]*' | cut -d' ' -f2 | tr '\n' ' ')}
+ROW_GPUS=${ROW_GPUS:-0}
+GPUS=$(echo $ROW_GPUS | wc -w)
+export GPUS ROW_GPUS
 run_row() {  # $1: the row's place in the wave, $2: the row
-  export CUDA_VISIBLE_DEVICES=$(( $1 % GPUS ))
+  local gpus=($ROW_GPUS)
+  export CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % GPUS ))]}
   shift
   if [ "$1" = FPQ_only_eval ]; then  # the file it reads, written (renamed into place) by this or an earlier FPQ row
     params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/FPQ_only_eval.sh")
