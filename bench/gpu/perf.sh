@@ -23,8 +23,8 @@
 #   PART=fast (one GPU: GPU $PERF_GPU, default 1; no carry, after a part that installed the wheels): in the
 #                               background (setsid, results in $S/fast) while table rows run on the other GPU:
 #                               original-vs-ours with every configuration of bench/original_search.py --ours,
-#                               calibration scaling, the 8-layer 7B shape with --weight_refine 8 and 1024 coarse
-#                               tokens, and the Qwen-shaped memory trace at 32 sequences
+#                               calibration scaling, block profiles (default; --weight_refine 8 with 1024 coarse
+#                               tokens), and the Qwen-shaped memory trace at 32 sequences
 #   PART=wait BG=x2|fast:       wait for that background run, return its results as $OUT/$BG.tar.gz
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
@@ -123,9 +123,9 @@ fast_background)
   export CUDA_VISIBLE_DEVICES=${PERF_GPU:-1}
   step original_search 560 python3 bench/original_search.py --linears q_proj gate_proj down_proj
   step calib_scaling 400 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
-  mkdir -p $OUT/fast
-  ( export BENCH_RESULTS=$OUT/fast
-    step calib_7b_fast 400 python3 bench/calib_7b.py --layers 8 --weight_refine 8 --coarse_tokens 1024 )
+  step profile_block 200 python3 bench/profile_block.py | tee $OUT/profile_block.txt
+  step profile_block_fast 200 python3 bench/profile_block.py --weight_refine 8 --coarse_tokens 1024 \
+    | tee $OUT/profile_block_refine8_coarse1024.txt
   step mem_trace_32 240 python3 bench/mem_trace.py --placement single --shape qwen1.5b --layers 4 --calib_size 32
   date > $OUT/done
   ;;
