@@ -1,4 +1,5 @@
-"""One fused Triton kernel for the quantizer of quant_layers/quantize.py (reads x once, writes once).
+"""Fused Triton kernels: the quantizer of quant_layers/quantize.py (reads x once, writes once), and the search's
+weight proxy built on it (`residual_proxy`, at the end of this file).
 
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
@@ -56,6 +57,23 @@ if triton is not None:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
+    def _standard_grid(y, grid_max, MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr):
+        """round_to_grid of float32 y = x * s: saturate to +-grid_max (NaN stays), nearest grid point, ties to even."""
+        clamped = tl.minimum(tl.maximum(y, -grid_max), grid_max)
+        y = tl.where(y != y, y, clamped)
+        magnitude = tl.abs(y)
+        if IS_INT:
+            rounded = _round_half_even(magnitude)
+        else:
+            step_bits = tl.maximum(magnitude.to(tl.int32, bitcast=True) & 0x7F800000, 128 << 23)
+            step_bits = step_bits - (MANTISSA_BITS << 23)
+            step = step_bits.to(tl.float32, bitcast=True)
+            inverse_step = ((254 << 23) - step_bits).to(tl.float32, bitcast=True)
+            rounded = _round_half_even(magnitude * inverse_step) * step
+        sign = y.to(tl.int32, bitcast=True) & -2147483648
+        return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _fake_quantize_kernel(x_ptr, out_ptr, scale_ptr, inverse_ptr, channel_ptr, rows, channels, grid_max,
                               MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr, HAS_CHANNEL: tl.constexpr,
                               ROW_SCALE: tl.constexpr, MODE: tl.constexpr, MANUAL_BF16: tl.constexpr,
@@ -77,20 +95,7 @@ if triton is not None:
         if HAS_CHANNEL:
             multiplier = tl.load(channel_ptr + candidate * channels + col, mask=col_ok, other=1.0)[None, :]
             x = x * multiplier
-        y = x * scale
-        clamped = tl.minimum(tl.maximum(y, -grid_max), grid_max)
-        y = tl.where(y != y, y, clamped)
-        magnitude = tl.abs(y)
-        if IS_INT:
-            rounded = _round_half_even(magnitude)
-        else:
-            step_bits = tl.maximum(magnitude.to(tl.int32, bitcast=True) & 0x7F800000, 128 << 23)
-            step_bits = step_bits - (MANTISSA_BITS << 23)
-            step = step_bits.to(tl.float32, bitcast=True)
-            inverse_step = ((254 << 23) - step_bits).to(tl.float32, bitcast=True)
-            rounded = _round_half_even(magnitude * inverse_step) * step
-        sign = y.to(tl.int32, bitcast=True) & -2147483648
-        grid = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        grid = _standard_grid(x * scale, grid_max, MANTISSA_BITS, IS_INT)
         if MODE == 1:
             if HAS_CHANNEL:  # multiply by the exact reciprocal of a power of two
                 grid = grid * ((254 << 23) - multiplier.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
@@ -161,4 +166,82 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
             rows_per_tile, cols_per_tile, warps = tile
             _fake_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=rows_per_tile, BLOCK_COLS=cols_per_tile,
                                           num_warps=warps)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_proxy_kernel(w_ptr, out_ptr, scale_ptr, inverse_ptr, diagonal_ptr, cross_ptr, basis_ptr, values_ptr,
+                               rows, channels, grid_max, MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr,
+                               RANK: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
+                               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        candidate = tl.program_id(0).to(tl.int64)  # fastest: neighbouring programs read the same weight rows
+        row = tl.program_id(1).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = row < rows
+        scale = tl.load(scale_ptr + candidate * rows + row, mask=row_ok, other=1.0)[:, None]
+        inverse = tl.load(inverse_ptr + candidate * rows + row, mask=row_ok, other=1.0)[:, None]
+        diagonal_part = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        if RANK > 0:
+            projected = tl.zeros((BLOCK_ROWS, RANK), dtype=tl.float32)
+        for start in range(0, channels, BLOCK_COLS):
+            col = start + tl.arange(0, BLOCK_COLS)
+            col_ok = col < channels
+            mask = row_ok[:, None] & col_ok[None, :]
+            offsets = row[:, None] * channels + col[None, :]
+            w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            u = _standard_grid(w * scale, grid_max, MANTISSA_BITS, IS_INT) * inverse - w
+            diagonal = tl.load(diagonal_ptr + col, mask=col_ok, other=0.0)[None, :]
+            cross = tl.load(cross_ptr + offsets, mask=mask, other=0.0)
+            diagonal_part += tl.sum((u * diagonal + 2.0 * cross) * u, axis=1)
+            if RANK > 0:
+                basis = tl.load(basis_ptr + col[:, None] * RANK + tl.arange(0, RANK)[None, :], mask=col_ok[:, None],
+                                other=0.0)
+                if ROUND_BF16:  # to nearest even by hand: the interpreter's cast truncates (the same bits on CUDA)
+                    bits = u.to(tl.int32, bitcast=True)
+                    u = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                if DOT_FP32:  # float32 operands (bfloat16-rounded ones stay exact), no TF32 rounding
+                    projected = tl.dot(u, basis.to(tl.float32), projected, input_precision="ieee")
+                else:
+                    projected = tl.dot(u.to(tl.bfloat16), basis, projected)
+        result = diagonal_part
+        if RANK > 0:
+            values = tl.load(values_ptr + tl.arange(0, RANK))[None, :]
+            result += tl.sum(projected * projected * values, axis=1)
+        tl.store(out_ptr + candidate * rows + row, result, mask=row_ok)
+
+
+RESIDUAL_PROXY_TILE = (64, 64, 4)  # (BLOCK_ROWS, BLOCK_COLS, num_warps), fixed: the sums' order never changes
+
+
+def residual_proxy(weight: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
+                   diagonal: torch.Tensor, cross: torch.Tensor, basis: torch.Tensor, values: torch.Tensor
+                   ) -> torch.Tensor:
+    """P[c, o] = sum_k values_k (u . basis_k)^2 + sum_i u_i (diagonal_i u_i + 2 cross[o, i]) for the weight residuals
+    u = q(W[o]) - W[o] of candidate c, computed tile by tile without storing u (see quantize.residual_proxy).
+
+    weight [out, in]; scale, inverse [C, out] float32; diagonal [in] float32; cross [out, in] float32; basis [in, rank]
+    (u is rounded to its dtype for the projection); values [rank] float32. Returns [C, out] float32.
+    """
+    rows, channels = weight.shape
+    candidates = scale.shape[0]
+    rank = basis.shape[1]
+    padded = 0 if rank == 0 else max(16, 1 << (rank - 1).bit_length())  # tl.dot: a power of two, at least 16
+    device = weight.device
+    if padded:
+        basis = torch.nn.functional.pad(basis, (0, padded - rank)).contiguous()
+        values = torch.nn.functional.pad(values.float(), (0, padded - rank)).contiguous()
+    else:
+        basis, values = diagonal, diagonal  # unused
+    out = torch.empty(candidates, rows, dtype=torch.float32, device=device)
+    block_rows, block_cols, warps = RESIDUAL_PROXY_TILE
+    grid = (candidates, triton.cdiv(rows, block_rows))
+    with torch.cuda.device(device) if weight.is_cuda else contextlib.nullcontext():
+        _residual_proxy_kernel[grid](
+            weight.contiguous(), out, scale.float().contiguous(), inverse.float().contiguous(),
+            diagonal.float().contiguous(), cross.float().contiguous(), basis, values, rows, channels, fmt.grid_max,
+            MANTISSA_BITS=fmt.mantissa_bits, IS_INT=fmt.kind == "int", RANK=padded,
+            ROUND_BF16=bool(padded) and basis.dtype == torch.bfloat16,
+            DOT_FP32=_interpreted() or basis.dtype != torch.bfloat16,  # the interpreter's bfloat16 dot is wrong
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
     return out

@@ -170,3 +170,20 @@ def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Te
         return kernels.fake_quantize(weight, fmt, scale, inverse, None, kernels.RESIDUAL, dtype=dtype)
     weight = weight.float()
     return (quantize(weight, fmt, max_value.unsqueeze(-1)) - weight).to(dtype)
+
+
+def residual_proxy(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, diagonal: torch.Tensor,
+                   cross: torch.Tensor, basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """P[c, o] = sum_k values_k (u . basis[:, k])^2 + sum_i u_i (diagonal_i u_i + 2 cross[o, i]), u = q(W[o]) - W[o]
+    under candidate range max_value[c, o]: the quadratic form u^T (B diag(values) B^T + diag(diagonal)) u + 2 u.cross.
+
+    weight [out, in]; max_value [C, out]; diagonal [in]; cross [out, in]; basis [in, rank] (u is rounded to its dtype
+    before the projection, as a product in that dtype would); values [rank]. Returns [C, out] float32. One fused
+    kernel on CUDA that never stores u; here the reference, in float32.
+    """
+    if kernels.enabled(weight):
+        scale, inverse = grid_scale(fmt, max_value, weight.device), grid_inverse(fmt, max_value, weight.device)
+        return kernels.residual_proxy(weight, fmt, scale, inverse, diagonal, cross, basis, values)
+    u = weight_residuals(weight, fmt, max_value, torch.float32)
+    projected = u.to(basis.dtype).float() @ basis.float()
+    return projected.square() @ values.float() + ((u * diagonal.float() + 2 * cross.float()) * u).sum(-1)

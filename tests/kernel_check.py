@@ -14,9 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quant_layers import kernels  # noqa: E402
 from quant_layers.formats import fp_format, formats_of_width, int_format  # noqa: E402
 from quant_layers.quantize import (activation_scales, grid_candidates, quantize_activation,  # noqa: E402
-                                   weight_residuals)
+                                   residual_proxy, weight_residuals)
 
 FORMATS = formats_of_width(4) + [int_format(4), int_format(8), fp_format(4, 3), fp_format(5, 2), fp_format(2, 3)]
+PROXY_CASES = [(fmt, rank, dtype) for fmt in formats_of_width(4) + [int_format(4)] for rank in (0, 5, 32)
+               for dtype in (torch.float32, torch.bfloat16)]  # the weight proxy: float sums, checked to 1e-5
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -96,8 +98,8 @@ def main(device: str) -> None:
             exact = same_bits(got, want) if device == "cpu" else residual_close(got, want, weight, out_dtype)
             if got.dtype != want.dtype or not exact:
                 mismatches.append(f"residual {fmt} {weight_dtype} -> {out_dtype}" + first_difference(got, want))
-    checked += len(kernels.TILES)
-    mismatches += tile_mismatches(device, g)
+    checked += len(kernels.TILES) + len(PROXY_CASES)
+    mismatches += tile_mismatches(device, g) + proxy_mismatches(device, g)
     if device == "cuda" and torch.cuda.device_count() > 1:
         checked += 1
         if not second_gpu_matches():
@@ -117,6 +119,27 @@ def tile_mismatches(device: str, g: torch.Generator) -> list[str]:
         got = kernels.fake_quantize(x, fmt, scale, inverse, shift, kernels.FAKE, tile=tile)[0]
         if not same_bits(got, want):
             mismatches.append(f"tile {tile}" + first_difference(got, want))
+    return mismatches
+
+
+def proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
+    """The fused weight proxy equals its reference up to float32 summation order (rows and inputs cut unevenly by
+    its tiles): |got - want| <= 1e-5 x the sum of the magnitudes of its terms."""
+    weight = torch.randn(70, 150, generator=g) * torch.exp2(torch.randint(-3, 3, (70, 1), generator=g).float())
+    ranges = (torch.rand(4, 70, generator=g) * 3 + 0.1) * weight.abs().amax(1)
+    diagonal, cross = torch.rand(150, generator=g), torch.randn(70, 150, generator=g)
+    basis_full, values_full = torch.linalg.qr(torch.randn(150, 32, generator=g)).Q, torch.rand(32, generator=g) * 10
+    mismatches = []
+    for fmt, rank, dtype in PROXY_CASES:
+        w, basis = weight.to(device=device, dtype=dtype), basis_full[:, :rank].to(device=device, dtype=dtype)
+        args = (fmt, ranges.to(device), diagonal.to(device), cross.to(device), basis, values_full[:rank].to(device))
+        got, want = residual_proxy(w, *args), reference(residual_proxy, w, *args)
+        u = reference(weight_residuals, w.float(), fmt, args[1], torch.float32)
+        size = ((u.to(dtype).float() @ basis.float()).square() @ args[5] + (u.square() * args[2]
+                + 2 * (u * args[3]).abs()).sum(-1))
+        if got.shape != want.shape or not bool(((got - want).abs() <= 1e-5 * size + 1e-30).all()):
+            worst = float(((got - want).abs() / size.clamp(min=1e-30)).max())
+            mismatches.append(f"proxy {fmt} rank {rank} {dtype}: relative difference {worst:.2e}")
     return mismatches
 
 

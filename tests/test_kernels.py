@@ -18,9 +18,10 @@ def test_kernel_equals_reference_under_interpreter():
     done = subprocess.run([sys.executable, str(SCRIPT), "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    from kernel_check import PROXY_CASES
     from quant_layers.kernels import TILES
 
-    assert report["checked"] == 8 * (3 * 6 + 3) + len(TILES)
+    assert report["checked"] == 8 * (3 * 6 + 3) + len(TILES) + len(PROXY_CASES)
     assert report["mismatches"] == []
 
 

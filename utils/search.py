@@ -41,8 +41,10 @@ from functools import lru_cache
 
 import torch
 
+from quant_layers import kernels
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, formats_of_width, max_from_exponent_bias
-from quant_layers.quantize import abs_max, grid_candidates, grid_scale, quantize, round_to_grid, weight_residuals
+from quant_layers.quantize import (abs_max, grid_candidates, grid_scale, quantize, residual_proxy, round_to_grid,
+                                   weight_residuals)
 
 TINY = 1e-30  # floor for ranges: an all-zero row or tensor keeps a finite scale
 
@@ -224,15 +226,14 @@ class LinearProblem:
         scale = grid_scale(fmt, max_value, self.weight.device).unsqueeze(-1)
         return round_to_grid(self.weight, fmt, scale), scale
 
-    def _residual_slices(self, fmt: QuantFormat, candidates: torch.Tensor):
-        """(candidate slice, row slice, u = q(W) - W [c, o, in] in the compute dtype) over candidates [C, out],
-        within the budget (16 bytes per weight element: u, u G and their product); a candidate over budget
-        (lm_head) goes in row slices."""
-        rows_per_step = self.budget.rows(self.in_features * 16)
+    def _weight_slices(self, candidates: int, bytes_per_element: int = 16):
+        """(candidate slice, row slice) pairs covering [candidates, out] whose [c, o, in] working set fits the budget
+        at `bytes_per_element` (u, u G and their product: 16); a candidate over budget (lm_head) goes in row slices."""
+        rows_per_step = self.budget.rows(self.in_features * bytes_per_element)
         out_step = min(self.out_features, rows_per_step)
-        for cands in _chunks(candidates.shape[0], max(1, rows_per_step // self.out_features)):
+        for cands in _chunks(candidates, max(1, rows_per_step // self.out_features)):
             for outs in _chunks(self.out_features, out_step):
-                yield cands, outs, weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)
+                yield cands, outs
 
     def weight_losses(self, fmt: QuantFormat, candidates: torch.Tensor, state: LinearState) -> torch.Tensor:
         """Per-row loss [C, out] (summed over tokens, not normalized) of weight candidates [C, out], with the
@@ -242,7 +243,8 @@ class LinearProblem:
             return self._weight_losses_direct(fmt, candidates, acts)
         gram, v, const = self._weight_stats(acts)
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
-        for cands, outs, u in self._residual_slices(fmt, candidates):
+        for cands, outs in self._weight_slices(candidates.shape[0]):
+            u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)  # q(W) - W
             ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
             losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
         return losses
@@ -251,18 +253,19 @@ class LinearProblem:
                             ) -> torch.Tensor:
         """A proxy [C, out] of `weight_losses` for ranking, at C x out x in x (rank + 1) instead of C x out x in^2:
         G is replaced by E diag(l) E^T + diag(G - E diag(l) E^T), with E [in, rank] an orthonormal basis of G's
-        leading eigenvectors (subspace iteration from a seeded start) and l their Rayleigh quotients. Quadratic-form
-        path only (tokens >= in)."""
+        leading eigenvectors (subspace iteration from a seeded start) and l their Rayleigh quotients
+        (`quantize.residual_proxy`: one fused kernel on CUDA that never stores the residuals). Quadratic-form path
+        only (tokens >= in)."""
         gram, v, const = self._weight_stats(self._stats_acts(state))
         basis, values = _leading_eigenpairs(gram.float(), rank)
         diagonal = gram.float().diagonal() - (basis.square() * values).sum(-1)
         basis_c = basis.to(self.dtype)
+        if kernels.enabled(self.weight):  # nothing [C, out, in] is stored: one call
+            return residual_proxy(self.weight, fmt, candidates, diagonal, v, basis_c, values) + const
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
-        for cands, outs, u in self._residual_slices(fmt, candidates):
-            projected = mm32(u.view(-1, self.in_features), basis_c).view(*u.shape[:2], -1)
-            u32 = u.float()
-            losses[cands, outs] = (projected.square() @ values + (u32 * diagonal + 2 * v[outs]).mul_(u32).sum(-1)
-                                   + const[outs])
+        for cands, outs in self._weight_slices(candidates.shape[0]):
+            losses[cands, outs] = residual_proxy(self.weight[outs], fmt, candidates[cands, outs], diagonal, v[outs],
+                                                 basis_c, values) + const[outs]
         return losses
 
     def release_weight_stats(self) -> None:
