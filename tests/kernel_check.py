@@ -1,4 +1,5 @@
-"""Compare the Triton kernel with the PyTorch reference bit for bit; prints one JSON line of mismatches.
+"""Compare the Triton kernels with the PyTorch reference (the quantizer bit for bit, the weight proxy up to float32
+summation order); prints one JSON line of mismatches.
 
 Run as a script (under TRITON_INTERPRET=1 on CPU, or on CUDA); tests/test_kernels.py runs it.
 """
@@ -98,8 +99,8 @@ def main(device: str) -> None:
             exact = same_bits(got, want) if device == "cpu" else residual_close(got, want, weight, out_dtype)
             if got.dtype != want.dtype or not exact:
                 mismatches.append(f"residual {fmt} {weight_dtype} -> {out_dtype}" + first_difference(got, want))
-    checked += len(kernels.TILES) + len(PROXY_CASES)
-    mismatches += tile_mismatches(device, g) + proxy_mismatches(device, g)
+    checked += len(kernels.TILES) + len(PROXY_CASES) + 1
+    mismatches += tile_mismatches(device, g) + proxy_mismatches(device, g) + search_proxy_mismatches(device, g)
     if device == "cuda" and torch.cuda.device_count() > 1:
         checked += 1
         if not second_gpu_matches():
@@ -141,6 +142,24 @@ def proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
             worst = float(((got - want).abs() / size.clamp(min=1e-30)).max())
             mismatches.append(f"proxy {fmt} rank {rank} {dtype}: relative difference {worst:.2e}")
     return mismatches
+
+
+def search_proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
+    """The search's proxy-ranked losses (utils/search.py) through the kernel equal those of its sliced reference."""
+    from utils.search import Budget, LinearProblem, SearchSpace, minmax_state
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(300, 96, generator=g).to(device=device, dtype=dtype)
+    weight = torch.randn(40, 96, generator=g).to(device=device, dtype=dtype)
+    problem = LinearProblem(x, weight, Budget(96 * 16 * 8))  # reference in slices of 8 rows
+    fmt = fp_format(2, 1)
+    state = minmax_state(problem, fmt, fmt)
+    candidates = SearchSpace(0.01, 1.2, 12).candidates(fmt, problem.weight_absmax)
+    got = problem.weight_proxy_losses(fmt, candidates, state, 8)
+    want = reference(problem.weight_proxy_losses, fmt, candidates, state, 8)
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
+        return [f"search proxy: largest difference {float((got - want).abs().max()):.3e}"]
+    return []
 
 
 def second_gpu_matches() -> bool:

@@ -226,10 +226,10 @@ class LinearProblem:
         scale = grid_scale(fmt, max_value, self.weight.device).unsqueeze(-1)
         return round_to_grid(self.weight, fmt, scale), scale
 
-    def _weight_slices(self, candidates: int, bytes_per_element: int = 16):
+    def _weight_slices(self, candidates: int):
         """(candidate slice, row slice) pairs covering [candidates, out] whose [c, o, in] working set fits the budget
-        at `bytes_per_element` (u, u G and their product: 16); a candidate over budget (lm_head) goes in row slices."""
-        rows_per_step = self.budget.rows(self.in_features * bytes_per_element)
+        at 16 bytes per element (u, u G and their product); a candidate over budget (lm_head) goes in row slices."""
+        rows_per_step = self.budget.rows(self.in_features * 16)
         out_step = min(self.out_features, rows_per_step)
         for cands in _chunks(candidates, max(1, rows_per_step // self.out_features)):
             for outs in _chunks(self.out_features, out_step):
