@@ -175,7 +175,7 @@ READING = {"SmolLM2-135M": [
     "the search itself (sequential calibration, bias candidates, 4x the calibration data, 4x the candidates, an "
     "8-bit embedding) moves held-out perplexity by 6 to 17% and the informative average by less than a point. "
     "400 candidates per step (a grid that holds the 100-value one) made held-out perplexity worse, 119.6 against "
-    "102.2, though lambada's improved (1614 against 2038) and the informative average moved by +0.08; in the small "
+    "102.2, though lambada's perplexity improved (1614 against 2038) and the informative average moved by +0.08; in the small "
     "CPU probe below, where 9 candidates are a coarse grid, 4x the candidates lowered the searched MSE of 99.5% of "
     "the Linears and held-out perplexity from 119.4 to 99.4. At the paper's 100 candidates the grid is no longer "
     "what limits the search. What does move it is "
