@@ -277,6 +277,32 @@ def test_weight_proxy_with_a_full_basis_is_the_exact_loss():
     assert (diagonal_only - exact).abs().max() > 1e-2 * exact.abs().max()  # off-diagonal terms matter here
 
 
+def test_proxy_eigenvectors_computed_once_per_weight_step(monkeypatch):
+    """Every weight format of a step ranks with the same G: its eigenvectors are found once per step (rounds x 1,
+    not rounds x formats), and the search ends where recomputing them for every format would."""
+    import utils.search as search
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    w = torch.randn(12, 16, generator=g)
+    space = SearchSpace(0.01, 1.2, 12, weight_refine=3, proxy_rank=4)
+    cached_terms = LinearProblem._proxy_terms
+
+    def fresh_terms(self, gram, rank):  # no cache: a new computation for every format
+        self._proxy = ()
+        return cached_terms(self, gram, rank)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LinearProblem, "_proxy_terms", fresh_terms)
+        uncached, _ = search_linear(LinearProblem(x, w, Budget(1 << 22)), E2M1, E2M1, space, 2, True)
+    calls = []
+    eigenpairs = search._leading_eigenpairs
+    monkeypatch.setattr(search, "_leading_eigenpairs", lambda *args: calls.append(1) or eigenpairs(*args))
+    cached, _ = search_linear(LinearProblem(x, w, Budget(1 << 22)), E2M1, E2M1, space, 2, True)
+    assert len(calls) == 2
+    assert cached.loss == uncached.loss and torch.equal(cached.weight_max_value, uncached.weight_max_value)
+
+
 @pytest.mark.parametrize("shifts", [False, True])
 def test_proxy_ranked_weight_step(shifts):
     """Re-scoring every candidate equals the exhaustive search; re-scoring a few is never worse than MinMax and,

@@ -208,6 +208,7 @@ class LinearProblem:
         self._stats_key: tuple | None = None
         self._stats_for: ActCandidates | None = None
         self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple = ()
+        self._proxy: tuple = ()  # (rank, basis, values, diagonal) of the current G, see `_proxy_terms`
 
     def normalize(self, loss: torch.Tensor) -> torch.Tensor:
         return loss / (self.tokens * self.out_features)
@@ -257,8 +258,7 @@ class LinearProblem:
         (`quantize.residual_proxy`: one fused kernel on CUDA that never stores the residuals). Quadratic-form path
         only (tokens >= in)."""
         gram, v, const = self._weight_stats(self._stats_acts(state))
-        basis, values = _leading_eigenpairs(gram.float(), rank)
-        diagonal = gram.float().diagonal() - (basis.square() * values).sum(-1)
+        basis, values, diagonal = self._proxy_terms(gram, rank)
         basis_c = basis.to(self.dtype)
         if kernels.enabled(self.weight):  # nothing [C, out, in] is stored: one call
             return residual_proxy(self.weight, fmt, candidates, diagonal, v, basis_c, values) + const
@@ -268,10 +268,18 @@ class LinearProblem:
                                                  basis_c, values) + const[outs]
         return losses
 
+    def _proxy_terms(self, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E [in, rank], l [rank], diag(G - E diag(l) E^T) [in]) of the current G, kept with it: every weight format
+        of a step ranks with the same G."""
+        if not self._proxy or self._proxy[0] != rank:
+            basis, values = _leading_eigenpairs(gram.float(), rank)
+            self._proxy = (rank, basis, values, gram.float().diagonal() - (basis.square() * values).sum(-1))
+        return self._proxy[1:]
+
     def release_weight_stats(self) -> None:
         """Free G, V and c (V is [out, in] float32: 0.9 GiB for Qwen's lm_head) before a step that does not use
         them; the next weight step recomputes them, to the same values."""
-        self._stats_key, self._stats_for, self._stats = None, None, ()
+        self._stats_key, self._stats_for, self._stats, self._proxy = None, None, (), ()
 
     def _stats_acts(self, state: LinearState) -> ActCandidates:
         """The activation quantizer of state as one candidate; the same object for the same quantizer, so
@@ -281,7 +289,7 @@ class LinearProblem:
                 a is not b for a, b in zip(key[1:], self._stats_key[1:])):
             self._stats_key = key
             self._stats_for = ActCandidates.of_state(state)
-            self._stats = ()
+            self._stats, self._proxy = (), ()
         return self._stats_for
 
     def _weight_stats(self, acts: ActCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
