@@ -8,8 +8,8 @@
 #                               8-layer 7B-shape calibration, a profile of one block's search
 #   PART=2 (no carry):          32-layer 7B-shape calibration
 #   PART=3 (carry .whl .gpu_a): wheels, first GGUF piece, original-vs-ours on one Linear of each shape
-#   PART=3r (no carry, after a part that installed the wheels): original-vs-ours with our --weight_refine 8, as
-#                               calib_speedup_vs_original_refine8.json, and the 32-layer 7B shape with it
+#   PART=3r (no carry):         the 32-layer 7B shape with --weight_refine 8 --act_coarse_tokens 1024 (into
+#                               $OUT/cheaper_steps; original-vs-ours times these flags in PART=3 and PART=fast)
 #   PART=4 (carry .gpu_b):      join the SmolLM2 GGUF, evaluation throughput (right after PART=3: warm machine)
 #   PART=5 (no carry):          calibration scaling
 #   PART=multi8 / multi32:      (several GPUs) calibration split over the GPUs, time and per-GPU peak memory
@@ -62,11 +62,9 @@ setup_qwen)
   step original_search 240 python3 bench/original_search.py --linears q_proj gate_proj down_proj
   ;;
 3r)
-  step original_search_refine 420 python3 bench/original_search.py --linears q_proj gate_proj down_proj \
-    --weight_refine 8
-  mv $OUT/calib_speedup_vs_original.json $OUT/calib_speedup_vs_original_refine8.json
-  mkdir -p $OUT/refine8
-  ( export BENCH_RESULTS=$OUT/refine8; step calib_7b_refine 590 python3 bench/calib_7b.py --layers 32 --weight_refine 8 )
+  mkdir -p $OUT/cheaper_steps
+  ( export BENCH_RESULTS=$OUT/cheaper_steps
+    step calib_7b_cheaper 590 python3 bench/calib_7b.py --layers 32 --weight_refine 8 --coarse_tokens 1024 )
   ;;
 4)
   source bench/gpu/join_smollm2.sh
