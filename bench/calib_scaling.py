@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search, write_result
+from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_model, write_result
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
 from utils.search import LinearProblem, SearchSpace, search_linear
@@ -32,16 +32,6 @@ def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: 
     return time.perf_counter() - start
 
 
-def warm_up(model, seqlen: int) -> None:
-    """Autotune and compile before timing, on block 0's Linears (warm_up_search: in + 64 rows each)."""
-    widest = max(model.config.hidden_size, model.config.intermediate_size)
-    ids = torch.randint(0, model.config.vocab_size, (-(-(widest + 64) // seqlen), seqlen),
-                        generator=torch.Generator().manual_seed(1))
-    block, linears, hidden, kwargs = first_block(model, ids)
-    _, inputs = _capture(block, hidden, kwargs, linears)
-    warm_up_search(linears, inputs, default_budget(hidden.device))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
@@ -51,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(1, device, **({} if device == "cuda" else TINY_SHAPE))
-    warm_up(model, args.seqlen)
+    warm_up_model(model, args.seqlen, default_budget(device))  # no timed run pays Triton's autotuning
     by_size = {size: block_seconds(model, size, args.seqlen, 100, args.rounds) for size in args.sizes}
     print("by calib size (x seqlen tokens), 100 candidates:", by_size, flush=True)
     by_candidates = {count: block_seconds(model, 32, args.seqlen, count, args.rounds) for count in args.candidates}

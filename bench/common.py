@@ -117,3 +117,16 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
         for weight_refine in (0, 2):  # the exact weight step, then the proxy-ranked one (--weight_refine)
             space = SearchSpace(0.5, 1.2, 4, weight_refine=weight_refine)
             search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 1, True)
+
+
+def warm_up_model(model, seqlen: int, budget) -> None:
+    """`warm_up_search` on block 0 of model, from just enough random sequences of seqlen tokens to give its widest
+    Linear in + 64 input rows."""
+    from utils.quant_calib import _capture
+
+    widest = max(model.config.hidden_size, model.config.intermediate_size)
+    ids = torch.randint(0, model.config.vocab_size, (-(-(widest + 64) // seqlen), seqlen),
+                        generator=torch.Generator().manual_seed(1))
+    block, linears, hidden, kwargs = first_block(model, ids)
+    _, inputs = _capture(block, hidden, kwargs, linears)
+    warm_up_search(linears, inputs, budget)
