@@ -52,7 +52,7 @@ def run(layers: int, args) -> dict:
     ids = torch.randint(0, vocab, (args.calib_size, args.seqlen), generator=torch.Generator().manual_seed(0))
     settings = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
                              SearchSpace(0.01, 1.2, args.candidates, coarse_tokens=args.coarse_tokens,
-                                         weight_refine=args.weight_refine),
+                                         refine=args.act_refine, weight_refine=args.weight_refine),
                              args.rounds, offload_device=device if args.offload else None)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -84,7 +84,8 @@ def summarize(folder: Path) -> None:
     largest = runs[-1]
     shapes = {key: largest[key] for key in ("config", "calib_tokens", "rounds", "candidates", "formats",
                                               "act_coarse_tokens", "offload")}
-    shapes["weight_refine"] = largest.get("weight_refine", 0)  # run files from before the option: 0
+    shapes["weight_refine"] = largest.get("weight_refine", 0)  # run files from before the options: 0 and 8
+    shapes["act_refine"] = largest.get("act_refine", 8)
     shapes["runs"] = [{k: r.get(k) for k in RUN_KEYS} for r in runs]
     env = {"device": largest["device"], "torch": largest["torch"], "triton": largest["triton"],
            "command": largest["command"]}
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--coarse_tokens", type=int, default=4096)
     parser.add_argument("--weight_refine", type=int, default=0, help="main.py's --weight_refine (0: exact weight step)")
+    parser.add_argument("--act_refine", type=int, default=8, help="main.py's --act_refine")
     parser.add_argument("--no_offload", dest="offload", action="store_false")
     parser.add_argument("--summarize", action="store_true",
                         help="only (re)write the target files from the run files already in the results folder")
@@ -117,8 +119,8 @@ def main() -> None:
         record = {**result, "config": {**LLAMA_7B}, "calib_tokens": [args.calib_size, args.seqlen],
                   "rounds": args.rounds, "candidates": args.candidates,
                   "formats": "E3M0/E2M1/E1M2 weights and activations, W4A4E4 FPQ",
-                  "act_coarse_tokens": args.coarse_tokens, "weight_refine": args.weight_refine,
-                  "offload": args.offload, **environment()}
+                  "act_coarse_tokens": args.coarse_tokens, "act_refine": args.act_refine,
+                  "weight_refine": args.weight_refine, "offload": args.offload, **environment()}
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"calib_7b_L{layers}.json").write_text(json.dumps(record, indent=2) + "\n")
     summarize(folder)

@@ -16,14 +16,17 @@ max-multiplier candidates; the opt-in cheaper weight and activation steps), and 
 under each, evaluated the same way. The headline ratio is the fastest configuration whose loss is not above
 the original's on every measured Linear; every configuration's ratio and losses are written. Every block of
 the original costs the same (each capture is a full forward), so the ratio of block times is the ratio for
-the whole model; the whole-model figure for the original is extrapolated (32 x block 0) and said so.
+the whole model; the whole-model figure for the original is extrapolated (32 x block 0) and said so. With
+--repeats N every time is taken N times (each run: the original, then each of ours) and the ratio written is the
+median of the runs' ratios, with every run's kept.
 
-    python bench/original_search.py
+    python bench/original_search.py [--linears q_proj gate_proj down_proj] [--repeats 3] [--ours max max:8:1024:2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -114,11 +117,16 @@ def main() -> None:
                         help="run the original on these Linears of block 0 only (e.g. q_proj gate_proj down_proj, one "
                              "of each shape) and extrapolate its block time: every other Linear costs what the "
                              "measured one of its shape cost")
-    parser.add_argument("--ours", nargs="+", default=["bias", "max", "max:8", "max:8:1024"],
-                        help="our configurations, each SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS]] (main.py's "
-                             "--search_space, --weight_refine, --act_coarse_tokens; defaults max, 0, 4096); 'bias' "
-                             "is the original's candidate space, the same search")
+    parser.add_argument("--ours", nargs="+", default=["bias", "max", "max:8", "max:8:1024", "max:8:1024:2"],
+                        help="our configurations, each SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS[:ACT_REFINE]]] "
+                             "(main.py's --search_space, --weight_refine, --act_coarse_tokens, --act_refine; defaults "
+                             "max, 0, 4096, 8); 'bias' is the original's candidate space, the same search")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time the original and each configuration this many times (each run: the original, then "
+                             "ours); the ratio written is the median of the runs' ratios")
     args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     configurations = {spec: parse_configuration(spec, args.candidates) for spec in args.ours}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(args.layers, device, **({} if device == "cuda" else TINY_SHAPE))
@@ -130,37 +138,39 @@ def main() -> None:
     measured = [n for n in linears if args.linears is None or n.rsplit(".", 1)[-1] in args.linears]
     if {tuple(m.weight.shape) for m in linears.values()} - {tuple(linears[n].weight.shape) for n in measured}:
         raise SystemExit("error: --linears must cover every weight shape of the block")
-    originals, original_per_linear = {}, {}
-    for name in measured:
-        synchronize()
-        start = time.perf_counter()
-        inputs, outputs = capture_by_full_forward(model, linears[name], ids)
-        originals[name] = original_search(linears[name], inputs, outputs, candidates, args.rounds)
-        del inputs, outputs
-        synchronize()
-        original_per_linear[name] = time.perf_counter() - start
-        print(f"original: {name} took {original_per_linear[name]:.1f} s", flush=True)
-    shape_seconds = {tuple(linears[n].weight.shape): s for n, s in original_per_linear.items()}
-    estimated = {n: shape_seconds[tuple(m.weight.shape)] for n, m in linears.items() if n not in measured}
-    original_seconds = sum(original_per_linear.values()) + sum(estimated.values())
-
-    # Ours on the same block: the hidden states entering block 0, one capture pass, our search, once per
-    # configuration (--ours): the original's candidate space (bias multipliers: the same search), our default
-    # (max multipliers), and the opt-in cheaper steps (--weight_refine, --act_coarse_tokens).
     budget = default_budget(device)
     warm_up_model(model, args.seqlen, budget)  # no timed run pays the kernels' one-time autotuning
-    ours, seconds = {}, {}
-    for spec, space in configurations.items():
-        synchronize()
-        start = time.perf_counter()
-        _, inputs = _capture(block, hidden, block_kwargs, linears)
-        for name, module in linears.items():
-            problem = LinearProblem(inputs[name], module.weight.detach(), budget)
-            ours[spec, name], _ = search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, args.rounds,
-                                                shifts=True)
-        synchronize()
-        seconds[spec] = time.perf_counter() - start
-        print(f"ours ({spec}): block 0 took {seconds[spec]:.1f} s", flush=True)
+    originals, original_runs, ours, our_runs = {}, [], {}, {spec: [] for spec in configurations}
+    for repeat in range(args.repeats):  # the original, then each of ours: drift between runs touches both
+        per_linear = {}
+        for name in measured:
+            synchronize()
+            start = time.perf_counter()
+            inputs, outputs = capture_by_full_forward(model, linears[name], ids)
+            originals[name] = original_search(linears[name], inputs, outputs, candidates, args.rounds)
+            del inputs, outputs
+            synchronize()
+            per_linear[name] = time.perf_counter() - start
+            print(f"run {repeat + 1}/{args.repeats}, original: {name} took {per_linear[name]:.1f} s", flush=True)
+        shape_seconds = {tuple(linears[n].weight.shape): s for n, s in per_linear.items()}
+        estimated = {n: shape_seconds[tuple(m.weight.shape)] for n, m in linears.items() if n not in measured}
+        original_runs.append({"seconds": sum(per_linear.values()) + sum(estimated.values()),
+                              "measured": per_linear, "estimated_from_same_shape": estimated})
+        # Ours on the same block: the hidden states entering block 0, one capture pass, our search, once per
+        # configuration (--ours).
+        for spec, space in configurations.items():
+            synchronize()
+            start = time.perf_counter()
+            _, inputs = _capture(block, hidden, block_kwargs, linears)
+            for name, module in linears.items():
+                problem = LinearProblem(inputs[name], module.weight.detach(), budget)
+                ours[spec, name], _ = search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, args.rounds,
+                                                    shifts=True)
+            synchronize()
+            our_runs[spec].append(time.perf_counter() - start)
+            print(f"run {repeat + 1}/{args.repeats}, ours ({spec}): block 0 took {our_runs[spec][-1]:.1f} s",
+                  flush=True)
+    original_seconds = [run["seconds"] for run in original_runs]
     losses = {}
     for name in measured:
         problem = LinearProblem(inputs[name], linears[name].weight.detach(), budget)
@@ -169,44 +179,54 @@ def main() -> None:
     results = {}
     for spec in configurations:
         not_worse = sum(v[spec] <= v["original"] * (1 + 1e-6) for v in losses.values())
-        results[spec] = {"seconds": seconds[spec], "speedup": original_seconds / seconds[spec],
+        ratios = [o / t for o, t in zip(original_seconds, our_runs[spec])]
+        results[spec] = {"seconds": statistics.median(our_runs[spec]), "seconds_per_run": our_runs[spec],
+                         "speedup": statistics.median(ratios), "speedup_per_run": ratios,
                          "mean_mse_over_original": sum(v[spec] / v["original"] for v in losses.values()) / len(losses),
                          "layers_with_mse_not_above_original": f"{not_worse}/{len(losses)}",
                          "mse_not_above_original": not_worse == len(losses)}
     print({"original_block_seconds": original_seconds, "ours": results, "losses": losses}, flush=True)
     # the headline: the fastest configuration whose MSE is not above the original's on every measured Linear
     eligible = [spec for spec in configurations if results[spec]["mse_not_above_original"]]
-    headline = min(eligible, key=lambda spec: seconds[spec]) if eligible else args.ours[0]
+    headline = min(eligible, key=lambda spec: results[spec]["seconds"]) if eligible else args.ours[0]
     speedup = results[headline]["speedup"]
     shapes = {"config": {**LLAMA_7B, "num_hidden_layers": args.layers}, "calib_tokens": [args.calib_size, args.seqlen],
-              "rounds": args.rounds, "candidates": args.candidates, "measured_on": "block 0 (7 Linears)"}
+              "rounds": args.rounds, "candidates": args.candidates, "measured_on": "block 0 (7 Linears)",
+              "runs": args.repeats}
     write_result("calib_speedup_vs_original", speedup, "x", ">= 30x, equal or lower final layer MSE",
                  speedup >= 30 and results[headline]["mse_not_above_original"], shapes,
                  {"headline_configuration": headline,
-                  "headline_rule": "the fastest of our configurations whose final MSE is not above the original's "
-                                   "on every measured Linear",
+                  "headline_rule": "the fastest (median over runs) of our configurations whose final MSE is not above "
+                                   "the original's on every measured Linear; value: the median over runs of the "
+                                   "original's block time over ours, each run timing the original and then ours",
                   "configurations": {spec: describe(space) for spec, space in configurations.items()},
-                  "original_block0_seconds": original_seconds, "our_block0_seconds": seconds[headline],
-                  "original_seconds_measured": original_per_linear,
-                  "original_seconds_estimated_from_same_shape": estimated,
-                  "original_whole_model_seconds_extrapolated": original_seconds * args.layers,
+                  "original_block0_seconds": statistics.median(original_seconds),
+                  "original_block0_seconds_per_run": original_seconds,
+                  "our_block0_seconds": results[headline]["seconds"],
+                  "original_runs": original_runs,
+                  "original_whole_model_seconds_extrapolated": statistics.median(original_seconds) * args.layers,
                   "ours": results, "losses": losses})
 
 
 def parse_configuration(spec: str, candidates: int) -> SearchSpace:
-    """'SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS]]', e.g. 'bias', 'max', 'max:8:1024' -> our search space."""
+    """'SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS[:ACT_REFINE]]]', e.g. 'bias', 'max:8:1024:2' -> our search space."""
     parts = spec.split(":")
-    if parts[0] not in ("bias", "max") or len(parts) > 3 or not all(p.isdigit() for p in parts[1:]):
-        raise SystemExit(f"error: --ours {spec!r}: expected SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS]], SPACE bias|max")
-    weight_refine = int(parts[1]) if len(parts) > 1 else 0
-    coarse_tokens = int(parts[2]) if len(parts) > 2 else SearchSpace.coarse_tokens
-    return SearchSpace(0.01, 1.2, candidates, space=parts[0], coarse_tokens=coarse_tokens, weight_refine=weight_refine)
+    if parts[0] not in ("bias", "max") or len(parts) > 4 or not all(p.isdigit() for p in parts[1:]) or \
+            (len(parts) == 4 and int(parts[3]) < 1):
+        raise SystemExit(f"error: --ours {spec!r}: expected SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS[:ACT_REFINE]]], "
+                         "SPACE bias|max, ACT_REFINE >= 1")
+    numbers = [int(p) for p in parts[1:]]
+    defaults = SearchSpace(0.01, 1.2, candidates)
+    weight_refine, coarse_tokens, refine = numbers + [defaults.weight_refine, defaults.coarse_tokens,
+                                                      defaults.refine][len(numbers):]
+    return SearchSpace(0.01, 1.2, candidates, space=parts[0], coarse_tokens=coarse_tokens, refine=refine,
+                       weight_refine=weight_refine)
 
 
 def describe(space: SearchSpace) -> dict:
     """The main.py flags of a configuration."""
     return {"search_space": space.space, "weight_refine": space.weight_refine,
-            "act_coarse_tokens": space.coarse_tokens}
+            "act_coarse_tokens": space.coarse_tokens, "act_refine": space.refine}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Linear (after one capture pass), the top operators by device time, the wall time per Linear, and (in a second,
 unprofiled pass) the wall time per search stage (each stage synchronized at its end).
 
-    python bench/profile_block.py [--linears q_proj down_proj] [--weight_refine 8 --coarse_tokens 1024]
+    python bench/profile_block.py [--linears q_proj down_proj] [--weight_refine 8 --coarse_tokens 1024 --act_refine 2]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     parser.add_argument("--weight_refine", type=int, default=0)
     parser.add_argument("--coarse_tokens", type=int, default=4096)
+    parser.add_argument("--act_refine", type=int, default=8)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llama_7b_shape(1, device, **({} if device == "cuda" else TINY_SHAPE))
@@ -66,7 +67,8 @@ def main() -> None:
     block, linears, hidden, kwargs = first_block(model, ids)
     _, inputs = _capture(block, hidden, kwargs, linears)
     budget = default_budget(device)
-    space = SearchSpace(0.01, 1.2, 100, coarse_tokens=args.coarse_tokens, weight_refine=args.weight_refine)
+    space = SearchSpace(0.01, 1.2, 100, coarse_tokens=args.coarse_tokens, refine=args.act_refine,
+                        weight_refine=args.weight_refine)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
     warm_up_search({name: linears[name] for name in chosen}, inputs, budget)  # down_proj has its own channel count
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])

@@ -81,3 +81,18 @@ def test_every_row_script_parses(script):
     args = parse_args(shlex.split(filled)[2:])
     assert args.output_path == f"out/{script.stem}.json"
     assert args.quant_config is None or args.calib_size in (32, 128)
+
+
+def test_search_flags_reach_the_search_space():
+    """--search_intervals, --search_space and the cheaper-step flags become the SearchSpace the calibration uses."""
+    from configs import get_config
+    from utils.pipeline import _calib_settings
+
+    args = parse_args(["--quant_config", "FPQ_config_llama", "--search_intervals", "0.5", "1.5", "20",
+                       "--search_space", "bias", "--act_coarse_tokens", "1024", "--act_refine", "2",
+                       "--weight_refine", "8"])
+    space = _calib_settings(args, get_config("FPQ_config_llama")).space
+    assert (space.low, space.high, space.count, space.space) == (0.5, 1.5, 20, "bias")
+    assert (space.coarse_tokens, space.refine, space.weight_refine) == (1024, 2, 8)
+    defaults = _calib_settings(parse_args(["--quant_config", "FPQ_config_llama"]), get_config("FPQ_config_llama"))
+    assert (defaults.space.coarse_tokens, defaults.space.refine, defaults.space.weight_refine) == (4096, 8, 0)

@@ -118,6 +118,7 @@ CASES = {
     "batch_size_word": (["--batch_size", "big"], "--batch_size big", "positive integer or 'auto'"),
     "heldout_ppl_negative": (["--heldout_ppl", "-2"], "--heldout_ppl must be >= 0", "got -2"),
     "weight_refine_negative": (["--weight_refine", "-1"], "--weight_refine must be >= 0", "got -1"),
+    "act_refine_zero": (["--act_refine", "0"], "--act_refine must be >= 1", "got 0"),
     "plot_without_config": (["--plot"], "--plot draws a parameter file", "--quant_config"),
     "offload_with_accelerate": (["--offload", "--model_args", "use_accelerate=True"], "--offload and use_accelerate",
                                 "use one of them"),
@@ -473,11 +474,15 @@ def test_same_seed_gives_byte_identical_files(files, work):
 
 
 def test_files_from_before_weight_refine_still_match():
-    """Metadata written before --weight_refine existed has no such key; it was 0 then, so it still matches 0."""
+    """Metadata written before --weight_refine and --act_refine existed has no such keys; they were 0 and 8 then, so
+    such a file still matches those values and no others."""
     from utils.pipeline import _search_difference
 
-    current = {"quant_config": {"name": "FPQ_config_llama"}, "search": {"search_round": 3, "weight_refine": 0}}
+    search = {"search_round": 3, "weight_refine": 0, "act_refine": 8}
+    current = {"quant_config": {"name": "FPQ_config_llama"}, "search": search}
     old = {"quant_config": {"name": "FPQ_config_llama"}, "search": {"search_round": 3}}
     assert _search_difference(old, current) is None
-    assert _search_difference(old, {**current, "search": {"search_round": 3, "weight_refine": 8}}) == \
+    assert _search_difference(old, {**current, "search": {**search, "weight_refine": 8}}) == \
         "made with weight_refine = 0, not 8"
+    assert _search_difference(old, {**current, "search": {**search, "act_refine": 2}}) == \
+        "made with act_refine = 8, not 2"

@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates multiply the MinMax max value (default) or, as the original code, its exponent bias")
     p.add_argument("--act_coarse_tokens", type=int, default=4096,
                    help="rank activation candidates on this many (strided) calibration tokens and re-score the best "
-                        "8 on all of them; 0 scores every candidate on every token (slower, the same in most layers)")
+                        "--act_refine on all of them; 0 scores every candidate on every token (slower, the same in "
+                        "most layers)")
+    p.add_argument("--act_refine", type=int, default=8,
+                   help="activation candidates of each format re-scored on all tokens after the --act_coarse_tokens "
+                        "ranking (default 8; the current range is always re-scored too)")
     p.add_argument("--weight_refine", type=int, default=0,
                    help="rank weight candidates per row by a cheap proxy of their loss (G's diagonal and 32 leading "
                         "eigenvectors) and re-score the best K exactly; 0 (default) scores every candidate exactly")
@@ -139,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--heldout_ppl must be >= 0 windows, got {args.heldout_ppl}")
     if args.act_coarse_tokens < 0:
         raise UsageError(f"--act_coarse_tokens must be >= 0 (0 = every token), got {args.act_coarse_tokens}")
+    if args.act_refine < 1:
+        raise UsageError(f"--act_refine must be >= 1 (candidates re-scored on all tokens), got {args.act_refine}")
     if args.weight_refine < 0:
         raise UsageError(f"--weight_refine must be >= 0 (0 = every candidate exactly), got {args.weight_refine}")
     if args.offload and args.model_args.use_accelerate:

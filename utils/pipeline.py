@@ -79,13 +79,15 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
         "search": {
             "search_round": args.search_round, "search_intervals": list(args.search_intervals),
             "search_space": args.search_space, "sequential": args.sequential,
-            "act_coarse_tokens": args.act_coarse_tokens, "weight_refine": args.weight_refine,
+            "act_coarse_tokens": args.act_coarse_tokens, "act_refine": args.act_refine,
+            "weight_refine": args.weight_refine,
             "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen, "seed": args.seed,
         },
     }
 
 
-SEARCH_DEFAULTS = {"weight_refine": 0}  # search arguments added after files were written: what those files used
+# search arguments added after files were written: what those files used
+SEARCH_DEFAULTS = {"weight_refine": 0, "act_refine": 8}
 
 
 def _model_words(model: dict) -> str:
@@ -174,8 +176,8 @@ def _finished_file(path: Path, metadata: dict) -> bool:
 
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
     low, high, count = args.search_intervals
-    space = (SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens, weight_refine=args.weight_refine)
-             if config.search else None)
+    space = (SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens, refine=args.act_refine,
+                         weight_refine=args.weight_refine) if config.search else None)
     offload = args.device if args.offload else None
     return CalibSettings(config, args.qbits, space, args.search_round, args.sequential, offload_device=offload)
 

@@ -20,11 +20,12 @@
 #                               Qwen's pieces arrive: original-vs-ours alone on GPU 0; on GPU 1 the kernel check
 #                               and Qwen-shaped memory traces at 32 and 128 sequences (timings that need a quiet
 #                               GPU, as PART=5, go before or after table rows, never beside them)
-#   PART=fast (one GPU: GPU $PERF_GPU, default 1; no carry, after a part that installed the wheels): in the
-#                               background (setsid, results in $S/fast) while table rows run on the other GPU:
-#                               original-vs-ours with every configuration of bench/original_search.py --ours,
-#                               calibration scaling, block profiles (default; --weight_refine 8 with 1024 coarse
-#                               tokens), and the Qwen-shaped memory trace at 32 sequences
+#   PART=fast (one GPU: GPU $PERF_GPU, default 1; no carry; torch, triton and transformers only): in the
+#                               background (setsid, results in $S/fast), e.g. while table rows run on the other GPU:
+#                               the kernel check on CUDA, original-vs-ours with every configuration of
+#                               bench/original_search.py --ours ($REPEATS runs, default 3), a block profile with
+#                               --weight_refine 8 --coarse_tokens 1024 --act_refine 2, and the 8-layer 7B shape with
+#                               the defaults and with those cheaper steps (into $OUT/defaults, $OUT/cheaper_steps)
 #   PART=wait BG=x2|fast:       wait for that background run, return its results as $OUT/$BG.tar.gz
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENCH_RESULTS=$OUT TQDM_MININTERVAL=30
@@ -59,7 +60,7 @@ setup_qwen)
   ;;
 3)
   setup
-  step original_search 240 python3 bench/original_search.py --linears q_proj gate_proj down_proj
+  step original_search 590 python3 bench/original_search.py --linears q_proj gate_proj down_proj
   ;;
 3r)
   mkdir -p $OUT/cheaper_steps
@@ -119,12 +120,14 @@ fast)
   ;;
 fast_background)
   export CUDA_VISIBLE_DEVICES=${PERF_GPU:-1}
-  step original_search 560 python3 bench/original_search.py --linears q_proj gate_proj down_proj
-  step calib_scaling 400 python3 bench/calib_scaling.py --sizes 8 16 32 64 --candidates 25 50 100 200
-  step profile_block 200 python3 bench/profile_block.py | tee $OUT/profile_block.txt
-  step profile_block_fast 200 python3 bench/profile_block.py --weight_refine 8 --coarse_tokens 1024 \
-    | tee $OUT/profile_block_refine8_coarse1024.txt
-  step mem_trace_32 240 python3 bench/mem_trace.py --placement single --shape qwen1.5b --layers 4 --calib_size 32
+  step kernel_check 180 python3 tests/kernel_check.py cuda | tee $OUT/kernel_check_cuda.txt
+  step original_search 900 python3 bench/original_search.py --linears q_proj gate_proj down_proj --repeats ${REPEATS:-3}
+  step profile_block_fast 200 python3 bench/profile_block.py --weight_refine 8 --coarse_tokens 1024 --act_refine 2 \
+    | tee $OUT/profile_block_refine8_coarse1024_act2.txt
+  mkdir -p $OUT/defaults $OUT/cheaper_steps  # 8-layer runs side by side (their summaries are not the 32-layer files)
+  ( export BENCH_RESULTS=$OUT/defaults; step calib_7b_8_layers 200 python3 bench/calib_7b.py --layers 8 )
+  ( export BENCH_RESULTS=$OUT/cheaper_steps
+    step calib_7b_cheaper 200 python3 bench/calib_7b.py --layers 8 --weight_refine 8 --coarse_tokens 1024 --act_refine 2 )
   date > $OUT/done
   ;;
 wait)
