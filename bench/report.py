@@ -43,8 +43,10 @@ HOW = {
         "of their shape. Ours: one capture pass of the block and our search on all 7 Linears, 3 rounds x 100 "
         "candidates, once per configuration (table below): the original's bias-multiplier candidates (the same "
         "search), our default max-value candidates, and the opt-in cheaper steps (`--weight_refine 8`, "
-        "`--act_coarse_tokens 1024`). The headline is the fastest configuration whose final MSE is not above the "
-        "original's on every measured Linear; every configuration's ratio is in the file. Every block of the "
+        "`--act_coarse_tokens 1024`, `--act_refine 2`). With `--repeats 3` every time is taken three times (each "
+        "run: the original, then each of ours) and ratios are medians of the runs' ratios. The headline is the "
+        "fastest configuration whose final MSE is not above the original's on every measured Linear; every "
+        "configuration's ratio is in the file. Every block of the "
         "original costs the same, so the block ratio is the whole-model ratio; the whole-model time of the "
         "original is extrapolated (32 x block 0)."),
     "calib_peak_mem_over_block_budget": (
