@@ -215,12 +215,8 @@ def parse_configuration(spec: str, candidates: int) -> SearchSpace:
             (len(parts) == 4 and int(parts[3]) < 1):
         raise SystemExit(f"error: --ours {spec!r}: expected SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS[:ACT_REFINE]]], "
                          "SPACE bias|max, ACT_REFINE >= 1")
-    numbers = [int(p) for p in parts[1:]]
-    defaults = SearchSpace(0.01, 1.2, candidates)
-    weight_refine, coarse_tokens, refine = numbers + [defaults.weight_refine, defaults.coarse_tokens,
-                                                      defaults.refine][len(numbers):]
-    return SearchSpace(0.01, 1.2, candidates, space=parts[0], coarse_tokens=coarse_tokens, refine=refine,
-                       weight_refine=weight_refine)
+    flags = dict(zip(("weight_refine", "coarse_tokens", "refine"), map(int, parts[1:])))  # the rest: SearchSpace's
+    return SearchSpace(0.01, 1.2, candidates, space=parts[0], **flags)
 
 
 def describe(space: SearchSpace) -> dict:

@@ -272,8 +272,9 @@ class LinearProblem:
         """(E [in, rank], l [rank], diag(G - E diag(l) E^T) [in]) of the current G, kept with it: every weight format
         of a step ranks with the same G."""
         if not self._proxy or self._proxy[0] != rank:
-            basis, values = _leading_eigenpairs(gram.float(), rank)
-            self._proxy = (rank, basis, values, gram.float().diagonal() - (basis.square() * values).sum(-1))
+            gram = gram.float()  # one float32 copy ([in, in]) serves both
+            basis, values = _leading_eigenpairs(gram, rank)
+            self._proxy = (rank, basis, values, gram.diagonal() - (basis.square() * values).sum(-1))
         return self._proxy[1:]
 
     def release_weight_stats(self) -> None:
