@@ -15,11 +15,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, call. Bad input: one line on stderr, exit code 2, no traceback."""
-    from utils.errors import USER_ERRORS
+    from utils.run.errors import USER_ERRORS
 
     try:
-        from utils.cli import parse_args
-        from utils.pipeline import run
+        from utils.run.cli import parse_args
+        from utils.run.pipeline import run
 
         run(parse_args(argv))
     except USER_ERRORS as error:

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant_layers.modules import swap_modules  # noqa: E402
-from utils.calib_data import heldout_text  # noqa: E402
-from utils.evaluation import evaluate, heldout_perplexity  # noqa: E402
-from utils.models import load_model  # noqa: E402
+from utils.data.calib_data import heldout_text  # noqa: E402
+from utils.report.evaluation import evaluate, heldout_perplexity  # noqa: E402
+from utils.data.models import load_model  # noqa: E402
 from utils.params import LayerParams, load_params  # noqa: E402
-from utils.task_data import get_task_specs  # noqa: E402
+from utils.data.task_data import get_task_specs  # noqa: E402
 
 
 def _no_act(p: LayerParams) -> LayerParams:

@@ -21,9 +21,9 @@ import torch
 from common import LLAMA_7B, TINY_SHAPE, environment, llama_7b_shape, results_folder, synchronize, write_result
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
-from utils.models import decoder_layers
+from utils.data.models import decoder_layers
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search import SearchSpace, compute_dtype
+from utils.search.problem import SearchSpace, compute_dtype
 
 GIB = 1 << 30
 RUN_KEYS = ("layers", "seconds", "peak_bytes", "block_weights", "calib_activations", "budget", "mean_mse_over_minmax",

@@ -15,7 +15,7 @@ import torch
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_model, write_result
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
-from utils.search import LinearProblem, SearchSpace, search_linear
+from utils.search.problem import LinearProblem, SearchSpace, search_linear
 
 
 def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: int) -> float:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.fileio import code_fingerprint  # noqa: E402
+from utils.run.fileio import code_fingerprint  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -90,7 +90,7 @@ def synchronize() -> None:
 def first_block(model, ids: torch.Tensor):
     """Block 0 of model, its Linears {name: module}, and the hidden states [S, T, H] and keyword arguments
     entering it for the token ids [S, T] (what calibration captures the block's inputs from)."""
-    from utils.models import decoder_layers
+    from utils.data.models import decoder_layers
     from utils.quant_calib import _first_block_inputs
 
     blocks = decoder_layers(model)
@@ -107,7 +107,7 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
     kernel) as the timed runs do; fewer would warm up only the direct path.
     inputs: {name: captured input [N, in], N >= in + 64}."""
     from quant_layers.formats import fp_format
-    from utils.search import LinearProblem, SearchSpace, search_linear
+    from utils.search.problem import LinearProblem, SearchSpace, search_linear
 
     for name, module in linears.items():
         rows = module.weight.shape[1] + 64

@@ -1,5 +1,5 @@
 """Each Linear's searched output MSE in two parameter files (B against A), from the MSEs that calibration stores:
-L = |Q_a(X) Q_w(W)^T - X W^T|^2 / (N * out) on the calibration inputs, as in utils/search.py.
+L = |Q_a(X) Q_w(W)^T - X W^T|^2 / (N * out) on the calibration inputs, as in utils/search/problem.py.
 
     python bench/compare_layer_mse.py A.pt B.pt [--output ratios.json]
 

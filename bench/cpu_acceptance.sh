@@ -4,7 +4,7 @@
 # Writes both results JSON files and the wall times into docs/results/SmolLM2-135M/cpu_acceptance/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL_ADDR=${MODEL_ADDR:-$(python3 -c "from utils.models import smollm2_gguf_path; print(smollm2_gguf_path())")}
+MODEL_ADDR=${MODEL_ADDR:-$(python3 -c "from utils.data.models import smollm2_gguf_path; print(smollm2_gguf_path())")}
 OUT=docs/results/SmolLM2-135M/cpu_acceptance
 mkdir -p $OUT
 start=$(date +%s)

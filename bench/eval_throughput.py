@@ -18,11 +18,11 @@ import torch
 from common import llama_7b_shape, synchronize, write_result
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
-from utils.evaluation import evaluate
-from utils.models import load_model
+from utils.report.evaluation import evaluate
+from utils.data.models import load_model
 from utils.params import apply_params, load_params
 from utils.quant_calib import CalibSettings, calibrate
-from utils.task_data import get_task_specs
+from utils.data.task_data import get_task_specs
 
 
 def timed_eval(model, tokenizer, limit, batch_size: str) -> tuple[float, int, dict]:

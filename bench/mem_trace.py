@@ -28,8 +28,8 @@ from common import LLAMA_7B, QWEN_1_5B, llama_7b_shape  # first: puts the projec
 import utils.quant_calib as quant_calib  # noqa: E402
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
-from utils.models import decoder_layers
-from utils.search import SearchSpace
+from utils.data.models import decoder_layers
+from utils.search.problem import SearchSpace
 
 GIB = 1 << 30
 SHAPES = {"llama7b": LLAMA_7B, "qwen1.5b": QWEN_1_5B}

@@ -18,7 +18,7 @@ from common import LLAMA_7B, environment, llama_7b_shape, results_folder, synchr
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search import SearchSpace
+from utils.search.problem import SearchSpace
 
 GIB = 1 << 30
 

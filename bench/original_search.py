@@ -35,7 +35,7 @@ from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchroniz
 from quant_layers.formats import exponent_bias_from_max, formats_of_width, fp_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
 from utils.quant_calib import _capture, default_budget
-from utils.search import TINY, LinearProblem, LinearState, SearchSpace, channel_shift, search_linear
+from utils.search.problem import TINY, LinearProblem, LinearState, SearchSpace, channel_shift, search_linear
 
 
 def capture_by_full_forward(model, module, ids):

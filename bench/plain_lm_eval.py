@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.evaluation import write_results  # noqa: E402
-from utils.models import gguf_to_folder, smollm2_gguf_path  # noqa: E402
-from utils.task_data import get_task_specs  # noqa: E402
+from utils.report.evaluation import write_results  # noqa: E402
+from utils.data.models import gguf_to_folder, smollm2_gguf_path  # noqa: E402
+from utils.data.task_data import get_task_specs  # noqa: E402
 
 TASKS = "arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande,lambada_openai"
 

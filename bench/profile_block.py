@@ -18,8 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
-import utils.search as search
-from utils.search import LinearProblem, SearchSpace, search_linear
+import utils.search.problem as search
+from utils.search.problem import LinearProblem, SearchSpace, search_linear
 
 STAGES = {search.LinearProblem: ["_weight_stats", "weight_losses", "weight_proxy_losses", "act_losses", "loss"],
           search: ["search_weight", "search_act"]}

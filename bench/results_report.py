@@ -124,7 +124,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
         lines += [f"![per-layer FPQ parameters]({figure.relative_to(DOC.parent).as_posix()})", "",
                   "Per Linear of the FPQ file, in model order: output MSE of the searched and the MinMax parameters, "
                   "the chosen weight and activation formats, and their exponent biases (`--plot`; "
-                  "`python -m utils.plots FILE` draws it for any saved parameter file).", ""]
+                  "`python -m utils.report.plots FILE` draws it for any saved parameter file).", ""]
     return lines, averages
 
 

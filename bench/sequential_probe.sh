@@ -11,4 +11,4 @@ for mode in independent sequential; do
     --search_intervals 0.01 1.2 20 $flag --search_result_dir /tmp/sequential_probe/$mode \
     --output_path $OUT/FPQ_$mode.json
 done
-python3 -m utils.compare $OUT/FPQ_independent.json $OUT/FPQ_sequential.json
+python3 -m utils.report.compare $OUT/FPQ_independent.json $OUT/FPQ_sequential.json

@@ -12,7 +12,7 @@ python3 main.py --tasks $TASKS --device cpu --batch_size 8 --limit "$LIMIT" \
   --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 \
   --calib_size 2 --calib_seqlen 512 --search_round 1 --search_intervals 0.3 1.2 9 \
   --output_path $OUT/FPQ_W4A4E4.json
-python3 -m utils.compare $OUT/full_precision.json $OUT/FPQ_W4A4E4.json
+python3 -m utils.report.compare $OUT/full_precision.json $OUT/FPQ_W4A4E4.json
 seconds=$(( $(date +%s) - start ))
 printf '{"quickstart_seconds": %d, "machine": "%s CPU cores"}\n' "$seconds" "$(nproc)" > $OUT/time.json
 echo "quickstart took ${seconds} s on $(nproc) CPU cores"

@@ -10,4 +10,4 @@ ablation_sequential ablation_bias_space ablation_calib128 ablation_candidates400
 ablation_W4A4E8}
 for row in $ROWS; do echo "== $row $(date +%T)"; bash "$here/$row.sh"; done
 source "$here/env.sh"
-python3 -m utils.compare $(for row in $ROWS; do [ -f "$OUT/$row.json" ] && echo "$OUT/$row.json"; done)
+python3 -m utils.report.compare $(for row in $ROWS; do [ -f "$OUT/$row.json" ] && echo "$OUT/$row.json"; done)

@@ -17,7 +17,7 @@ Semantics (every format, every caller):
 
 Standard-grid values have at most M + 1 significant bits (INT: bits - 1), so for every format of up
 to 8 bits they are exact in bfloat16: products of grids are exact, which the search uses to run its
-matrix products in bfloat16 (utils/search.py). quant_layers/kernels.py computes the same functions in
+matrix products in bfloat16 (utils/search/problem.py). quant_layers/kernels.py computes the same functions in
 one fused Triton kernel on CUDA; `quantize_activation` and `grid_candidates` pick it there.
 """
 

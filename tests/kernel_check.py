@@ -145,8 +145,8 @@ def proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
 
 
 def search_proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
-    """The search's proxy-ranked losses (utils/search.py) through the kernel equal those of its sliced reference."""
-    from utils.search import Budget, LinearProblem, SearchSpace, minmax_state
+    """The search's proxy-ranked losses (utils/search/problem.py) through the kernel equal those of its sliced reference."""
+    from utils.search.problem import Budget, LinearProblem, SearchSpace, minmax_state
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(300, 96, generator=g).to(device=device, dtype=dtype)

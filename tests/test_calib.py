@@ -8,8 +8,8 @@ from conftest import make_llama
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
 from quant_layers.quantize import quantize
 from utils.quant_calib import CalibrationError, CalibSettings, _check_finite, calibrate
-from utils.search import SearchSpace
-from utils.smoothquant import SmoothingError
+from utils.search.problem import SearchSpace
+from utils.search.smoothquant import SmoothingError
 
 IDS = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
 W4A4 = QBits.parse([4, 4, 4, 2, 2, 2])
@@ -139,7 +139,7 @@ def test_capture_shares_one_buffer_per_distinct_input():
     """q/k/v read one tensor and gate/up another: one buffer each; o_proj and down_proj get their own, equal to
     what a plain hook sees (no buffer is matched by a reused memory address)."""
     from quant_layers.modules import swap_modules
-    from utils.models import decoder_layers
+    from utils.data.models import decoder_layers
     from utils.quant_calib import _capture, _first_block_inputs
 
     model = make_llama(300, layers=2)
@@ -165,7 +165,7 @@ def test_capture_shares_one_buffer_per_distinct_input():
 def test_smoothquant_keeps_the_function_and_flattens_the_inputs():
     """Folding s into the norm and the Linears leaves the block's output unchanged (up to float32 rounding)
     and divides each input channel's maximum by s: the channel maxima become max|X|^(1-a) max|W|^(1-a)."""
-    from utils.smoothquant import fold, migration_scales
+    from utils.search.smoothquant import fold, migration_scales
 
     model = make_llama(96, layers=1)
     block = model.model.layers[0]

@@ -1,4 +1,4 @@
-"""Tests for utils.calib_data: offline C4 excerpt, GPTQ-style hub sampling (faked shard), user files, errors."""
+"""Tests for utils.data.calib_data: offline C4 excerpt, GPTQ-style hub sampling (faked shard), user files, errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-import utils.calib_data as cd
-from utils.calib_data import CalibDataError, get_calib_data, load_calib_set
-from utils.models import load_model
+import utils.data.calib_data as cd
+from utils.data.calib_data import CalibDataError, get_calib_data, load_calib_set
+from utils.data.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_heldout_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_token
     import torch
 
     from conftest import make_llama
-    from utils.evaluation import heldout_perplexity
+    from utils.report.evaluation import heldout_perplexity
 
     model = make_llama(len(tiny_tokenizer))
     with torch.no_grad():

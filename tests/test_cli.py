@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from conftest import ROOT, run_main
-from utils.cli import parse_args
+from utils.run.cli import parse_args
 
 CALIBRATE = (
     "--model hf-causal-experimental --model_args pretrained={model},use_accelerate=True "
@@ -86,7 +86,7 @@ def test_every_row_script_parses(script):
 def test_search_flags_reach_the_search_space():
     """--search_intervals, --search_space and the cheaper-step flags become the SearchSpace the calibration uses."""
     from configs import get_config
-    from utils.pipeline import _calib_settings
+    from utils.run.pipeline import _calib_settings
 
     args = parse_args(["--quant_config", "FPQ_config_llama", "--search_intervals", "0.5", "1.5", "20",
                        "--search_space", "bias", "--act_coarse_tokens", "1024", "--act_refine", "2",

@@ -3,7 +3,7 @@
 import json
 
 from conftest import ROOT
-from utils.compare import comparison_table, main
+from utils.report.compare import comparison_table, main
 
 
 def _write(path, acc, ppl, quant):

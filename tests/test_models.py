@@ -1,4 +1,4 @@
-"""Tests for utils.models: tiny random HF folders, a hand-written GGUF, errors, and the embedded SmolLM2."""
+"""Tests for utils.data.models: tiny random HF folders, a hand-written GGUF, errors, and the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from utils.models import (ModelLoadError, decoder_layers, embedding_and_head, hub_reachable, load_model,
+from utils.data.models import (ModelLoadError, decoder_layers, embedding_and_head, hub_reachable, load_model,
                           weights_fingerprint)
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

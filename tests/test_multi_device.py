@@ -16,9 +16,9 @@ import torch
 from configs import QBits, get_config
 from quant_layers.modules import QuantLinear, swap_modules
 from conftest import make_llama
-from utils.models import decoder_layers, place_outside_blocks
+from utils.data.models import decoder_layers, place_outside_blocks
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
-from utils.search import SearchSpace
+from utils.search.problem import SearchSpace
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import dispatch_model  # noqa: E402
@@ -116,7 +116,7 @@ def test_data_parallel_evaluation_equals_one_process(tiny_llama_dir, calib_text_
     refused = _torchrun(2, common + ["--calib_size", "2", "--calib_data", calib_text_file], tmp_path)
     assert refused.returncode != 0
     assert "split evaluation only: calibrate in one process first" in refused.stderr
-    assert "utils/pipeline.py" not in refused.stderr  # torchrun prints its own traceback, none comes from ours
+    assert "utils/run/pipeline.py" not in refused.stderr  # torchrun prints its own traceback, none comes from ours
 
 
 def test_replaced_weights_are_freed_at_once():

@@ -13,7 +13,7 @@ from quant_layers.modules import swap_modules
 from utils.params import (ParamFileError, apply_params, load_checkpoint, load_params, param_file_path,
                           resolve_param_path, save_params)
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search import SearchSpace
+from utils.search.problem import SearchSpace
 
 
 def test_file_name_is_the_papers():
@@ -134,7 +134,7 @@ def test_layer_table_and_figure(tmp_path):
 
     from quant_layers.formats import fp_format
     from utils.params import LayerParams, ParamFileError, save_params
-    from utils.plots import layer_table, main, plot_param_file
+    from utils.report.plots import layer_table, main, plot_param_file
 
     e2m1 = fp_format(2, 1)
     layers = {f"l{i}": LayerParams("linear", e2m1, torch.tensor([6.0, 1.5]), fp_format(3, 0), torch.tensor(0.5),
@@ -162,7 +162,7 @@ def test_code_fingerprint_follows_the_code_only(tmp_path):
     import shutil
 
     from conftest import ROOT
-    from utils.fileio import code_fingerprint
+    from utils.run.fileio import code_fingerprint
 
     copy = tmp_path / "copy"
     for name in ("configs", "quant_layers", "utils"):
@@ -172,6 +172,6 @@ def test_code_fingerprint_follows_the_code_only(tmp_path):
     (copy / "docs").mkdir()
     (copy / "docs" / "notes.py").write_text("x = 1\n")
     assert code_fingerprint(copy) == code_fingerprint(ROOT)
-    search = copy / "utils" / "search.py"
+    search = copy / "utils" / "search" / "problem.py"
     search.write_text(search.read_text().replace("TINY = 1e-30", "TINY = 1e-31", 1))
     assert code_fingerprint(copy) != code_fingerprint(ROOT)

@@ -24,12 +24,12 @@ import main
 from configs import QBits, get_config
 from conftest import ROOT, RunsCode, make_llama, run_main
 from quant_layers.modules import swap_modules
-from utils.cli import parse_args
-from utils.models import load_model
+from utils.run.cli import parse_args
+from utils.data.models import load_model
 from utils.params import Checkpoint, checkpoint_path, load_checkpoint, load_params, save_params
-from utils.pipeline import quantize_model
+from utils.run.pipeline import quantize_model
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search import SearchSpace
+from utils.search.problem import SearchSpace
 
 PARAM_NAME = "W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
 FINAL_FILES = [PARAM_NAME, PARAM_NAME.replace(".pt", ".safetensors")]
@@ -242,7 +242,7 @@ def test_read_only_search_result_fails_before_calibrating(files, work, capsys, m
             return real(*args, dir=dir, **kwargs)
 
         monkeypatch.setattr(tempfile, "TemporaryFile", denied)
-    monkeypatch.setattr("utils.pipeline.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("utils.run.pipeline.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     code = main.main(_fill(BASE + MINMAX, files))
     assert_one_line_error(code, capsys.readouterr().err, "--search_result_dir: cannot write to "
                           "search_result/MinMax_config_llama: cannot create files in search_result (Permission "
@@ -447,7 +447,7 @@ def test_planted_checkpoint_runs_no_code(files, work, capsys):
 
 def test_resume_after_the_run_finished_reuses_the_file(files, work, monkeypatch, capsys):
     _calibrate_only(_fill(BASE + MINMAX, files))
-    monkeypatch.setattr("utils.pipeline.calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr("utils.run.pipeline.calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     quantization = _calibrate_only(_fill(BASE + MINMAX + ["--resume"], files))
     assert quantization["reused_finished_file"] and "calibration already finished" in capsys.readouterr().err
 
@@ -476,7 +476,7 @@ def test_same_seed_gives_byte_identical_files(files, work):
 def test_files_from_before_weight_refine_still_match():
     """Metadata written before --weight_refine and --act_refine existed has no such keys; they were 0 and 8 then, so
     such a file still matches those values and no others."""
-    from utils.pipeline import _search_difference
+    from utils.run.pipeline import _search_difference
 
     search = {"search_round": 3, "weight_refine": 0, "act_refine": 8}
     current = {"quant_config": {"name": "FPQ_config_llama"}, "search": search}

@@ -5,7 +5,7 @@ import torch
 
 from quant_layers.formats import exponent_bias_from_max, fp_format, int_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
-from utils.search import (ActCandidates, Budget, LinearProblem, LinearState, SearchSpace, channel_shift,
+from utils.search.problem import (ActCandidates, Budget, LinearProblem, LinearState, SearchSpace, channel_shift,
                           minmax_state, search_linear, search_table)
 
 E2M1 = fp_format(2, 1)
@@ -182,7 +182,7 @@ def test_search_table_is_no_worse_than_minmax():
 
 def test_weight_losses_stay_in_budget_when_one_candidate_does_not_fit(monkeypatch):
     """lm_head's case: one candidate's residuals [out, in] exceed the budget, so they go in row slices."""
-    import utils.search as search
+    import utils.search.problem as search
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 16, generator=g), torch.randn(40, 16, generator=g)
@@ -200,7 +200,7 @@ def test_weight_losses_stay_in_budget_when_one_candidate_does_not_fit(monkeypatc
 def test_search_table_goes_in_row_slices_within_budget(monkeypatch):
     """The embedding's case: one candidate over the whole table exceeds the budget; slices give the same
     format and ranges as one pass."""
-    import utils.search as search
+    import utils.search.problem as search
 
     g = torch.Generator().manual_seed(6)
     table = torch.randn(50, 16, generator=g)
@@ -218,7 +218,7 @@ def test_bfloat16_path_keeps_the_model_weight_and_exact_losses(monkeypatch):
     """Where products run in bfloat16 (CUDA; emulated here by exact float32 products of the upcast operands),
     the problem holds the model's own bfloat16 weight, no float32 copy (0.9 GiB for Qwen's lm_head), and its
     losses still match brute force (within the bfloat16 rounding of the residuals used for ranking)."""
-    import utils.search as search
+    import utils.search.problem as search
 
     monkeypatch.setattr(search, "_bf16_products", lambda device: True)
     monkeypatch.setattr(search, "mm32", lambda a, b: a.float() @ b.float())
@@ -243,7 +243,7 @@ def test_bfloat16_path_keeps_the_model_weight_and_exact_losses(monkeypatch):
 def test_weight_statistics_are_not_held_through_the_activation_step(monkeypatch):
     """V = R^T Xq [out, in] (float32) is freed before each activation step and rebuilt by the next weight step,
     so the lm_head's V does not sit beside the activation step's own buffers; the result is unchanged."""
-    import utils.search as search
+    import utils.search.problem as search
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(300, 24, generator=g) * torch.exp2(torch.randint(-3, 4, (24,), generator=g).float())
@@ -280,7 +280,7 @@ def test_weight_proxy_with_a_full_basis_is_the_exact_loss():
 def test_proxy_eigenvectors_computed_once_per_weight_step(monkeypatch):
     """Every weight format of a step ranks with the same G: its eigenvectors are found once per step (rounds x 1,
     not rounds x formats), and the search ends where recomputing them for every format would."""
-    import utils.search as search
+    import utils.search.problem as search
 
     g = torch.Generator().manual_seed(10)
     x = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g)

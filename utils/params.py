@@ -27,8 +27,8 @@ from torch import nn
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear
-from utils.fileio import atomic_write, sha256_file, write_bytes_atomic
-from utils.smoothquant import SmoothingError, apply_saved
+from utils.run.fileio import atomic_write, sha256_file, write_bytes_atomic
+from utils.search.smoothquant import SmoothingError, apply_saved
 
 FILE_FORMAT = "llm-fp4-params"
 CHECKPOINT_FORMAT = "llm-fp4-checkpoint"

@@ -2,7 +2,7 @@
 
 For each decoder block, one pass over the calibration set captures the inputs of all its Linears
 (forward hooks; Linears that read the same tensor, like q/k/v, share one copy), each Linear is
-searched (utils/search.py) and its parameters are set, which quantizes its weight once. Only one
+searched (utils/search/problem.py) and its parameters are set, which quantizes its weight once. Only one
 block's inputs live in memory. The block's outputs feed the next block: the full-precision outputs
 of the capture pass (the paper: every layer sees full-precision inputs), or with `sequential` the
 outputs of the block already quantized. The output head is calibrated last on the final norm's
@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from quant_layers.quantize import abs_max
-from utils.models import decoder_layers
+from utils.data.models import decoder_layers
 from utils.params import Checkpoint, LayerParams, apply_params
-from utils.search import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
+from utils.search.problem import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
-from utils.smoothquant import block_pairs, fold, migration_scales
+from utils.search.smoothquant import block_pairs, fold, migration_scales
 
 SMOOTH_ROWS = 4096  # token rows SmoothQuant rescales at once (bounds its float32 temporary)
 

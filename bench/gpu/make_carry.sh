@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache=${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}
 bash ../shared/tools/gpu-wheels.sh
-smollm2=$(python3 -c "from utils.models import smollm2_gguf_path; from utils.task_data import build_task_data
+smollm2=$(python3 -c "from utils.data.models import smollm2_gguf_path; from utils.data.task_data import build_task_data
 build_task_data(); print(smollm2_gguf_path())" | tail -1)
 mkdir -p .gpu_a .gpu_b .gpu_t
 head -c 48234496 "$smollm2" > .gpu_a/gguf.part1

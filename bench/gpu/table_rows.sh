@@ -62,8 +62,8 @@ run_row() {  # $1: the row's place in the wave, $2: the row
 }
 export -f run_row
 if [ ! -f "$W/started" ]; then
-  python3 -c "import sys; from pathlib import Path; from utils.models import gguf_to_folder
-from utils.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
+  python3 -c "import sys; from pathlib import Path; from utils.data.models import gguf_to_folder
+from utils.data.task_data import build_task_data; print(gguf_to_folder(Path(sys.argv[1])), build_task_data())" "$gguf"
   mkdir -p "$W/out/logs" && date +%s > "$W/started"
   OUT=$W/out setsid bash -c "echo $rows | tr ' ' '\n' | nl -v0 -w1 -s' ' | xargs -P ${JOBS:-6} -I{} bash -c 'run_row {}'; date +%s > $W/finished" \
     > "$W/rows.log" 2>&1 < /dev/null &
@@ -77,7 +77,7 @@ if [ -f "$W/finished" ]; then
   printf '{"model": "%s", "wave": %s, "rows": "%s", "concurrent_processes": %s, "gpus": %s, "batch_size": %s, "seconds": %s, "device": "%s", "code_fingerprint": "%s"}\n' \
     "$MODEL" "$WAVE" "$rows" "${JOBS:-6}" "$GPUS" "$BATCH_SIZE" "$(( $(cat "$W/finished") - $(cat "$W/started") ))" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
-    "$(python3 -c 'from utils.fileio import code_fingerprint; print(code_fingerprint())')" > "$W/out/run_wave$WAVE.json"
+    "$(python3 -c 'from utils.run.fileio import code_fingerprint; print(code_fingerprint())')" > "$W/out/run_wave$WAVE.json"
   archive=wave$WAVE.tar.gz
 else
   echo "wave $WAVE still running: run the same command again while the machine is warm"

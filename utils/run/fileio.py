@@ -86,7 +86,7 @@ def sha256_file(path: str | Path) -> str:
 CODE_FOLDERS = ("configs", "quant_layers", "utils")
 
 
-def code_fingerprint(root: str | Path = Path(__file__).resolve().parents[1]) -> str:
+def code_fingerprint(root: str | Path = Path(__file__).resolve().parents[2]) -> str:
     """sha256 (first 16 hex digits) over the path and bytes of main.py and every .py file of the code folders:
     which code made a result, also where no git history travels with the code (the GPU machine)."""
     root = Path(root)

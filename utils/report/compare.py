@@ -1,6 +1,6 @@
 """Side-by-side table of several results JSON files written by main.py.
 
-    python -m utils.compare results/a.json results/b.json
+    python -m utils.report.compare results/a.json results/b.json
 
 Rows are tasks (accuracy in %, lambada also perplexity), columns are runs, last row the mean accuracy.
 """
@@ -51,7 +51,7 @@ def comparison_table(paths: list[Path]) -> str:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m utils.compare RESULTS.json [RESULTS.json ...]", file=sys.stderr)
+        print("usage: python -m utils.report.compare RESULTS.json [RESULTS.json ...]", file=sys.stderr)
         return 2
     missing = [p for p in argv if not Path(p).is_file()]
     if missing:
