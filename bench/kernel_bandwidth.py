@@ -13,7 +13,6 @@ beside it. `tiles` times every tile of the autotuned set (quant_layers/kernels.p
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -66,10 +65,8 @@ def main() -> None:
         tiles = {"x".join(map(str, tile)): copy_ms / median_ms(
             lambda: kernels.fake_quantize(x, fmt, *scales, channel_scale, kernels.FAKE, tile=tile), args.repeats,
             args.calls) for tile in kernels.TILES}
-        os.environ["LLM_FP4_KERNEL"] = "0"
-        reference_ms = median_ms(lambda: quantize_activation(x, fmt, max_value, channel_scale), args.repeats,
-                                 args.calls)
-        os.environ["LLM_FP4_KERNEL"] = "1"
+        reference_ms = median_ms(lambda: quantize_activation(x, fmt, max_value, channel_scale, use_kernel=False),
+                                 args.repeats, args.calls)
         fraction = copy_ms / kernel_ms
         fractions.append(fraction)
         rows[label] = {"kernel_ms": kernel_ms, "wrapper_ms": wrapper_ms, "reference_ms": reference_ms,

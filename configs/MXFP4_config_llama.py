@@ -2,6 +2,7 @@
 nearest, dynamic block scales."""
 
 from configs import QuantConfig
+from quant_layers.formats import MX_BLOCKS
 
 CONFIG = QuantConfig(name="MXFP4_config_llama", format_kind="fp", search=False, act_channel_shift=False,
-                     weight_granularity="per_tensor", block_size=32, block_scale="e8m0")
+                     weight_granularity="per_tensor", block=MX_BLOCKS)

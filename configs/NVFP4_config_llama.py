@@ -2,6 +2,7 @@
 scale per tensor, round to nearest, dynamic block scales (the per-tensor scale from calibration maxima)."""
 
 from configs import QuantConfig
+from quant_layers.formats import NVFP4_BLOCKS
 
 CONFIG = QuantConfig(name="NVFP4_config_llama", format_kind="fp", search=False, act_channel_shift=False,
-                     weight_granularity="per_tensor", block_size=16, block_scale="e4m3")
+                     weight_granularity="per_tensor", block=NVFP4_BLOCKS)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
-from quant_layers.formats import BLOCK_SCALES, QuantFormat, with_blocks
+import dataclasses
+
+from quant_layers.formats import BlockScaling, QuantFormat
 
 CONFIG_NAMES = (
     "FPQ_config_llama",
@@ -33,9 +35,9 @@ class QuantConfig:
     per-input-channel integer exponent shifts, folded into the weight (Eq. 8).
     search: False keeps MinMax ranges (absolute maxima over the weight rows / calibration activations);
     True runs the exponent-bias / max-value search over every format of the bit width.
-    block_size / block_scale: block-scaled formats (quant_layers/formats.py): every quantized tensor in blocks
-    of block_size along its input dimension with dynamic "e8m0" (MX) or "e4m3" (NVFP4) scales, round to
-    nearest; the calibrated per-tensor ranges only set NVFP4's float32 tensor scale.
+    block: block scaling (quant_layers/formats.py `BlockScaling`, e.g. NVFP4_BLOCKS, MX_BLOCKS): every quantized
+    tensor in blocks along its input dimension with dynamic block scales, round to nearest; the calibrated
+    per-tensor ranges only set NVFP4's float32 tensor scale.
     smooth_alpha: > 0 applies SmoothQuant's migration (utils/search/smoothquant.py) with this alpha before the
     Linears of each block are calibrated.
     """
@@ -48,8 +50,7 @@ class QuantConfig:
     lm_head: bool = True
     embedding: bool = True
     weight_granularity: str = "per_channel"
-    block_size: int = 0
-    block_scale: str = ""
+    block: BlockScaling | None = None
     smooth_alpha: float = 0.0
 
     def __post_init__(self) -> None:
@@ -59,9 +60,9 @@ class QuantConfig:
             raise ValueError(f"{self.name}: weight_granularity must be 'per_channel' or 'per_tensor'")
         if self.act_channel_shift and self.format_kind != "fp":
             raise ValueError(f"{self.name}: activation channel shifts are exponent shifts and need FP formats")
-        if self.block_size and (self.search or self.act_channel_shift or self.block_scale not in BLOCK_SCALES):
-            raise ValueError(f"{self.name}: block-scaled formats take block_scale in {BLOCK_SCALES}, "
-                             "round to nearest (no search) and no channel shifts")
+        if self.block is not None and (self.search or self.act_channel_shift):
+            raise ValueError(f"{self.name}: block-scaled formats are round to nearest (no search) without channel "
+                             "shifts")
         if not 0.0 <= self.smooth_alpha < 1.0:
             raise ValueError(f"{self.name}: smooth_alpha must be in [0, 1), got {self.smooth_alpha}")
 
@@ -105,12 +106,15 @@ class QBits:
         return qbits
 
     def formats(self, config: QuantConfig) -> tuple[QuantFormat | None, QuantFormat | None, QuantFormat | None]:
-        """(weight, activation, embedding) starting formats under config's kind and blocks; None where bits == 16."""
+        """(weight, activation, embedding) starting formats under config's kind and blocks; None where bits == 16.
+        ValueError (one line) for a format the quantizer cannot compute (more than 7 exponent bits)."""
         def make(bits: int, exp: int) -> QuantFormat | None:
             if bits >= 16:
                 return None
             fmt = QuantFormat("int", bits) if config.format_kind == "int" else QuantFormat("fp", bits, exp)
-            return with_blocks(fmt, config.block_size, config.block_scale) if config.block_size else fmt
+            if fmt.float32_error:
+                raise ValueError(f"--qbits: {fmt.float32_error}")
+            return dataclasses.replace(fmt, block=config.block)
 
         return (make(self.weight_bits, self.weight_exp), make(self.act_bits, self.act_exp),
                 make(self.embed_bits, self.embed_exp))

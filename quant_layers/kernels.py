@@ -14,8 +14,9 @@ Every step is the reference's float32 operation in the reference's order (roundi
 1.5 * 2^23 trick; dividing by a power of two is multiplying by its exact reciprocal), so FAKE and GRID
 equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may be one fused
 multiply-subtract on the GPU. tests/kernel_check.py checks all three under Triton's interpreter on CPU
-(in the test suite) and compiled on CUDA. Block-scaled formats, CPU tensors without the interpreter, a
-missing Triton or LLM_FP4_KERNEL=0 use the reference.
+(in the test suite) and compiled on CUDA. The entry points of quantize.py choose between a kernel and its
+reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
+tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
 """
 
 from __future__ import annotations
@@ -36,17 +37,25 @@ except ImportError:  # CPU-only installs: the PyTorch reference is used
 FAKE, GRID, RESIDUAL = 0, 1, 2  # output modes
 
 
-def available() -> bool:
-    return triton is not None and os.environ.get("LLM_FP4_KERNEL", "1") != "0"
-
-
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether quantize.py should route x through the kernel (CUDA tensors, or any under the interpreter)."""
-    return available() and (x.is_cuda or _interpreted())
+def supports(fmt: QuantFormat) -> bool:
+    """The kernels implement signed element formats (FP with any exponent bits, INT), not block scaling."""
+    return fmt.block is None and fmt.signed
+
+
+def unavailable_reason(x: torch.Tensor, fmt: QuantFormat) -> str | None:
+    """Why the kernels cannot quantize x to fmt here, or None: Triton missing, a CPU tensor without Triton's
+    interpreter (TRITON_INTERPRET=1), or a format they do not implement."""
+    if triton is None:
+        return "Triton is not installed"
+    if not (x.is_cuda or _interpreted()):
+        return f"the tensor is on {x.device} (kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    if not supports(fmt):
+        return f"{fmt.name} is not implemented by the kernels (signed element formats only)"
+    return None
 
 
 if triton is not None:
@@ -126,6 +135,11 @@ if triton is not None:
     )(_fake_quantize_kernel)
 
 
+def _needs_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the fused kernels need Triton, which is not installed (pip install triton)")
+
+
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, inverse: torch.Tensor,
                   channel_scale: torch.Tensor | None, mode: int, dtype: torch.dtype | None = None,
                   tile: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -136,6 +150,7 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
 
     Returns [C, *x.shape] in `dtype` (default x.dtype).
     """
+    _needs_triton()
     x = x.contiguous()
     channels = x.shape[-1]
     rows = x.numel() // channels
@@ -223,6 +238,7 @@ def residual_proxy(weight: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, 
     weight [out, in]; scale, inverse [C, out] float32; diagonal [in] float32; cross [out, in] float32; basis [in, rank]
     (u is rounded to its dtype for the projection); values [rank] float32. Returns [C, out] float32.
     """
+    _needs_triton()
     rows, channels = weight.shape
     candidates = scale.shape[0]
     rank = basis.shape[1]

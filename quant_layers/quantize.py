@@ -12,18 +12,23 @@ Semantics (every format, every caller):
   fit float32 arithmetic.
 - INT grid: step 1, saturating at +-(2^(bits-1) - 1).
 - Computed in float32; the result has x's dtype. NaN stays NaN.
-- Block-scaled formats (NVFP4, MX; formats.py): each block of the last dimension gets its range from its
-  own absolute maximum (`block_max_values`), then the element format is applied as above.
+- Unsigned formats saturate at 0 from below.
+- Block-scaled formats (NVFP4, MX; formats.py): each block of the last dimension gets its scale from its own
+  absolute maximum (`block_scales`), then the element format is applied as above. Power-of-two scales are
+  applied exactly (x * 2^-k, then q * 2^k), so every E8M0 scale from 2^-127 up is reached; a block scale that
+  rounds to zero (E4M3) gives zeros.
 
 Standard-grid values have at most M + 1 significant bits (INT: bits - 1), so for every format of up
 to 8 bits they are exact in bfloat16: products of grids are exact, which the search uses to run its
-matrix products in bfloat16 (utils/search/problem.py). quant_layers/kernels.py computes the same functions in
-one fused Triton kernel on CUDA; `quantize_activation` and `grid_candidates` pick it there.
+matrix products in bfloat16 (utils/search/problem.py).
+
+Kernels: quant_layers/kernels.py computes `quantize_activation`, `grid_candidates`, `weight_residuals` and
+`residual_proxy` in fused Triton kernels. Each takes `use_kernel`: None picks the kernel where it applies (a CUDA
+tensor, Triton present, a format it implements: `kernels.supports`), True demands it (a clear error otherwise),
+False runs the PyTorch reference, which the kernel is tested against bit for bit (tests/kernel_check.py).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -31,7 +36,7 @@ from quant_layers import kernels
 from quant_layers.formats import QuantFormat
 
 
-_TINY = 1e-30  # floor for block maxima: an all-zero block keeps a finite scale
+_TINY = 1e-30  # floor for NVFP4's per-tensor range: an all-zero tensor keeps a finite tensor scale
 _EXPONENT_FIELD = 0x7F800000  # float32 bits of the biased exponent
 _EXPONENT_ONE = 128 << 23  # biased exponent field of 2^1
 
@@ -70,7 +75,7 @@ def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 
 def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
-    """Standard-grid values round(clamp(x * scale, +-grid_max)) as a new float32 tensor.
+    """Standard-grid values round(clamp(x * scale, +-grid_max)) as a new float32 tensor (unsigned: [0, grid_max]).
 
     scale: float32, broadcastable to x (see `grid_scale`). One float32 tensor of the result's size is
     allocated (a bfloat16 x is upcast into it, exactly, when scale does not broadcast x to a larger shape).
@@ -79,8 +84,14 @@ def round_to_grid(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor) -> tor
         y = x.to(torch.float32, copy=True).mul_(scale)
     else:
         y = x.to(torch.float32) * scale
-    y.clamp_(-fmt.grid_max, fmt.grid_max)
+    y.clamp_(-fmt.grid_max if fmt.signed else 0.0, fmt.grid_max)
     return _round_to_standard_grid_(y, fmt)
+
+
+def check_format(fmt: QuantFormat) -> None:
+    """ValueError (one line) for a format the quantizer cannot compute in float32 arithmetic."""
+    if fmt.float32_error:
+        raise ValueError(fmt.float32_error)
 
 
 def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
@@ -90,11 +101,12 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float)
     shape and dtype as x.
     x is never modified. This is the reference every other path is tested against.
     Block-scaled formats: the ranges of the blocks come from the data (see formats.py); max_value is the
-    per-tensor range that NVFP4's float32 scale is made from (unused by MX formats).
+    per-tensor range that NVFP4's float32 tensor scale is made from (unused by MX formats).
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
-    if fmt.block_size:
+    check_format(fmt)
+    if fmt.block is not None:
         return _quantize_blocks(x, fmt, max_value)
     scale = grid_scale(fmt, max_value, x.device)
     return round_to_grid(x, fmt, scale).mul_(grid_inverse(fmt, max_value, x.device)).to(x.dtype)
@@ -106,36 +118,72 @@ def activation_scales(fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.
             grid_inverse(fmt, max_value, max_value.device).reshape(1))
 
 
-def block_max_values(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
-    """Dynamic ranges [..., blocks, 1] of x viewed as [..., blocks, block_size] (float32), per formats.py."""
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY)
-    top = fmt.element_top
-    if fmt.block_scale == "e8m0":
-        return top * torch.exp2(torch.floor(torch.log2(amax)) - math.floor(math.log2(top)))
-    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=x.device).clamp(min=_TINY) / (top * 448.0)
-    block_scale = (amax / (top * tensor_scale)).clamp(max=448.0).to(torch.float8_e4m3fn).float()
-    return (top * block_scale * tensor_scale).clamp(min=_TINY)
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2 |x|) as int32, exact for every finite non-zero float32 (subnormals included), from the float's
+    own exponent (torch.frexp: x = m 2^e with 0.5 <= |m| < 1); 0 gives -1."""
+    return torch.frexp(x.float()).exponent - 1
+
+
+def block_scales(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
+    """The scale of each block from its absolute maximum amax [..., blocks, 1] (float32), per formats.py:
+
+    power-of-two scales: k = clamp(floor(log2 amax) - emax, -bias_s, emax_s), returned as the int32 exponent k;
+    others: code = Q_s(amax / (top t)) with t = max_value / (top * scale top), returned as the float32 block range
+    top * code * t (0 where the code rounds to 0).
+    """
+    block = fmt.block
+    scale_format = block.scale_format
+    if block.power_of_two:
+        exponent = floor_log2(amax) - fmt.max_exponent
+        return exponent.clamp_(-scale_format.standard_bias, scale_format.max_exponent)
+    top = fmt.standard_max
+    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=amax.device).clamp(min=_TINY)
+    tensor_scale = tensor_scale / (top * scale_format.standard_max)
+    code = quantize(amax / (top * tensor_scale), scale_format, scale_format.standard_max)
+    return top * code * tensor_scale
 
 
 def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
-    if x.shape[-1] % fmt.block_size:
-        raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {fmt.block_size}")
-    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // fmt.block_size, fmt.block_size)
+    size = fmt.block.size
+    if x.shape[-1] % size:
+        raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {size}")
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
     if isinstance(max_value, torch.Tensor) and max_value.dim() > 0:
         max_value = max_value.unsqueeze(-1)  # a per-row range [..., 1] stays per row for the blocks
-    q = quantize(blocks, fmt.element, block_max_values(blocks, fmt, max_value))
-    return q.reshape(x.shape).to(x.dtype)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scales = block_scales(amax, fmt, max_value)
+    element = fmt.element
+    if fmt.block.power_of_two:  # x 2^-k and q 2^k are exact (2^-k, 2^k are float32 numbers for |k| <= 127)
+        q = torch.ldexp(quantize(torch.ldexp(blocks, -scales), element, element.standard_max), scales)
+        q.masked_fill_(~torch.isfinite(amax), float("nan"))  # OCP MX: a NaN or Inf in a block makes its scale NaN
+        if isinstance(max_value, torch.Tensor):  # unused, but its shape broadcasts as for other formats
+            q = q.expand(torch.broadcast_shapes(q.shape, max_value.shape))
+    else:
+        q = quantize(blocks, element, scales).masked_fill_(scales == 0, 0.0)  # a zero scale gives zeros
+    return q.reshape(*q.shape[:-2], x.shape[-1]).to(x.dtype)  # a range with more dims broadcasts x (candidates)
+
+
+def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None) -> bool:
+    """Whether to run the Triton kernel: use_kernel None picks it where it applies; True demands it (RuntimeError
+    with the reason where it cannot run)."""
+    if use_kernel is False:
+        return False
+    reason = kernels.unavailable_reason(x, fmt)
+    if use_kernel and reason:
+        raise RuntimeError(f"use_kernel=True, but the Triton kernel cannot run here: {reason}")
+    return reason is None
 
 
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
                         channel_scale: torch.Tensor | None = None,
-                        scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        use_kernel: bool | None = None) -> torch.Tensor:
     """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in] (float32).
 
     Equals `quantize(x * channel_scale, fmt, max_value)` bit for bit; one fused kernel on CUDA.
     scales: `activation_scales(fmt, max_value)` computed once by the caller (saves two small kernel launches).
     """
-    if kernels.enabled(x) and not fmt.block_size:
+    if _use_kernel(x, fmt, use_kernel):
         scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
         return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
@@ -144,13 +192,16 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
 
 
 def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, use_kernel: bool | None = None) -> torch.Tensor:
     """Grid values of x for C candidates: out[c] = round_to_grid(x * c_c * s_c) / c_c, as `dtype`.
 
     x: [n, in]; scale s: [C] per-tensor grid scales; channel_scale c: [C, in] powers of two, or None.
     out: [C, n, in]; out[c] / s_c is the quantized x of candidate c. Exact in bfloat16 (see above).
+    Element formats only (block formats have no per-tensor grid).
     """
-    if kernels.enabled(x):
+    if fmt.block is not None:
+        raise ValueError(f"grid_candidates takes element formats, got {fmt.name}")
+    if _use_kernel(x, fmt, use_kernel):
         return kernels.fake_quantize(x, fmt, scale, scale, channel_scale, kernels.GRID, dtype=dtype)
     multiplier = scale.view(-1, 1, 1)
     if channel_scale is not None:
@@ -161,11 +212,11 @@ def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, chan
     return grid.to(dtype)
 
 
-def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, dtype: torch.dtype
-                     ) -> torch.Tensor:
+def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, dtype: torch.dtype,
+                     use_kernel: bool | None = None) -> torch.Tensor:
     """q(W) - W for C candidate ranges per row: weight [out, in] (float32 or bfloat16; computed in float32 from
     its exact upcast), max_value [C, out] -> [C, out, in] as `dtype`. One fused kernel on CUDA."""
-    if kernels.enabled(weight):
+    if _use_kernel(weight, fmt, use_kernel):
         scale, inverse = grid_scale(fmt, max_value, weight.device), grid_inverse(fmt, max_value, weight.device)
         return kernels.fake_quantize(weight, fmt, scale, inverse, None, kernels.RESIDUAL, dtype=dtype)
     weight = weight.float()
@@ -173,7 +224,8 @@ def weight_residuals(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Te
 
 
 def residual_proxy(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor, diagonal: torch.Tensor,
-                   cross: torch.Tensor, basis: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                   cross: torch.Tensor, basis: torch.Tensor, values: torch.Tensor, use_kernel: bool | None = None
+                   ) -> torch.Tensor:
     """P[c, o] = sum_k values_k (u . basis[:, k])^2 + sum_i u_i (diagonal_i u_i + 2 cross[o, i]), u = q(W[o]) - W[o]
     under candidate range max_value[c, o]: the quadratic form u^T (B diag(values) B^T + diag(diagonal)) u + 2 u.cross.
 
@@ -181,9 +233,9 @@ def residual_proxy(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     before the projection, as a product in that dtype would); values [rank]. Returns [C, out] float32. One fused
     kernel on CUDA that never stores u; here the reference, in float32.
     """
-    if kernels.enabled(weight):
+    if _use_kernel(weight, fmt, use_kernel):
         scale, inverse = grid_scale(fmt, max_value, weight.device), grid_inverse(fmt, max_value, weight.device)
         return kernels.residual_proxy(weight, fmt, scale, inverse, diagonal, cross, basis, values)
-    u = weight_residuals(weight, fmt, max_value, torch.float32)
+    u = weight_residuals(weight, fmt, max_value, torch.float32, use_kernel=False)
     projected = u.to(basis.dtype).float() @ basis.float()
     return projected.square() @ values.float() + ((u * diagonal.float() + 2 * cross.float()) * u).sum(-1)

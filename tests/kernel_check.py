@@ -53,15 +53,14 @@ def first_difference(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def reference(fn, *args, **kwargs):
-    os.environ["LLM_FP4_KERNEL"] = "0"
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        os.environ["LLM_FP4_KERNEL"] = "1"
+    return fn(*args, **kwargs, use_kernel=False)
+
+
+def kernel(fn, *args, **kwargs):
+    return fn(*args, **kwargs, use_kernel=True)
 
 
 def main(device: str) -> None:
-    assert kernels.available()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(33, 80, generator=g) * torch.exp2(torch.randint(-6, 6, (80,), generator=g).float())
     x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1e-30])
@@ -73,7 +72,7 @@ def main(device: str) -> None:
             max_value = torch.tensor(3.0, device=device)
             shift = torch.randint(0, 4, (80,), generator=g).to(device)
             for channel_scale in (None, torch.exp2(shift.float()).to(dtype)):
-                got = quantize_activation(xd, fmt, max_value, channel_scale)
+                got = kernel(quantize_activation, xd, fmt, max_value, channel_scale)
                 want = reference(quantize_activation, xd, fmt, max_value, channel_scale)
                 checked += 1
                 if got.dtype != want.dtype or not same_bits(got, want):
@@ -83,7 +82,7 @@ def main(device: str) -> None:
             shifts = torch.exp2(torch.randint(0, 4, (5, 80), generator=g).float()).to(device)
             for channel_scale in (None, shifts):
                 for out_dtype in (torch.bfloat16, torch.float32):
-                    got = grid_candidates(xd, fmt, scale, channel_scale, out_dtype)
+                    got = kernel(grid_candidates, xd, fmt, scale, channel_scale, out_dtype)
                     want = reference(grid_candidates, xd, fmt, scale, channel_scale, out_dtype)
                     checked += 1
                     if got.dtype != want.dtype or not same_bits(got, want):
@@ -93,7 +92,7 @@ def main(device: str) -> None:
         for weight_dtype, out_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                         (torch.bfloat16, torch.bfloat16)):  # the search's bfloat16 path
             weight = x.to(device=device, dtype=weight_dtype)
-            got = weight_residuals(weight, fmt, ranges, out_dtype)
+            got = kernel(weight_residuals, weight, fmt, ranges, out_dtype)
             want = reference(weight_residuals, weight.float(), fmt, ranges, out_dtype)
             checked += 1
             exact = same_bits(got, want) if device == "cpu" else residual_close(got, want, weight, out_dtype)
@@ -134,7 +133,7 @@ def proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
     for fmt, rank, dtype in PROXY_CASES:
         w, basis = weight.to(device=device, dtype=dtype), basis_full[:, :rank].to(device=device, dtype=dtype)
         args = (fmt, ranges.to(device), diagonal.to(device), cross.to(device), basis, values_full[:rank].to(device))
-        got, want = residual_proxy(w, *args), reference(residual_proxy, w, *args)
+        got, want = kernel(residual_proxy, w, *args), reference(residual_proxy, w, *args)
         u = reference(weight_residuals, w.float(), fmt, args[1], torch.float32)
         size = ((u.to(dtype).float() @ basis.float()).square() @ args[5] + (u.square() * args[2]
                 + 2 * (u * args[3]).abs()).sum(-1))
@@ -151,12 +150,13 @@ def search_proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(300, 96, generator=g).to(device=device, dtype=dtype)
     weight = torch.randn(40, 96, generator=g).to(device=device, dtype=dtype)
-    problem = LinearProblem(x, weight, Budget(96 * 16 * 8))  # reference in slices of 8 rows
+    problem = LinearProblem(x, weight, Budget(96 * 16 * 8), use_kernel=True)
+    sliced = LinearProblem(x, weight, Budget(96 * 16 * 8), use_kernel=False)  # reference in slices of 8 rows
     fmt = fp_format(2, 1)
     state = minmax_state(problem, fmt, fmt)
     candidates = SearchSpace(0.01, 1.2, 12).candidates(fmt, problem.weight_absmax)
     got = problem.weight_proxy_losses(fmt, candidates, state, 8)
-    want = reference(problem.weight_proxy_losses, fmt, candidates, state, 8)
+    want = sliced.weight_proxy_losses(fmt, candidates, state, 8)
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
         return [f"search proxy: largest difference {float((got - want).abs().max()):.3e}"]
     return []
@@ -167,7 +167,7 @@ def second_gpu_matches() -> bool:
     launched on cuda:0's stream it would read x before it exists (a split model's blocks on cuda:1)."""
     x = torch.randn(8192, 4096, device="cuda:1").mul_(3.0)
     max_value = torch.tensor(3.0, device="cuda:1")
-    got = quantize_activation(x, fp_format(2, 1), max_value, None)
+    got = kernel(quantize_activation, x, fp_format(2, 1), max_value, None)
     return got.device == x.device and same_bits(got, reference(quantize_activation, x, fp_format(2, 1), max_value,
                                                                 None))
 

@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).with_name("kernel_check.py")
 
 
 def test_kernel_equals_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", LLM_FP4_KERNEL="1")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, str(SCRIPT), "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -26,9 +26,44 @@ def test_kernel_equals_reference_under_interpreter():
     assert report["mismatches"] == []
 
 
-def test_kernel_disabled_without_interpreter_on_cpu():
+def test_kernel_not_picked_on_cpu_without_the_interpreter():
     import torch
 
     from quant_layers import kernels
+    from quant_layers.formats import fp_format
+    from quant_layers.quantize import quantize_activation
 
-    assert not kernels.enabled(torch.zeros(2))
+    assert "TRITON_INTERPRET" in kernels.unavailable_reason(torch.zeros(2), fp_format(2, 1))
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        quantize_activation(torch.zeros(4), fp_format(2, 1), torch.tensor(1.0), use_kernel=True)
+
+
+def test_block_formats_never_reach_the_kernel():
+    """Bug: weight_residuals and grid_candidates sent block-scaled formats to the Triton path, which implements
+    element formats only. Under the interpreter (where the kernel is picked by default) they now take the
+    reference, or refuse (grid_candidates: block formats have no per-tensor grid)."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(SCRIPT.parents[1])!r})
+from quant_layers import kernels
+from quant_layers.formats import parse_format, fp_format
+from quant_layers.quantize import quantize, weight_residuals, grid_candidates
+w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+ranges = torch.rand(3, 8) + 0.5
+for name in ("NVFP4", "MXFP4"):
+    fmt = parse_format(name)
+    assert kernels.unavailable_reason(w, fmt) is not None
+    got = weight_residuals(w, fmt, ranges, torch.float32)
+    want = torch.stack([quantize(w, fmt, r.view(-1, 1)) - w for r in ranges])
+    assert torch.equal(got, want), name
+    try:
+        grid_candidates(w, fmt, torch.ones(2), None, torch.float32)
+        raise SystemExit("grid_candidates accepted " + name)
+    except ValueError:
+        pass
+assert kernels.unavailable_reason(w, fp_format(2, 1)) is None  # the interpreter is on: element formats take it
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

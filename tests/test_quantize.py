@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from quant_layers.formats import (QuantFormat, exponent_bias_from_max, formats_of_width, fp_format, int_format,
-                                  max_from_exponent_bias, parse_format)
+from quant_layers.formats import (E4M3FN, E8M0, BlockScaling, QuantFormat, exponent_bias_from_max, formats_of_width,
+                                  fp_format, int_format, max_from_exponent_bias, parse_format)
 from quant_layers.quantize import abs_max, quantize
 
 
@@ -166,15 +166,121 @@ NVFP4, MXFP4 = parse_format("NVFP4"), parse_format("MXFP4")
 
 
 def test_block_format_data():
-    assert (NVFP4.element, NVFP4.block_size, NVFP4.block_scale) == (fp_format(2, 1), 16, "e4m3")
-    assert (MXFP4.element, MXFP4.block_size, MXFP4.block_scale) == (fp_format(2, 1), 32, "e8m0")
-    assert NVFP4.element_top == 6.0 and fp_format(4, 3).element_top == 480.0
+    assert (NVFP4.element, NVFP4.block) == (fp_format(2, 1), BlockScaling(16, E4M3FN, tensor_scale=True))
+    assert (MXFP4.element, MXFP4.block) == (fp_format(2, 1), BlockScaling(32, E8M0))
+    assert NVFP4.standard_max == 6.0 and fp_format(4, 3).standard_max == 480.0
     for name in ("NVFP4", "MXFP4", "MXFP8", "E2M1/b64/e8m0", "INT8/b32/e8m0"):
         assert parse_format(name).name == name
     with pytest.raises(ValueError):
-        QuantFormat("fp", 4, 2, 16, "")
+        BlockScaling(0, E8M0)
+    with pytest.raises(ValueError):
+        BlockScaling(16, int_format(8))
     with pytest.raises(ValueError):
         parse_format("E2M1/b16/fp16")
+
+
+def decode_ocp(exponent_bits: int, mantissa_bits: int, code: int, signed: bool = True) -> float:
+    """Plain-Python decode of an OCP float code with the standard bias 2^(E-1) - 1 (subnormals at exponent 0)."""
+    sign = -1.0 if signed and code >> (exponent_bits + mantissa_bits) else 1.0
+    exponent, mantissa = divmod(code % 2 ** (exponent_bits + mantissa_bits), 2**mantissa_bits)
+    bias = 2 ** (exponent_bits - 1) - 1
+    if exponent == 0:
+        return sign * mantissa * 2.0 ** (1 - bias - mantissa_bits)
+    return sign * (1 + mantissa / 2**mantissa_bits) * 2.0 ** (exponent - bias)
+
+
+def test_scale_formats_derive_their_range_from_their_codes():
+    """E4M3 with its NaN code (S.1111.111) tops out at 448, E8M0 (unsigned, no mantissa) spans 2^-127 .. 2^127:
+    derived from the fields, checked against a plain decode of the top code and against torch's float8 type."""
+    assert E4M3FN.standard_max == decode_ocp(4, 3, 0x7E) == 448.0 == torch.finfo(torch.float8_e4m3fn).max
+    assert fp_format(4, 3).standard_max == decode_ocp(4, 3, 0x7F) == 480.0  # this project's elements: no NaN code
+    assert E8M0.standard_max == 2.0**127 and E8M0.standard_bias == 127 and E8M0.max_exponent == 127
+    assert (E4M3FN.name, E8M0.name) == ("E4M3FN", "UE8M0FN")
+
+
+def test_e4m3_block_scale_rounding_equals_torch_float8_cast():
+    """NVFP4's block scales go through our quantizer with E4M3FN (max 448); outside oracle: torch's float8 cast of
+    every float32 in a wide range, ties and subnormals included."""
+    codes = torch.arange(0, 0x7F, dtype=torch.int32)
+    grid = torch.tensor([decode_ocp(4, 3, int(c)) for c in codes])
+    middles = (grid[1:] + grid[:-1]) / 2  # ties
+    x = torch.cat([grid, middles, torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 460,
+                   torch.exp2(torch.linspace(-14, 9, 5000))])
+    assert torch.equal(quantize(x, E4M3FN, 448.0), x.clamp(max=448.0).to(torch.float8_e4m3fn).float())
+
+
+def mx_reference(block: list[float], element_max: float, element_emax: int, grid: list[float]) -> list[float]:
+    """OCP MX v1.0 by hand, in float64: X = 2^(floor(log2 amax) - emax_elem) clamped to 2^-127..2^127, each element
+    x / X rounded to the nearest element value (ties to the even code), saturated, times X."""
+    amax = max(abs(v) for v in block)
+    exponent = math.frexp(amax)[1] - 1 - element_emax if amax > 0 else -127
+    scale = 2.0 ** max(-127, min(127, exponent))
+    out = []
+    for v in block:
+        r = max(-element_max, min(element_max, v / scale))
+        below = max(g for g in grid if g <= r)
+        above = min(g for g in grid if g >= r)
+        pick = below if r - below < above - r else above if r - below > above - r else (
+            below if grid.index(below) % 2 == 0 else above)
+        out.append(pick * scale)
+    return out
+
+
+E2M1_VALUES = [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # even codes at even
+# positions from 0 (0.0, 1.0, 2.0, 4.0 have mantissa 0)
+
+
+@pytest.mark.parametrize("top", [2.0**-30, 2.0**-1, 1.0, 2.0**20, 6.0 * 2.0**-126])
+def test_mx_shared_exponent_just_below_a_power_of_two(top):
+    """Bug: floor(log2(amax)) in float32 rounds up for amax a few float32 steps below 2^k, doubling the scale. The
+    shared exponent now comes from the float's bits; checked against the spec by hand, 1..4 steps below."""
+    for steps in range(1, 5):
+        amax = torch.tensor(top, dtype=torch.float32)
+        for _ in range(steps):
+            amax = torch.nextafter(amax, torch.tensor(0.0))
+        block = torch.zeros(32)
+        block[0], block[1], block[2] = amax, -amax / 3, amax / 7
+        expected = mx_reference(block.double().tolist(), 6.0, 2, E2M1_VALUES)
+        assert quantize(block, MXFP4, 1.0).double().tolist() == expected
+
+
+@pytest.mark.parametrize("amax,nonzero", [(1e-31, True), (3e-35, True), (2.0**-124, True), (2.0**-125, True),
+                                          (1e-38, True), (1e-40, False), (2.0**-149, False)])
+def test_mx_tiny_blocks_reach_the_smallest_e8m0_scale(amax, nonzero):
+    """Bug: blocks whose maximum is below 1e-30 became 0, though E8M0 reaches 2^-127 (float32 subnormals
+    included): the spec by hand (float64) must match exactly; below 2^-127 * 0.25 the spec gives zeros too."""
+    block = torch.zeros(32)
+    block[:4] = torch.tensor([amax, -amax / 2, amax * 0.3, amax / 5])
+    expected = mx_reference(block.double().tolist(), 6.0, 2, E2M1_VALUES)
+    got = quantize(block, MXFP4, 1.0).double().tolist()
+    assert got == expected and (got[0] != 0.0) == nonzero
+
+
+def test_nvfp4_block_scale_rounding_to_zero_gives_zeros():
+    """Bug: a block whose E4M3 scale rounds to zero gave +-1e-30 (a floor) instead of zeros."""
+    x = torch.zeros(2, 16)
+    x[0, 0] = 6 * 448.0  # sets the tensor scale to 1
+    x[1, :3] = torch.tensor([1e-4, -3e-4, 2e-5])  # amax / 6 < 2^-10: the E4M3 code is 0
+    q = quantize(x, NVFP4, 6 * 448.0)
+    assert q[1].tolist() == [0.0] * 16 and not torch.signbit(q[1]).any()
+    assert q[0, 0] == 6 * 448.0
+
+
+def test_nan_in_an_mx_block_makes_the_block_nan():
+    block = torch.ones(2, 32)
+    block[0, 3] = float("nan")
+    q = quantize(block, MXFP4, 1.0)
+    assert torch.isnan(q[0]).all() and torch.equal(q[1], torch.ones(32))
+
+
+@pytest.mark.parametrize("exponent_bits", [8])
+def test_formats_beyond_float32_are_rejected(exponent_bits):
+    """Bug: --qbits 12 12 12 8 8 8 passed validation, then died in quantize with a traceback."""
+    fmt = fp_format(exponent_bits, 3)
+    assert fmt.float32_error and "float32" in fmt.float32_error
+    with pytest.raises(ValueError, match="exponent bits"):
+        quantize(torch.ones(4), fmt, 1.0)
+    assert fp_format(7, 4).float32_error is None
 
 
 def test_mxfp4_block_by_hand():
@@ -206,8 +312,8 @@ def test_block_formats_edge_cases():
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     for fmt in (NVFP4, MXFP4):
         q = quantize(x, fmt, x.abs().max())
-        blocks = q.view(8, -1, fmt.block_size)
-        assert all(len(set(b.tolist())) <= 15 for b in blocks.reshape(-1, fmt.block_size))
+        blocks = q.view(8, -1, fmt.block.size)
+        assert all(len(set(b.tolist())) <= 15 for b in blocks.reshape(-1, fmt.block.size))
         assert float((q - x).abs().max()) < float(x.abs().max()) / 2
 
 

@@ -108,7 +108,7 @@ def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], d
             if fmt is None or value is None:
                 continue
             max_value = tensors[f"{name}.{field_name}_max_value"] = _plain(value, torch.float32)
-            if fmt.kind == "fp" and not fmt.block_size:
+            if fmt.kind == "fp" and fmt.block is None:
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)

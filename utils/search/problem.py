@@ -195,7 +195,8 @@ class LinearProblem:
     lm_head), else float32.
     """
 
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor, budget: Budget) -> None:
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, budget: Budget, use_kernel: bool | None = None) -> None:
+        self.use_kernel = use_kernel  # quant_layers.quantize's choice of Triton kernel or reference (None: auto)
         self.dtype = compute_dtype(x)
         self.x = x.to(self.dtype)
         self.weight = weight.to(self.dtype)
@@ -220,7 +221,7 @@ class LinearProblem:
 
     def _act_grid(self, xt: torch.Tensor, acts: ActCandidates) -> torch.Tensor:
         """Grid values of xt for every candidate [C, n, in] in the compute dtype."""
-        return grid_candidates(xt, acts.fmt, acts.scale(), acts.channel_scale(), self.dtype)
+        return grid_candidates(xt, acts.fmt, acts.scale(), acts.channel_scale(), self.dtype, self.use_kernel)
 
     def weight_grid(self, fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid values [..., out, in] float32, grid scales [..., out, 1]) of weight ranges [..., out]."""
@@ -245,7 +246,8 @@ class LinearProblem:
         gram, v, const = self._weight_stats(acts)
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
         for cands, outs in self._weight_slices(candidates.shape[0]):
-            u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype)  # q(W) - W
+            u = weight_residuals(self.weight[outs], fmt, candidates[cands, outs], self.dtype,  # q(W) - W
+                                 self.use_kernel)
             ug = mm32(u.view(-1, self.in_features), gram).view(u.shape)
             losses[cands, outs] = (ug.add_(v[outs], alpha=2) * u).sum(-1) + const[outs]  # u G u + 2 u.v + c
         return losses
@@ -260,12 +262,13 @@ class LinearProblem:
         gram, v, const = self._weight_stats(self._stats_acts(state))
         basis, values, diagonal = self._proxy_terms(gram, rank)
         basis_c = basis.to(self.dtype)
-        if kernels.enabled(self.weight):  # nothing [C, out, in] is stored: one call
-            return residual_proxy(self.weight, fmt, candidates, diagonal, v, basis_c, values) + const
+        if self.use_kernel is not False and kernels.unavailable_reason(self.weight, fmt) is None:
+            return residual_proxy(self.weight, fmt, candidates, diagonal, v, basis_c, values, True) + const  # one call
+
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
         for cands, outs in self._weight_slices(candidates.shape[0]):
             losses[cands, outs] = residual_proxy(self.weight[outs], fmt, candidates[cands, outs], diagonal, v[outs],
-                                                 basis_c, values) + const[outs]
+                                                 basis_c, values, self.use_kernel) + const[outs]
         return losses
 
     def _proxy_terms(self, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,7 +377,7 @@ class LinearProblem:
 
     def loss(self, state: LinearState) -> float:
         """Normalized L of a state."""
-        if state.weight_format.block_size or state.act_format.block_size:
+        if state.weight_format.block is not None or state.act_format.block is not None:
             return float(self.normalize(self._reference_loss(state)))
         losses = self.act_losses(ActCandidates.of_state(state), state.weight_format, state.weight_max_value)
         return float(self.normalize(losses)[0])
