@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from quant_layers.quantize import abs_max
-from utils.data.models import decoder_layers
+from utils.data.architecture import decoder_layers
 from utils.params import Checkpoint, LayerParams, apply_params
 from utils.search.problem import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
