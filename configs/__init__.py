@@ -36,7 +36,7 @@ class QuantConfig:
     block_size / block_scale: block-scaled formats (quant_layers/formats.py): every quantized tensor in blocks
     of block_size along its input dimension with dynamic "e8m0" (MX) or "e4m3" (NVFP4) scales, round to
     nearest; the calibrated per-tensor ranges only set NVFP4's float32 tensor scale.
-    smooth_alpha: > 0 applies SmoothQuant's migration (utils/search/smoothquant.py) with this alpha before the
+    smooth_alpha: > 0 applies SmoothQuant's migration (utils/search/transforms.py) with this alpha before the
     Linears of each block are calibrated.
     """
 
