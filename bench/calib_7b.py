@@ -21,7 +21,7 @@ import torch
 from common import LLAMA_7B, TINY_SHAPE, environment, llama_7b_shape, results_folder, synchronize, write_result
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
-from utils.data.models import decoder_layers
+from utils.data.architecture import decoder_layers
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search.problem import SearchSpace, compute_dtype
 

@@ -90,7 +90,7 @@ def synchronize() -> None:
 def first_block(model, ids: torch.Tensor):
     """Block 0 of model, its Linears {name: module}, and the hidden states [S, T, H] and keyword arguments
     entering it for the token ids [S, T] (what calibration captures the block's inputs from)."""
-    from utils.data.models import decoder_layers
+    from utils.data.architecture import decoder_layers
     from utils.quant_calib import _first_block_inputs
 
     blocks = decoder_layers(model)

@@ -28,7 +28,7 @@ from common import LLAMA_7B, QWEN_1_5B, llama_7b_shape  # first: puts the projec
 import utils.quant_calib as quant_calib  # noqa: E402
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
-from utils.data.models import decoder_layers
+from utils.data.architecture import decoder_layers
 from utils.search.problem import SearchSpace
 
 GIB = 1 << 30

@@ -24,7 +24,8 @@ import torch
 from common import write_result  # first: puts the project root on sys.path
 from quant_layers.formats import formats_of_width, fp_format
 from utils.data.calib_data import load_calib_set
-from utils.data.models import decoder_layers, load_model
+from utils.data.architecture import decoder_layers
+from utils.data.models import load_model
 from utils.quant_calib import _capture, _first_block_inputs, _run_block
 from utils.search.problem import Budget, LinearProblem, SearchSpace, minmax_state, search_linear
 

@@ -3,6 +3,7 @@ front of q/k/v and gate/up, then INT4 MinMax ranges (per output channel for weig
 activations); the token embedding stays in 16 bits."""
 
 from configs import QuantConfig
+from utils.search.transforms import SmoothQuant
 
 CONFIG = QuantConfig(name="SmoothQuant_config_llama", format_kind="int", search=False, act_channel_shift=False,
-                     embedding=False, smooth_alpha=0.5)
+                     embedding=False, transforms=(SmoothQuant(alpha=0.5),))

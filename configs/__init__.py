@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import dataclasses
 
 from quant_layers.formats import BlockScaling, QuantFormat
+from utils.search.transforms import Transform
 
 CONFIG_NAMES = (
     "FPQ_config_llama",
@@ -38,8 +39,8 @@ class QuantConfig:
     block: block scaling (quant_layers/formats.py `BlockScaling`, e.g. NVFP4_BLOCKS, MX_BLOCKS): every quantized
     tensor in blocks along its input dimension with dynamic block scales, round to nearest; the calibrated
     per-tensor ranges only set NVFP4's float32 tensor scale.
-    smooth_alpha: > 0 applies SmoothQuant's migration (utils/search/smoothquant.py) with this alpha before the
-    Linears of each block are calibrated.
+    transforms: what changes the block before its Linears are calibrated (utils/search/transforms.py), in order,
+    e.g. (SmoothQuant(alpha=0.5),); fit on each block's captured inputs and saved in the parameter file.
     """
 
     name: str
@@ -51,7 +52,7 @@ class QuantConfig:
     embedding: bool = True
     weight_granularity: str = "per_channel"
     block: BlockScaling | None = None
-    smooth_alpha: float = 0.0
+    transforms: tuple[Transform, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -63,11 +64,11 @@ class QuantConfig:
         if self.block is not None and (self.search or self.act_channel_shift):
             raise ValueError(f"{self.name}: block-scaled formats are round to nearest (no search) without channel "
                              "shifts")
-        if not 0.0 <= self.smooth_alpha < 1.0:
-            raise ValueError(f"{self.name}: smooth_alpha must be in [0, 1), got {self.smooth_alpha}")
-
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data for parameter-file metadata: the fields, each transform as its own dict."""
+        fields = asdict(self)
+        fields["transforms"] = [t.to_dict() for t in self.transforms]
+        return fields
 
 
 def get_config(name: str) -> QuantConfig:

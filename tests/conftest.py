@@ -63,6 +63,24 @@ def make_llama(vocab_size: int, seed: int = 0, tied: bool = True, layers: int = 
     return LlamaForCausalLM(config).eval()
 
 
+def make_tiny(architecture: str, vocab_size: int = 300, seed: int = 0):
+    """A random 2-layer causal LM (hidden 64, float32, eval mode): "llama", "qwen2", "mistral" or "gemma3"."""
+    import transformers as tf
+
+    if architecture == "llama":
+        return make_llama(vocab_size, seed)
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if architecture == "gemma3":
+        config = tf.Gemma3TextConfig(**sizes, head_dim=16, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"])
+        return tf.Gemma3ForCausalLM(config).eval()
+    config_class, model_class = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                                 "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[architecture]
+    return model_class(config_class(**sizes)).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from utils.data.models import (ModelLoadError, decoder_layers, embedding_and_head, hub_reachable, load_model,
-                          weights_fingerprint)
+from utils.data.architecture import decoder_layers
+from utils.data.models import ModelLoadError, embedding_and_head, hub_reachable, load_model, weights_fingerprint
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)

@@ -16,7 +16,8 @@ import torch
 from configs import QBits, get_config
 from quant_layers.modules import QuantLinear, swap_modules
 from conftest import make_llama
-from utils.data.models import decoder_layers, place_outside_blocks
+from utils.data.architecture import decoder_layers
+from utils.data.models import place_outside_blocks
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
 from utils.search.problem import SearchSpace
 

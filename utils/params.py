@@ -27,8 +27,9 @@ from torch import nn
 
 from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear
+from utils.data.architecture import ArchitectureError
 from utils.run.fileio import atomic_write, sha256_file, write_bytes_atomic
-from utils.search.smoothquant import SmoothingError, apply_saved
+from utils.search.transforms import SmoothQuant, TransformError, apply_saved
 
 FILE_FORMAT = "llm-fp4-params"
 CHECKPOINT_FORMAT = "llm-fp4-checkpoint"
@@ -278,8 +279,8 @@ def apply_params(model: nn.Module, layers: dict[str, LayerParams]) -> None:
                 raise ParamFileError(f"module {name!r}: the file's SmoothQuant scales do not fit its "
                                      f"{module.weight.numel()} channels")
             try:
-                apply_saved(model, name, p.smooth_scale)
-            except SmoothingError as error:
+                apply_saved(model, SmoothQuant(), {name: p.smooth_scale})  # alpha plays no part in apply
+            except (ArchitectureError, TransformError) as error:
                 raise ParamFileError(f"module {name!r}: {error}") from None
             continue
         expected = QuantEmbedding if p.kind == "embedding" else QuantLinear

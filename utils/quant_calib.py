@@ -27,13 +27,11 @@ from tqdm.auto import tqdm
 from configs import QBits, QuantConfig
 from quant_layers.modules import QuantEmbedding, QuantLinear
 from quant_layers.quantize import abs_max
-from utils.data.models import decoder_layers
+from utils.data.architecture import architecture_of, decoder_layers
 from utils.params import Checkpoint, LayerParams, apply_params
 from utils.search.problem import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
                           search_table)
-from utils.search.smoothquant import block_pairs, fold, migration_scales
-
-SMOOTH_ROWS = 4096  # token rows SmoothQuant rescales at once (bounds its float32 temporary)
+from utils.search.transforms import SmoothQuant
 
 
 class CalibrationError(RuntimeError):
@@ -308,15 +306,14 @@ def _apply_block(run: _Run, block: nn.Module) -> None:
 def _smooth_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
     """SmoothQuant: fold migration scales into each norm and the Linears after it, and scale the captured
     inputs of those Linears the same way (X / s, what the smoothed norm now outputs)."""
-    prefix = run.names[block]
-    for key, names in block_pairs(block).items():
-        linears = [block.get_submodule(n) for n in names]
-        x = inputs[f"{prefix}.{names[0]}"]
-        scales = migration_scales(abs_max(x, dim=0), [m.weight for m in linears], run.settings.config.smooth_alpha)
-        fold(block.get_submodule(key), linears, scales)
-        for rows in x.split(SMOOTH_ROWS):  # in place, q/k/v (gate/up) share this buffer; no full float32 copy
-            rows.copy_((rows.float() / scales).to(x.dtype))
-        run.params[f"{prefix}.{key}"] = LayerParams("smooth", None, None, smooth_scale=scales)
+    prefix = run.names[block] + "."
+    smoothing, arch = SmoothQuant(run.settings.config.smooth_alpha), architecture_of(block)
+    relative = {name.removeprefix(prefix): x for name, x in inputs.items()}  # the same tensors, renamed
+    scales = smoothing.fit(block, relative, arch)
+    smoothing.apply(block, scales, arch)
+    smoothing.transform_inputs(scales, relative, arch)
+    for norm_name, norm_scales in scales.items():
+        run.params[prefix + norm_name] = LayerParams("smooth", None, None, smooth_scale=norm_scales)
 
 
 def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from utils.data.architecture import decoder_layers
 from utils.data.cache import CacheError, cache_dir, fetch_wheel, hub_reachable
 from utils.run.fileio import atomic_write, sha256_file
 
@@ -105,18 +106,6 @@ def weights_fingerprint(model: nn.Module) -> str:
             seen[key] = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).digest()
         total.update(seen[key])
     return total.hexdigest()
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama/Qwen2/Gemma3/Mistral-like causal LM (``model.model.layers`` and variants)."""
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                 "model.decoder.layers", "transformer.h"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers")
 
 
 def embedding_and_head(model: nn.Module) -> tuple[str, str]:

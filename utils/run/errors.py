@@ -1,13 +1,14 @@
 """The errors that mean bad input or an unusable environment (reported as one line, exit code 2), in one place."""
 
+from utils.data.architecture import ArchitectureError
 from utils.data.calib_data import CalibDataError
 from utils.run.cli import UsageError
 from utils.run.fileio import WriteError
 from utils.data.models import ModelLoadError
 from utils.params import ParamFileError
 from utils.quant_calib import CalibrationError
-from utils.search.smoothquant import SmoothingError
+from utils.search.transforms import TransformError
 from utils.data.task_data import TaskDataError
 
 USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError,
-               TaskDataError, WriteError, SmoothingError)
+               TaskDataError, WriteError, TransformError, ArchitectureError)

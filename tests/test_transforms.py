@@ -1,0 +1,160 @@
+"""utils.search.transforms: SmoothQuant keeps every architecture's logits, its inputs match the transformed block,
+saved parameters replay exactly, the math is today's formula, and bad input is a one-line ValueError."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from utils.data.architecture import LLAMA, architecture_of
+from utils.search import transforms
+from utils.search.transforms import SmoothQuant, apply_saved, transform_from_dict
+
+ARCHITECTURES = ["llama", "qwen2", "gemma3"]
+IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def tiny(name: str) -> torch.nn.Module:
+    """make_tiny with every norm weight moved off its init (ones, or zeros for Gemma3) and outlier channels."""
+    model = make_tiny(name)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=generator))
+        model.get_input_embeddings().weight[:, :4] *= 20
+    return model
+
+
+def capture(model: torch.nn.Module, block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{Linear name in block: its input [tokens, in]}, one tensor object for Linears reading the same tensor."""
+    seen, inputs = {}, {}
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).clone())
+            inputs[name] = seen[id(x)][1]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in block.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(IDS)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def smooth_all(model: torch.nn.Module, smoothing: SmoothQuant) -> dict[str, dict[str, torch.Tensor]]:
+    """fit + apply on every block in order; {block index: params}."""
+    arch, fitted = architecture_of(model), {}
+    for index, block in enumerate(model.model.layers):
+        fitted[index] = smoothing.fit(block, capture(model, block), arch)
+        smoothing.apply(block, fitted[index], arch)
+    return fitted
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_smoothquant_keeps_the_logits(name):
+    model = tiny(name)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    fitted = smooth_all(model, SmoothQuant(0.5))
+    assert all(len(params) == 2 for params in fitted.values())
+    assert max(float(s.max() / s.min()) for params in fitted.values() for s in params.values()) > 2  # not ~1
+    with torch.no_grad():
+        assert relative_error(model(IDS).logits, reference) < 1e-4
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_transformed_inputs_are_what_the_transformed_block_reads(name, monkeypatch):
+    monkeypatch.setattr(transforms, "INPUT_ROWS", 5)  # several row chunks, the last one short
+    model, smoothing = tiny(name), SmoothQuant(0.6)
+    arch = architecture_of(model)
+    for block in model.model.layers:
+        inputs = capture(model, block)
+        untouched = {n: x.clone() for n, x in inputs.items() if n in arch.unnormed_linears}
+        params = smoothing.fit(block, inputs, arch)
+        smoothing.apply(block, params, arch)
+        smoothing.transform_inputs(params, inputs, arch)
+        recaptured = capture(model, block)
+        assert inputs.keys() == recaptured.keys()
+        for linear_name, x in inputs.items():
+            assert relative_error(x, recaptured[linear_name]) < 1e-5, linear_name
+        for linear_name, x in untouched.items():
+            assert torch.equal(inputs[linear_name], x), linear_name
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_saved_params_replay_exactly(name):
+    fitted_model = tiny(name)
+    fresh = copy.deepcopy(fitted_model)
+    smoothing = SmoothQuant(0.5)
+    fitted = smooth_all(fitted_model, smoothing)
+    saved = {f"model.layers.{index}.{norm}": s.clone() for index, params in fitted.items() for norm, s in params.items()}
+    apply_saved(fresh, transform_from_dict(smoothing.to_dict()), saved)
+    fitted_weights, fresh_weights = fitted_model.state_dict(), fresh.state_dict()
+    assert fitted_weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(fitted_weights[k], fresh_weights[k]) for k in fitted_weights)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_llama_scales_and_fold_are_the_formula(alpha):
+    """s_j = max_n |X_nj|^a / max_{i,o} |W_i[o,j]|^(1-a) (float64 here, clamps at 1e-5); fold: w / s, W * s."""
+    model = tiny("llama")
+    block = model.model.layers[0]
+    inputs = capture(model, block)
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    params = SmoothQuant(alpha).fit(block, inputs, LLAMA)
+    for norm, linears in LLAMA.norm_linear_pairs:
+        x_max = inputs[linears[0]].double().abs().max(dim=0).values
+        w_max = torch.stack([before[f"{n}.weight"].double().abs().max(dim=0).values for n in linears]).max(dim=0)
+        expected = x_max.clamp(min=1e-5) ** alpha / w_max.values.clamp(min=1e-5) ** (1 - alpha)
+        assert params[norm].dtype == torch.float32
+        torch.testing.assert_close(params[norm], expected.clamp(min=1e-5).float(), rtol=1e-6, atol=0)
+    SmoothQuant(alpha).apply(block, params, LLAMA)
+    for norm, linears in LLAMA.norm_linear_pairs:
+        s = params[norm]
+        assert torch.equal(block.get_submodule(norm).weight, before[f"{norm}.weight"] / s)
+        for n in linears:
+            assert torch.equal(block.get_submodule(n).weight, before[f"{n}.weight"] * s)
+
+
+def test_to_dict_round_trip():
+    assert SmoothQuant(0.3).to_dict() == {"name": "smoothquant", "alpha": 0.3}
+    assert transform_from_dict({"name": "smoothquant", "alpha": 0.3}) == SmoothQuant(0.3)
+
+
+def one_line_value_error(call) -> str:
+    with pytest.raises(ValueError) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_bad_input_is_a_one_line_value_error():
+    assert "rotate" in one_line_value_error(lambda: transform_from_dict({"name": "rotate"}))
+    assert "beta" in one_line_value_error(lambda: transform_from_dict({"name": "smoothquant", "beta": 1}))
+    for alpha in (0.0, 1.0, -0.5, 1.5, float("nan")):
+        assert "alpha" in one_line_value_error(lambda a=alpha: SmoothQuant(a))
+    model = tiny("gemma3")
+    gemma_block = model.model.layers[0]
+    inputs = capture(model, gemma_block)
+    message = one_line_value_error(lambda: SmoothQuant().fit(gemma_block, inputs, LLAMA))
+    assert "Gemma3DecoderLayer" in message
+    message = one_line_value_error(lambda: SmoothQuant().fit(torch.nn.Linear(2, 2), {}, architecture_of(model)))
+    assert "Linear" in message
+    assert "Linear" in one_line_value_error(lambda: architecture_of(torch.nn.Linear(2, 2)))
+    wrong_norm = {"post_attention_layernorm": torch.ones(64)}  # normalises attention's output in Gemma3
+    message = one_line_value_error(lambda: SmoothQuant().apply(gemma_block, wrong_norm, architecture_of(model)))
+    assert "post_attention_layernorm" in message
+    message = one_line_value_error(lambda: apply_saved(model, SmoothQuant(), {"model.norm": torch.ones(64)}))
+    assert "model.norm" in message
