@@ -21,11 +21,12 @@ from quant_layers.modules import swap_modules  # noqa: E402
 from utils.data.calib_data import heldout_text  # noqa: E402
 from utils.report.evaluation import evaluate, heldout_perplexity  # noqa: E402
 from utils.data.models import load_model  # noqa: E402
-from utils.params import LayerParams, load_params  # noqa: E402
+from quant_layers.modules import QuantParams  # noqa: E402
+from utils.params import load_params  # noqa: E402
 from utils.data.task_data import get_task_specs  # noqa: E402
 
 
-def _no_act(p: LayerParams) -> LayerParams:
+def _no_act(p: QuantParams) -> QuantParams:
     return dataclasses.replace(p, act_format=None, act_max_value=None, act_channel_shift=None)
 
 

@@ -23,7 +23,8 @@ from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.data.architecture import decoder_layers
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search.problem import SearchSpace, compute_dtype
+from utils.search.problem import compute_dtype
+from utils.search.space import SearchSpace
 
 GIB = 1 << 30
 RUN_KEYS = ("layers", "seconds", "peak_bytes", "block_weights", "calib_activations", "budget", "mean_mse_over_minmax",
@@ -51,9 +52,10 @@ def run(layers: int, args) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.calib_size, args.seqlen), generator=torch.Generator().manual_seed(0))
     settings = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
-                             SearchSpace(0.01, 1.2, args.candidates, coarse_tokens=args.coarse_tokens,
-                                         refine=args.act_refine, weight_refine=args.weight_refine),
-                             args.rounds, offload_device=device if args.offload else None)
+                             SearchSpace((0.01, 1.2, args.candidates), act_coarse_tokens=args.coarse_tokens,
+                                         act_refine=args.act_refine, weight_refine=args.weight_refine,
+                                         search_round=args.rounds),
+                             offload_device=device if args.offload else None)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

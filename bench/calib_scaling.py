@@ -15,7 +15,9 @@ import torch
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_model, write_result
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
-from utils.search.problem import LinearProblem, SearchSpace, search_linear
+from utils.search.problem import LinearProblem
+from utils.search.space import SearchSpace
+from utils.search.steps import fpq_search
 
 
 def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: int) -> float:
@@ -27,7 +29,8 @@ def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: 
     _, inputs = _capture(block, hidden, kwargs, linears)
     for name, module in linears.items():
         problem = LinearProblem(inputs[name], module.weight.detach(), budget)
-        search_linear(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace(0.01, 1.2, candidates), rounds, True)
+        fpq_search(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace((0.01, 1.2, candidates),
+                                                                         search_round=rounds), True)
     synchronize()
     return time.perf_counter() - start
 

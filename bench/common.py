@@ -107,7 +107,9 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
     kernel) as the timed runs do; fewer would warm up only the direct path.
     inputs: {name: captured input [N, in], N >= in + 64}."""
     from quant_layers.formats import fp_format
-    from utils.search.problem import LinearProblem, SearchSpace, search_linear
+    from utils.search.problem import LinearProblem
+    from utils.search.space import SearchSpace
+    from utils.search.steps import fpq_search
 
     for name, module in linears.items():
         rows = module.weight.shape[1] + 64
@@ -115,8 +117,8 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
             raise ValueError(f"warm_up_search needs {rows} input rows for {name}, got {inputs[name].shape[0]}")
         problem = LinearProblem(inputs[name][:rows], module.weight.detach(), budget)
         for weight_refine in (0, 2):  # the exact weight step, then the proxy-ranked one (--weight_refine)
-            space = SearchSpace(0.5, 1.2, 4, weight_refine=weight_refine)
-            search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 1, True)
+            space = SearchSpace((0.5, 1.2, 4), weight_refine=weight_refine)
+            fpq_search(problem, fp_format(2, 1), fp_format(2, 1), space, True)
 
 
 def warm_up_model(model, seqlen: int, budget) -> None:

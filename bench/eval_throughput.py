@@ -72,7 +72,7 @@ def main() -> None:
     def llama7b_quantize(model):
         swap_modules(model)
         ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
-        calibrate(model, ids, CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), None, 1))
+        calibrate(model, ids, CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), None))
         for module in model.modules():  # MinMax has no shifts: give the FPQ path its channel scales too
             if hasattr(module, "act_channel_scale") and module.act_format is not None:
                 module.act_channel_scale = torch.ones(module.in_features, device="cuda")

@@ -29,7 +29,7 @@ import utils.quant_calib as quant_calib  # noqa: E402
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.data.architecture import decoder_layers
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 GIB = 1 << 30
 SHAPES = {"llama7b": LLAMA_7B, "qwen1.5b": QWEN_1_5B}
@@ -138,7 +138,8 @@ def main() -> None:
             setattr(quant_calib, attribute, traced(name, getattr(quant_calib, attribute), memory, log))
         ids = torch.randint(0, config.vocab_size, (args.calib_size, 1024), generator=torch.Generator().manual_seed(0))
         settings = quant_calib.CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
-                                             SearchSpace(0.01, 1.2, args.candidates, coarse_tokens=4096), args.rounds,
+                                             SearchSpace((0.01, 1.2, args.candidates), act_coarse_tokens=4096,
+                                                         search_round=args.rounds),
                                              offload_device="cuda" if args.placement == "offload" else None)
         print(f"before: in use {gib(memory.now())} GiB", file=log, flush=True)
         quant_calib.calibrate(model, ids, settings)

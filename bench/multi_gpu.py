@@ -18,7 +18,7 @@ from common import LLAMA_7B, environment, llama_7b_shape, results_folder, synchr
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 GIB = 1 << 30
 
@@ -62,7 +62,7 @@ def main() -> None:
     ids = torch.randint(0, LLAMA_7B["vocab_size"], (args.calib_size, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     settings = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
-                             SearchSpace(0.01, 1.2, 100), 3)
+                             SearchSpace((0.01, 1.2, 100), search_round=3))
     warm_up = build(1, split=False)  # Triton compiles and autotunes once per channel count: untimed
     calibrate(warm_up, ids[:2], settings)
     del warm_up

@@ -26,6 +26,7 @@ median of the runs' ratios, with every run's kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -35,7 +36,10 @@ from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchroniz
 from quant_layers.formats import exponent_bias_from_max, formats_of_width, fp_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
 from utils.quant_calib import _capture, default_budget
-from utils.search.problem import TINY, LinearProblem, LinearState, SearchSpace, channel_shift, search_linear
+from quant_layers.modules import QuantParams
+from utils.search.problem import LinearProblem, channel_shift
+from utils.search.space import TINY, SearchSpace
+from utils.search.steps import fpq_search
 
 
 def capture_by_full_forward(model, module, ids):
@@ -63,7 +67,7 @@ def quantize_act(x, fmt, bias, channel_bias):
 
 
 def original_search(module, inputs, outputs, candidates, rounds):
-    """One candidate at a time, losses over sequences one at a time. Returns the final LinearState."""
+    """One candidate at a time, losses over sequences one at a time. Returns the final QuantParams."""
     weight = module.weight.detach()
     formats = formats_of_width(4)
     w_format, a_format = fp_format(2, 1), fp_format(2, 1)
@@ -102,7 +106,7 @@ def original_search(module, inputs, outputs, candidates, rounds):
                     best_a = (loss, fmt, base * g)
         _, a_format, a_bias = best_a
     shift = channel_shift(a_format, max_from_exponent_bias(a_format, a_bias).view(1), channel_max)[0]
-    return LinearState(w_format, max_from_exponent_bias(w_format, w_bias), a_format,
+    return QuantParams(w_format, max_from_exponent_bias(w_format, w_bias), a_format,
                        max_from_exponent_bias(a_format, a_bias), shift)
 
 
@@ -133,7 +137,7 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.calib_size, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     block, linears, hidden, block_kwargs = first_block(model, ids)
-    candidates = SearchSpace(0.01, 1.2, args.candidates).multipliers().tolist()
+    candidates = SearchSpace((0.01, 1.2, args.candidates)).multipliers().tolist()
 
     measured = [n for n in linears if args.linears is None or n.rsplit(".", 1)[-1] in args.linears]
     if {tuple(m.weight.shape) for m in linears.values()} - {tuple(linears[n].weight.shape) for n in measured}:
@@ -164,8 +168,8 @@ def main() -> None:
             _, inputs = _capture(block, hidden, block_kwargs, linears)
             for name, module in linears.items():
                 problem = LinearProblem(inputs[name], module.weight.detach(), budget)
-                ours[spec, name], _ = search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, args.rounds,
-                                                    shifts=True)
+                ours[spec, name], _ = fpq_search(problem, fp_format(2, 1), fp_format(2, 1),
+                                                 dataclasses.replace(space, search_round=args.rounds), True)
             synchronize()
             our_runs[spec].append(time.perf_counter() - start)
             print(f"run {repeat + 1}/{args.repeats}, ours ({spec}): block 0 took {our_runs[spec][-1]:.1f} s",
@@ -215,14 +219,13 @@ def parse_configuration(spec: str, candidates: int) -> SearchSpace:
             (len(parts) == 4 and int(parts[3]) < 1):
         raise SystemExit(f"error: --ours {spec!r}: expected SPACE[:WEIGHT_REFINE[:ACT_COARSE_TOKENS[:ACT_REFINE]]], "
                          "SPACE bias|max, ACT_REFINE >= 1")
-    flags = dict(zip(("weight_refine", "coarse_tokens", "refine"), map(int, parts[1:])))  # the rest: SearchSpace's
-    return SearchSpace(0.01, 1.2, candidates, space=parts[0], **flags)
+    flags = dict(zip(("weight_refine", "act_coarse_tokens", "act_refine"), map(int, parts[1:])))  # the rest: defaults
+    return SearchSpace((0.01, 1.2, candidates), search_space=parts[0], **flags)
 
 
 def describe(space: SearchSpace) -> dict:
     """The main.py flags of a configuration."""
-    return {"search_space": space.space, "weight_refine": space.weight_refine,
-            "act_coarse_tokens": space.coarse_tokens, "act_refine": space.refine}
+    return {key: space.metadata()[key] for key in ("search_space", "weight_refine", "act_coarse_tokens", "act_refine")}
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from torch.profiler import ProfilerActivity, profile
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search
 from quant_layers.formats import fp_format
 from utils.quant_calib import _capture, default_budget
-import utils.search.problem as search
-from utils.search.problem import LinearProblem, SearchSpace, search_linear
+from utils.search.problem import LinearProblem
+from utils.search.space import SearchSpace
+from utils.search.steps import ActRangeStep, WeightRangeStep, fpq_search
 
-STAGES = {search.LinearProblem: ["_weight_stats", "weight_losses", "weight_proxy_losses", "act_losses", "loss"],
-          search: ["search_weight", "search_act"]}
+STAGES = {LinearProblem: ["_weight_stats", "weight_losses", "weight_proxy_losses", "act_losses", "loss"],
+          WeightRangeStep: ["__call__"], ActRangeStep: ["__call__"]}
 
 
 @contextmanager
@@ -42,7 +43,7 @@ def stage_timers(seconds: dict):
         return wrapper
 
     for (owner, name), function in originals.items():
-        setattr(owner, name, timed(name, function))
+        setattr(owner, name, timed(owner.__name__ if name == "__call__" else name, function))
     try:
         yield
     finally:
@@ -67,8 +68,8 @@ def main() -> None:
     block, linears, hidden, kwargs = first_block(model, ids)
     _, inputs = _capture(block, hidden, kwargs, linears)
     budget = default_budget(device)
-    space = SearchSpace(0.01, 1.2, 100, coarse_tokens=args.coarse_tokens, refine=args.act_refine,
-                        weight_refine=args.weight_refine)
+    space = SearchSpace((0.01, 1.2, 100), act_coarse_tokens=args.coarse_tokens, act_refine=args.act_refine,
+                        weight_refine=args.weight_refine, search_round=3)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in args.linears]
     warm_up_search({name: linears[name] for name in chosen}, inputs, budget)  # down_proj has its own channel count
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -77,7 +78,7 @@ def main() -> None:
             synchronize()
             start = time.perf_counter()
             problem = LinearProblem(inputs[name], linears[name].weight.detach(), budget)
-            search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 3, True)
+            fpq_search(problem, fp_format(2, 1), fp_format(2, 1), space, True)
             synchronize()
             print(f"{name}: {time.perf_counter() - start:.2f} s", flush=True)
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
@@ -86,7 +87,7 @@ def main() -> None:
         seconds = defaultdict(float)
         problem = LinearProblem(inputs[name], linears[name].weight.detach(), budget)
         with stage_timers(seconds):
-            search_linear(problem, fp_format(2, 1), fp_format(2, 1), space, 3, True)
+            fpq_search(problem, fp_format(2, 1), fp_format(2, 1), space, True)
         print(f"{name} stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()), flush=True)
 
 

@@ -30,8 +30,8 @@ TARGETS = {"calib_7b_minutes": "<= 10", "calib_speedup_vs_original": ">= 30x, eq
 HOW = {
     "calib_7b_minutes": (
         "`bench/calib_7b.py`: `LlamaConfig` with LLaMA-7B sizes, random bf16 weights, random tokens, `--offload` "
-        "(blocks in CPU memory, one on the GPU at a time), FPQ W4A4E4 with channel shifts, `SearchSpace(0.01, 1.2, "
-        "100)`, 3 rounds, activation candidates ranked on 4096 strided tokens and the best 8 re-scored on all 32768. "
+        "(blocks in CPU memory, one on the GPU at a time), FPQ W4A4E4 with channel shifts, `SearchSpace((0.01, 1.2, "
+        "100))`, 3 rounds, activation candidates ranked on 4096 strided tokens and the best 8 re-scored on all 32768. "
         "Each run writes `calib_7b_L<layers>.json`; `--summarize` turns them into the two target files."),
     "calib_speedup_vs_original": (
         "`bench/original_search.py`: block 0 of the 32-layer 7B shape. The original (from "

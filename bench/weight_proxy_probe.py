@@ -27,7 +27,9 @@ from utils.data.calib_data import load_calib_set
 from utils.data.architecture import decoder_layers
 from utils.data.models import load_model
 from utils.quant_calib import _capture, _first_block_inputs, _run_block
-from utils.search.problem import Budget, LinearProblem, SearchSpace, minmax_state, search_linear
+from utils.search.problem import Budget, LinearProblem
+from utils.search.space import SearchSpace
+from utils.search.steps import fpq_search, minmax_state
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
     ids = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.seqlen).tokens
     blocks = decoder_layers(model)
     hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
-    space, act_format = SearchSpace(0.01, 1.2, args.candidates), fp_format(2, 1)
+    space, act_format = SearchSpace((0.01, 1.2, args.candidates)), fp_format(2, 1)
     rows, searches, seconds = [], [], {"exact": 0.0, "refined": 0.0}
     for index in range(max(args.blocks) + 1):
         if index in args.blocks:
@@ -71,12 +73,13 @@ def main() -> None:
                 found = {}
                 for label, refine in (("exact", 0), ("refined", args.refine)):
                     start = time.perf_counter()
-                    found[label], _ = search_linear(
+                    found[label], _ = fpq_search(
                         LinearProblem(inputs[name], module.weight.detach(), Budget(1 << 28)), fp_format(2, 1),
-                        act_format, SearchSpace(0.01, 1.2, args.candidates, weight_refine=refine), 2, True)
+                        act_format, SearchSpace((0.01, 1.2, args.candidates), weight_refine=refine, search_round=2),
+                        True)
                     seconds[label] += time.perf_counter() - start
-                searches.append({"block": index, "linear": name.rsplit(".", 1)[-1], "exact": found["exact"].loss,
-                                 "refined": found["refined"].loss})
+                searches.append({"block": index, "linear": name.rsplit(".", 1)[-1], "exact": found["exact"].mse,
+                                 "refined": found["refined"].mse})
         with torch.no_grad():
             hidden = _run_block(blocks[index], hidden, kwargs[index])
     summary = {}

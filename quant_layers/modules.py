@@ -16,6 +16,7 @@ parameters are set, and stored in the model dtype: evaluation never re-quantizes
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,27 @@ from torch import nn
 
 from quant_layers.formats import QuantFormat
 from quant_layers.quantize import activation_scales, quantize, quantize_activation
+
+
+@dataclass
+class QuantParams:
+    """Quantization parameters of one module: the search's state and what a parameter file stores.
+
+    weight_format / weight_max_value [rows]: per-row weight ranges (None: weight not quantized);
+    act_format / act_max_value []: the per-tensor input range (None: input not quantized; always None for an
+    embedding); act_channel_shift [in] integers >= 0: FPQ's per-channel exponent shifts, or None;
+    mse / mse_minmax: output MSE of these parameters and of MinMax on the calibration set (embedding: the table's);
+    kind: "linear" or "embedding".
+    """
+
+    weight_format: QuantFormat | None
+    weight_max_value: torch.Tensor | None
+    act_format: QuantFormat | None = None
+    act_max_value: torch.Tensor | None = None
+    act_channel_shift: torch.Tensor | None = None
+    mse: float = float("nan")
+    mse_minmax: float = float("nan")
+    kind: str = "linear"
 
 
 class QuantLinear(nn.Module):
@@ -45,35 +67,26 @@ class QuantLinear(nn.Module):
     def is_quantized(self) -> bool:
         return self.weight_format is not None or self.act_format is not None
 
-    def set_quant_params(
-        self,
-        weight_format: QuantFormat | None,
-        weight_max_value: torch.Tensor | None,
-        act_format: QuantFormat | None,
-        act_max_value: torch.Tensor | None,
-        act_channel_shift: torch.Tensor | None = None,
-    ) -> None:
-        """Quantize the weight once (per-row range weight_max_value [out]) and set the activation quantizer.
-
-        act_max_value: [] (per tensor); act_channel_shift: [in] integers >= 0, or None.
-        May be called once: the full-precision weight is replaced by its quantized values.
-        """
+    def set_quant_params(self, params: QuantParams) -> None:
+        """Quantize the weight once (per-row ranges [out]) and set the activation quantizer (per-tensor range [],
+        optional channel shifts [in]). May be called once: the full-precision weight is replaced by its quantized
+        values."""
         if self.is_quantized:
             raise RuntimeError("quantization parameters are already set on this module")
         weight = self.weight.detach()
-        if weight_format is not None:
-            weight = quantize(weight, weight_format, weight_max_value.to(weight.device).view(-1, 1))
-        if act_channel_shift is not None:
-            shift = act_channel_shift.to(device=weight.device, dtype=torch.float32)
+        if params.weight_format is not None:
+            weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1))
+        if params.act_channel_shift is not None:
+            shift = params.act_channel_shift.to(device=weight.device, dtype=torch.float32)
             weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
             self.act_channel_scale = torch.exp2(shift)
         # A new Parameter, never an in-place write: a tied embedding must keep its own values.
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.weight_format = weight_format
-        self.act_format = act_format
-        if act_format is not None:
-            self.act_max_value = act_max_value.to(device=weight.device, dtype=torch.float32).reshape(())
-            self.act_grid_scale, self.act_grid_inverse = activation_scales(act_format, self.act_max_value)
+        self.weight_format = params.weight_format
+        self.act_format = params.act_format
+        if params.act_format is not None:
+            self.act_max_value = params.act_max_value.to(device=weight.device, dtype=torch.float32).reshape(())
+            self.act_grid_scale, self.act_grid_inverse = activation_scales(params.act_format, self.act_max_value)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q_a(x * 2^k; m_a): what the folded weight multiplies."""
@@ -110,14 +123,16 @@ class QuantEmbedding(nn.Module):
     def is_quantized(self) -> bool:
         return self.weight_format is not None
 
-    def set_quant_params(self, weight_format: QuantFormat, weight_max_value: torch.Tensor) -> None:
-        """Quantize the table once with per-row range weight_max_value [num_embeddings]."""
+    def set_quant_params(self, params: QuantParams) -> None:
+        """Quantize the table once with per-row ranges [num_embeddings] (an embedding has no input quantizer)."""
         if self.is_quantized:
             raise RuntimeError("quantization parameters are already set on this module")
+        if params.act_format is not None or params.weight_format is None:
+            raise ValueError("an embedding takes a weight format and range, and no activation quantizer")
         weight = self.weight.detach()
-        weight = quantize(weight, weight_format, weight_max_value.to(weight.device).view(-1, 1))
+        weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1))
         self.embedding.weight = nn.Parameter(weight, requires_grad=False)
-        self.weight_format = weight_format
+        self.weight_format = params.weight_format
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)

@@ -145,7 +145,9 @@ def proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
 
 def search_proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
     """The search's proxy-ranked losses (utils/search/problem.py) through the kernel equal those of its sliced reference."""
-    from utils.search.problem import Budget, LinearProblem, SearchSpace, minmax_state
+    from utils.search.problem import Budget, LinearProblem
+    from utils.search.space import SearchSpace
+    from utils.search.steps import minmax_state
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(300, 96, generator=g).to(device=device, dtype=dtype)
@@ -154,7 +156,7 @@ def search_proxy_mismatches(device: str, g: torch.Generator) -> list[str]:
     sliced = LinearProblem(x, weight, Budget(96 * 16 * 8), use_kernel=False)  # reference in slices of 8 rows
     fmt = fp_format(2, 1)
     state = minmax_state(problem, fmt, fmt)
-    candidates = SearchSpace(0.01, 1.2, 12).candidates(fmt, problem.weight_absmax)
+    candidates = SearchSpace((0.01, 1.2, 12)).candidates(fmt, problem.weight_absmax)
     got = problem.weight_proxy_losses(fmt, candidates, state, 8)
     want = sliced.weight_proxy_losses(fmt, candidates, state, 8)
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):

@@ -7,8 +7,9 @@ from configs import CONFIG_NAMES, QBits, get_config
 from conftest import make_llama
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
 from quant_layers.quantize import quantize
+from utils.params import TransformParams
 from utils.quant_calib import CalibrationError, CalibSettings, _check_finite, calibrate
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 IDS = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
 W4A4 = QBits.parse([4, 4, 4, 2, 2, 2])
@@ -30,8 +31,8 @@ def tiny(architecture: str):
 
 def settings(config_name="FPQ_config_llama", qbits=W4A4, sequential=False, space="max"):
     config = get_config(config_name)
-    search = SearchSpace(0.2, 1.2, 5, space) if config.search else None
-    return config, CalibSettings(config, qbits, search, rounds=2, sequential=sequential)
+    search = SearchSpace((0.2, 1.2, 5), search_round=2, search_space=space) if config.search else None
+    return config, CalibSettings(config, qbits, search, sequential=sequential)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
@@ -43,17 +44,18 @@ def test_every_config_on_every_architecture(architecture, config_name):
     config, setting = settings(config_name)
     swapped = swap_modules(model, config.linear, config.lm_head, config.embedding)
     layers = calibrate(model, IDS, setting)
-    assert {n for n, p in layers.items() if p.kind != "smooth"} == set(swapped)  # every swapped module got parameters
-    if config.smooth_alpha:
-        assert sum(p.kind == "smooth" for p in layers.values()) == 2 * 2  # two norms in each of the two blocks
+    transforms = {n for n, p in layers.items() if isinstance(p, TransformParams)}
+    assert set(layers) - transforms == set(swapped)  # every swapped module got parameters
+    assert len(transforms) == 2 * 2 * len(config.transforms)  # SmoothQuant: two norms in each of the two blocks
     assert all(m.is_quantized for m in swapped.values())
     for name, p in layers.items():
-        if p.kind == "linear":
+        if name not in transforms and p.kind == "linear":
             assert p.mse <= p.mse_minmax * (1 + 1e-4), name
             if not config.act_channel_shift:
                 assert p.act_channel_shift is None
     if config.act_channel_shift:  # FPQ may keep the shift-free MinMax state where shifts lose, but not everywhere
-        assert any(p.act_channel_shift is not None for p in layers.values() if p.kind == "linear")
+        assert any(p.act_channel_shift is not None for n, p in layers.items()
+                   if n not in transforms and p.kind == "linear")
     with torch.no_grad():
         logits = model(IDS).logits
     assert torch.isfinite(logits).all() and not torch.equal(logits, reference)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, run_main
 from utils.run.cli import parse_args
+from utils.search.space import SearchSpace
 
 CALIBRATE = (
     "--model hf-causal-experimental --model_args pretrained={model},use_accelerate=True "
@@ -27,8 +28,8 @@ EVALUATE = (
 def test_paper_commands_parse(tiny_llama_dir):
     args = parse_args(shlex.split(CALIBRATE.format(model=tiny_llama_dir)))
     assert args.model_args.pretrained == str(tiny_llama_dir) and args.model_args.use_accelerate
-    assert args.qbits.tag() == "W4A4E4" and args.search_intervals == (0.01, 1.2, 100)
-    assert args.calib_size == 32 and args.search_round == 3 and not args.only_eval
+    assert args.qbits.tag() == "W4A4E4" and args.space.search_intervals == (0.01, 1.2, 100)
+    assert args.calib_size == 32 and args.space.search_round == 3 and not args.only_eval
     assert len(args.tasks) == 7 and args.batch_size == "auto" and args.no_cache
     args = parse_args(shlex.split(EVALUATE.format(model=tiny_llama_dir)))
     assert args.only_eval and args.ptq_param_path.endswith("search_intervals(0.01,1.2,100).pt")
@@ -92,7 +93,8 @@ def test_search_flags_reach_the_search_space():
                        "--search_space", "bias", "--act_coarse_tokens", "1024", "--act_refine", "2",
                        "--weight_refine", "8"])
     space = _calib_settings(args, get_config("FPQ_config_llama")).space
-    assert (space.low, space.high, space.count, space.space) == (0.5, 1.5, 20, "bias")
-    assert (space.coarse_tokens, space.refine, space.weight_refine) == (1024, 2, 8)
+    assert (space.search_intervals, space.search_space) == ((0.5, 1.5, 20), "bias")
+    assert (space.act_coarse_tokens, space.act_refine, space.weight_refine) == (1024, 2, 8)
     defaults = _calib_settings(parse_args(["--quant_config", "FPQ_config_llama"]), get_config("FPQ_config_llama"))
-    assert (defaults.space.coarse_tokens, defaults.space.refine, defaults.space.weight_refine) == (4096, 8, 0)
+    assert (defaults.space.act_coarse_tokens, defaults.space.act_refine, defaults.space.weight_refine) == (4096, 8, 0)
+    assert defaults.space == SearchSpace()  # the flags' defaults are the knobs' defaults

@@ -8,7 +8,7 @@ from torch import nn
 import quant_layers.modules as modules
 from conftest import make_llama
 from quant_layers.formats import fp_format, int_format
-from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_modules
 from quant_layers.quantize import quantize
 
 
@@ -34,7 +34,7 @@ def test_eq8_folding_equals_explicit_per_channel_quantization():
     act_max = x.abs().amax() * 0.8
     shift = torch.randint(0, 4, (16,))
     module = QuantLinear(linear)
-    module.set_quant_params(fmt, weight_max, fmt, act_max, shift)
+    module.set_quant_params(QuantParams(fmt, weight_max, fmt, act_max, shift))
     explicit = F.linear(quantize(x, fmt, act_max * torch.exp2(-shift.float())),
                         quantize(linear.weight, fmt, weight_max.view(-1, 1)), linear.bias)
     torch.testing.assert_close(module(x), explicit, rtol=1e-6, atol=1e-6)
@@ -47,7 +47,7 @@ def test_weight_quantized_once_not_per_forward(monkeypatch):
     linear = _linear()
     module = QuantLinear(linear)
     fmt = fp_format(2, 1)
-    module.set_quant_params(fmt, linear.weight.abs().amax(1), fmt, torch.tensor(3.0))
+    module.set_quant_params(QuantParams(fmt, linear.weight.abs().amax(1), fmt, torch.tensor(3.0)))
     grid = {0, 0.5, 1, 1.5, 2, 3, 4, 6}
     scaled = (module.weight / (linear.weight.abs().amax(1, keepdim=True) / 6)).abs()
     assert all(min(abs(v - g) for g in grid) < 1e-4 for v in scaled.flatten().tolist())
@@ -59,7 +59,7 @@ def test_weight_quantized_once_not_per_forward(monkeypatch):
     module(torch.randn(7, 16))
     assert calls == [("quantize_activation", (7, 16))]  # the activation only
     with pytest.raises(RuntimeError):
-        module.set_quant_params(fmt, linear.weight.abs().amax(1), fmt, torch.tensor(3.0))
+        module.set_quant_params(QuantParams(fmt, linear.weight.abs().amax(1), fmt, torch.tensor(3.0)))
 
 
 def test_embedding_quantized_per_row():
@@ -68,7 +68,7 @@ def test_embedding_quantized_per_row():
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(module(ids), embedding(ids))
     absmax = embedding.weight.abs().amax(1)
-    module.set_quant_params(int_format(4), absmax)
+    module.set_quant_params(QuantParams(int_format(4), absmax, kind="embedding"))
     expected = quantize(embedding.weight.detach(), int_format(4), absmax.view(-1, 1))[ids]
     assert torch.equal(module(ids), expected)
 
@@ -84,7 +84,7 @@ def test_swap_replaces_every_linear_and_unties_head():
     assert not any(type(m) is nn.Linear for m in model.modules())
     fmt = fp_format(2, 1)
     embedding_before = model.model.embed_tokens.weight.detach().clone()
-    model.lm_head.set_quant_params(fmt, model.lm_head.weight.abs().amax(1), None, None)
+    model.lm_head.set_quant_params(QuantParams(fmt, model.lm_head.weight.abs().amax(1)))
     # Quantizing the head leaves the (formerly tied) embedding alone, also after tie_weights().
     model.tie_weights()
     assert torch.equal(model.model.embed_tokens.weight, embedding_before)

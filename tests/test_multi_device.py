@@ -19,12 +19,12 @@ from conftest import make_llama
 from utils.data.architecture import decoder_layers
 from utils.data.models import place_outside_blocks
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import dispatch_model  # noqa: E402
 
-SETTINGS = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace(0.3, 1.2, 6), 1)
+SETTINGS = CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace((0.3, 1.2, 6), search_round=1))
 
 
 def split_map(model) -> dict:

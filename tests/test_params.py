@@ -13,11 +13,12 @@ from quant_layers.modules import swap_modules
 from utils.params import (ParamFileError, apply_params, load_checkpoint, load_params, param_file_path,
                           resolve_param_path, save_params)
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 
 def test_file_name_is_the_papers():
-    path = param_file_path("search_result", "FPQ_config_llama", "W4A4E4", 3, (0.01, 1.2, 100))
+    path = param_file_path("search_result", get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
+                           SearchSpace((0.01, 1.2, 100), search_round=3))
     assert str(path) == "search_result/FPQ_config_llama/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
 
 
@@ -34,8 +35,8 @@ def _calibrated(config_name="FPQ_config_llama", seed=0):
     config = get_config(config_name)
     swap_modules(model, config.linear, config.lm_head, config.embedding)
     ids = torch.randint(0, 120, (3, 24), generator=torch.Generator().manual_seed(0))
-    space = SearchSpace(0.2, 1.2, 6) if config.search else None
-    layers = calibrate(model, ids, CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space, 1))
+    space = SearchSpace((0.2, 1.2, 6), search_round=1) if config.search else None
+    layers = calibrate(model, ids, CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space))
     return model, layers, ids
 
 
@@ -133,11 +134,12 @@ def test_layer_table_and_figure(tmp_path):
     import math
 
     from quant_layers.formats import fp_format
-    from utils.params import LayerParams, ParamFileError, save_params
+    from quant_layers.modules import QuantParams
+    from utils.params import ParamFileError, save_params
     from utils.report.plots import layer_table, main, plot_param_file
 
     e2m1 = fp_format(2, 1)
-    layers = {f"l{i}": LayerParams("linear", e2m1, torch.tensor([6.0, 1.5]), fp_format(3, 0), torch.tensor(0.5),
+    layers = {f"l{i}": QuantParams(e2m1, torch.tensor([6.0, 1.5]), fp_format(3, 0), torch.tensor(0.5),
                                    mse=0.1 * (i + 1), mse_minmax=0.2 * (i + 1)) for i in range(3)}
     path = tmp_path / "p.pt"
     save_params(path, layers, {"note": "test"})
@@ -150,7 +152,7 @@ def test_layer_table_and_figure(tmp_path):
     png = plot_param_file(path, tmp_path / "fig.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = tmp_path / "empty.pt"
-    save_params(empty, {"e": LayerParams("embedding", e2m1, torch.tensor([1.0]))}, {"note": "test"})
+    save_params(empty, {"e": QuantParams(e2m1, torch.tensor([1.0]), kind="embedding")}, {"note": "test"})
     with pytest.raises(ParamFileError, match="nothing to plot"):
         plot_param_file(empty, tmp_path / "x.png")
     assert main([str(tmp_path / "missing.pt")]) == 2
@@ -172,6 +174,6 @@ def test_code_fingerprint_follows_the_code_only(tmp_path):
     (copy / "docs").mkdir()
     (copy / "docs" / "notes.py").write_text("x = 1\n")
     assert code_fingerprint(copy) == code_fingerprint(ROOT)
-    search = copy / "utils" / "search" / "problem.py"
+    search = copy / "utils" / "search" / "space.py"
     search.write_text(search.read_text().replace("TINY = 1e-30", "TINY = 1e-31", 1))
     assert code_fingerprint(copy) != code_fingerprint(ROOT)

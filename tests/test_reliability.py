@@ -26,10 +26,10 @@ from conftest import ROOT, RunsCode, make_llama, run_main
 from quant_layers.modules import swap_modules
 from utils.run.cli import parse_args
 from utils.data.models import load_model
-from utils.params import Checkpoint, checkpoint_path, load_checkpoint, load_params, save_params
+from utils.params import Checkpoint, ParamFileError, checkpoint_path, load_checkpoint, load_params, save_params
 from utils.run.pipeline import quantize_model
 from utils.quant_calib import CalibSettings, calibrate
-from utils.search.problem import SearchSpace
+from utils.search.space import SearchSpace
 
 PARAM_NAME = "W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"
 FINAL_FILES = [PARAM_NAME, PARAM_NAME.replace(".pt", ".safetensors")]
@@ -100,6 +100,10 @@ CASES = {
                                               "weight exponent bits must be in 1..2 for 4 bits", "below bits-1"),
     "qbits_exponent_zero": (["--qbits", "4", "4", "4", "2", "0", "2"], "activation exponent bits must be in 1..2",
                             "got 0"),
+    "qbits_without_quant_config": (["--qbits", "4", "4", "4", "2", "2", "2"],
+                                   "--qbits sets the bits of a quantization config", "add --quant_config"),
+    "qbits_beyond_float32": (["--quant_config", "FPQ_config_llama", "--qbits", "12", "12", "12", "8", "8", "8"],
+                             "E8M3 has 8 exponent bits", "at most 7"),
     "unknown_quant_config": (["--quant_config", "FPQ_config_bert"], "unknown --quant_config 'FPQ_config_bert'",
                              "choose one of: FPQ_config_llama"),
     "only_eval_without_param_path": (["--only_eval", "--quant_config", "FPQ_config_llama"],
@@ -306,8 +310,8 @@ def test_resume_after_any_checkpoint_is_exact(tmp_path, config_name, sequential)
     """Interrupted after the embedding or any block, then resumed: the same bytes and the same model
     (SmoothQuant: its folded scales are replayed from the checkpoint too)."""
     config = get_config(config_name)
-    space = SearchSpace(0.2, 1.2, 6) if config.search else None
-    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space, 1, sequential)
+    space = SearchSpace((0.2, 1.2, 6), search_round=1) if config.search else None
+    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), space, sequential)
     ids = torch.randint(0, 120, (3, 24), generator=torch.Generator().manual_seed(0))
     metadata = {"run": "test"}
     reference_model = _swapped(config.name)
@@ -452,6 +456,33 @@ def test_resume_after_the_run_finished_reuses_the_file(files, work, monkeypatch,
     assert quantization["reused_finished_file"] and "calibration already finished" in capsys.readouterr().err
 
 
+def test_a_finished_file_of_another_model_is_never_overwritten(files, work, capsys):
+    """Bug: the paper's file name holds config, qbits and search, not the model, so calibrating a second model
+    replaced the first one's parameters silently. Now: one line naming the way out, and the file untouched."""
+    _calibrate_only(_fill(BASE + MINMAX, files))
+    target = work / "search_result" / "MinMax_config_llama" / PARAM_NAME
+    first = target.read_bytes()
+    with pytest.raises(ParamFileError, match="holds another run's parameters .*calibrated on another model.*"
+                                             "--search_result_dir DIR"):
+        _calibrate_only(_fill(["--model_args", "pretrained={other}", *BASE[2:], *MINMAX], files))
+    assert target.read_bytes() == first
+    other_data = work / "other.txt"
+    other_data.write_text(files["calib"].read_text() + " more text")
+    with pytest.raises(ParamFileError, match="calib_data"):  # the same model on other calibration data
+        _calibrate_only(_fill(BASE + MINMAX[:2] + ["--calib_data", str(other_data)] + MINMAX[4:], files))
+    _calibrate_only(_fill(BASE + MINMAX, files))  # the same run again: its own file is written again
+    assert target.read_bytes() == first
+
+
+def test_only_eval_takes_config_and_qbits_from_the_file(files, work):
+    """The file carries its config: --only_eval --ptq_param_path F works without --quant_config and --qbits, and
+    the paper's command (which passes them) is still checked against it."""
+    quantization = _calibrate_only(_fill(BASE + ["--only_eval", "--ptq_param_path", "{param}"], files))
+    assert quantization["quant_config"]["name"] == "MinMax_config_llama" and quantization["qbits"] == [4, 4, 4, 2, 2, 2]
+    with pytest.raises(ParamFileError, match="made with --quant_config MinMax_config_llama, not FPQ_config_llama"):
+        _calibrate_only(_fill(BASE + ["--quant_config", "FPQ_config_llama", *ONLY_EVAL, "{param}"], files))
+
+
 # --- determinism -------------------------------------------------------------------------------
 
 
@@ -476,7 +507,7 @@ def test_same_seed_gives_byte_identical_files(files, work):
 def test_files_from_before_weight_refine_still_match():
     """Metadata written before --weight_refine and --act_refine existed has no such keys; they were 0 and 8 then, so
     such a file still matches those values and no others."""
-    from utils.run.pipeline import _search_difference
+    from utils.params import _search_difference
 
     search = {"search_round": 3, "weight_refine": 0, "act_refine": 8}
     current = {"quant_config": {"name": "FPQ_config_llama"}, "search": search}

@@ -8,8 +8,15 @@ Per module tensors: weight_max_value [rows], act_max_value [], act_channel_shift
 and, for FP formats, the same ranges as exponent biases (weight_exponent_bias, act_exponent_bias),
 b = log2(grid_max / max_value), for readers. Loading uses the max values. Equal content gives equal bytes.
 
+A transform's fitted tensor is stored under its module with kind "transform" and the transform's name
+(SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before transforms say kind
+"smooth"). Entries are applied in file order, transforms first.
+
 While calibrating, progress is kept in a checkpoint beside the target, `<name>.partial.pt`, in the same safe
 format with header "llm-fp4-checkpoint" and metadata["next_block"] (the first block still to calibrate).
+
+The rules of reuse live here too: what a file records of its run (`run_metadata`), which differences make it
+unusable for another run (`metadata_difference`), and where calibration writes it (`param_file_path`).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from quant_layers.formats import QuantFormat, exponent_bias_from_max, parse_format
-from quant_layers.modules import QuantEmbedding, QuantLinear
+from configs import QBits, QuantConfig, get_config
+from quant_layers.formats import exponent_bias_from_max, parse_format
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from utils.data.architecture import ArchitectureError
 from utils.run.fileio import atomic_write, sha256_file, write_bytes_atomic
-from utils.search.transforms import SmoothQuant, TransformError, apply_saved
+from utils.search.space import SearchSpace
+from utils.search.transforms import TRANSFORMS, TransformError, apply_saved, transform_from_dict
 
 FILE_FORMAT = "llm-fp4-params"
 CHECKPOINT_FORMAT = "llm-fp4-checkpoint"
@@ -43,36 +52,23 @@ class ParamFileError(ValueError):
 
 
 @dataclass
-class LayerParams:
-    """Parameters of one quantized module. kind: "linear", "embedding", or "smooth" (SmoothQuant's migration
-    scales [in] of a norm, `smooth_scale`, folded before the Linears after it are set); a None format = not
-    quantized."""
+class TransformParams:
+    """A transform's fitted tensor for one module (SmoothQuant: a norm's migration scales [in], float32)."""
 
-    kind: str
-    weight_format: QuantFormat | None
-    weight_max_value: torch.Tensor | None
-    act_format: QuantFormat | None = None
-    act_max_value: torch.Tensor | None = None
-    act_channel_shift: torch.Tensor | None = None
-    mse: float = float("nan")
-    mse_minmax: float = float("nan")
-    smooth_scale: torch.Tensor | None = None
-
-    def apply(self, module: nn.Module) -> None:
-        """Set these parameters on a QuantLinear / QuantEmbedding (quantizes its weight once)."""
-        if self.kind == "embedding":
-            module.set_quant_params(self.weight_format, self.weight_max_value)
-        else:
-            module.set_quant_params(self.weight_format, self.weight_max_value, self.act_format,
-                                    self.act_max_value, self.act_channel_shift)
+    transform: str  # a name of utils.search.transforms.TRANSFORMS
+    value: torch.Tensor
 
 
-def param_file_path(root: str | Path, quant_config: str, qbits_tag: str, rounds: int,
-                    intervals: tuple[float, float, int]) -> Path:
-    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt"""
-    low, high, count = intervals
-    name = f"{qbits_tag}_search_round{rounds}_search_intervals({float(low)!r},{float(high)!r},{int(count)}).pt"
-    return Path(root) / quant_config / name
+Entry = QuantParams | TransformParams
+_LEGACY_KINDS = {"smooth": "smoothquant"}  # files from before transforms: kind -> transform
+
+
+def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace) -> Path:
+    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt (the paper's naming)."""
+    low, high, count = space.search_intervals
+    name = (f"{qbits.tag()}_search_round{space.search_round}_search_intervals({float(low)!r},{float(high)!r},"
+            f"{int(count)}).pt")
+    return Path(root) / config.name / name
 
 
 def resolve_param_path(path: str | Path) -> Path:
@@ -93,10 +89,14 @@ def _plain(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
 
 
-def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     for name, p in layers.items():
+        if isinstance(p, TransformParams):
+            modules[name] = {"kind": "transform", "transform": p.transform}
+            tensors[f"{name}.{TRANSFORMS[p.transform].tensor_name}"] = _plain(p.value, torch.float32)
+            continue
         modules[name] = {
             "kind": p.kind,
             "weight_format": p.weight_format.name if p.weight_format else None,
@@ -113,8 +113,6 @@ def _flatten(layers: dict[str, LayerParams]) -> tuple[dict[str, torch.Tensor], d
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
-        if p.smooth_scale is not None:
-            tensors[f"{name}.smooth_scale"] = _plain(p.smooth_scale, torch.float32)
     return tensors, modules
 
 
@@ -128,7 +126,7 @@ def _pt_bytes(file_format: str, tensors: dict[str, torch.Tensor], metadata: dict
     return buffer.getvalue()
 
 
-def save_params(path: str | Path, layers: dict[str, LayerParams], metadata: dict) -> str:
+def save_params(path: str | Path, layers: dict[str, Entry], metadata: dict) -> str:
     """Write `path` (.pt) and its `.safetensors` twin atomically; returns the .pt file's sha256.
 
     Equal layers and metadata give byte-identical files (no timestamps, no temp names inside)."""
@@ -180,24 +178,30 @@ def _unpickling_detail(error: pickle.UnpicklingError) -> str:
     return lines[0].rstrip(".")[:160] if lines else "weights_only=True refused it"
 
 
-def _layers_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LayerParams]:
-    layers = {}
-    for name, info in metadata["modules"].items():
-        layers[name] = LayerParams(
-            kind=info["kind"],
-            weight_format=parse_format(info["weight_format"]) if info["weight_format"] else None,
-            weight_max_value=tensors.get(f"{name}.weight_max_value"),
-            act_format=parse_format(info["act_format"]) if info["act_format"] else None,
-            act_max_value=tensors.get(f"{name}.act_max_value"),
-            act_channel_shift=tensors.get(f"{name}.act_channel_shift"),
-            mse=info["mse"],
-            mse_minmax=info["mse_minmax"],
-            smooth_scale=tensors.get(f"{name}.smooth_scale"),
-        )
-    return layers
+def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
+    kind = info["kind"]
+    if kind in _LEGACY_KINDS or kind == "transform":
+        transform = _LEGACY_KINDS.get(kind) or info.get("transform")
+        if transform not in TRANSFORMS:
+            raise ParamFileError(f"module {name!r} has an unknown transform {transform!r}")
+        return TransformParams(transform, tensors[f"{name}.{TRANSFORMS[transform].tensor_name}"])
+    return QuantParams(
+        weight_format=parse_format(info["weight_format"]) if info["weight_format"] else None,
+        weight_max_value=tensors.get(f"{name}.weight_max_value"),
+        act_format=parse_format(info["act_format"]) if info["act_format"] else None,
+        act_max_value=tensors.get(f"{name}.act_max_value"),
+        act_channel_shift=tensors.get(f"{name}.act_channel_shift"),
+        mse=info["mse"],
+        mse_minmax=info["mse_minmax"],
+        kind=kind,
+    )
 
 
-def _load(path: Path, file_format: str) -> tuple[dict[str, LayerParams], dict]:
+def _layers_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Entry]:
+    return {name: _entry(name, info, tensors) for name, info in metadata["modules"].items()}
+
+
+def _load(path: Path, file_format: str) -> tuple[dict[str, Entry], dict]:
     try:
         metadata, tensors = _read(path, file_format)
         return _layers_from(metadata, tensors), metadata
@@ -209,7 +213,7 @@ def _load(path: Path, file_format: str) -> tuple[dict[str, LayerParams], dict]:
                              f"or not written by main.py: {_FIX[file_format]}") from None
 
 
-def load_params(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
+def load_params(path: str | Path) -> tuple[dict[str, Entry], dict]:
     """Read a parameter file (.pt with weights_only=True, or .safetensors); returns (layers, metadata).
 
     Any problem (missing, truncated, foreign, carrying code) is a one-line ParamFileError; no code runs."""
@@ -231,10 +235,10 @@ class Checkpoint:
 
     path: Path
     metadata: dict
-    layers: dict[str, LayerParams] = field(default_factory=dict)
+    layers: dict[str, Entry] = field(default_factory=dict)
     next_block: int = 0
 
-    def save(self, layers: dict[str, LayerParams], next_block: int) -> None:
+    def save(self, layers: dict[str, Entry], next_block: int) -> None:
         tensors, modules = _flatten(layers)
         metadata = {**self.metadata, "modules": modules, "next_block": next_block}
         write_bytes_atomic(self.path, _pt_bytes(CHECKPOINT_FORMAT, tensors, metadata))
@@ -243,12 +247,12 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, LayerParams], dict]:
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Entry], dict]:
     """(layers, metadata) of a checkpoint; metadata["next_block"] is the first block still to calibrate."""
     return _load(Path(path), CHECKPOINT_FORMAT)
 
 
-def _check_shapes(name: str, p: LayerParams, module: nn.Module) -> None:
+def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
     rows = module.weight.shape[0]
     if p.weight_max_value is not None and p.weight_max_value.numel() != rows:
         raise ParamFileError(
@@ -265,26 +269,93 @@ def _check_shapes(name: str, p: LayerParams, module: nn.Module) -> None:
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")
 
 
-def apply_params(model: nn.Module, layers: dict[str, LayerParams]) -> None:
-    """Set every module's parameters (SmoothQuant's scales first); ParamFileError if a module is missing or of
-    another shape."""
-    ordered = sorted(layers.items(), key=lambda item: item[1].kind != "smooth")
-    for name, p in ordered:
+def apply_params(model: nn.Module, layers: dict[str, Entry]) -> None:
+    """Set every module's parameters (transforms first, in file order); ParamFileError if a module is missing or
+    of another shape."""
+    transforms = {name: p for name, p in layers.items() if isinstance(p, TransformParams)}
+    for name, p in transforms.items():
+        _module(model, name)
         try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ParamFileError(f"the parameter file names module {name!r}, which this model does not have") from None
-        if p.kind == "smooth":
-            if p.smooth_scale is None or p.smooth_scale.numel() != module.weight.numel():
-                raise ParamFileError(f"module {name!r}: the file's SmoothQuant scales do not fit its "
-                                     f"{module.weight.numel()} channels")
-            try:
-                apply_saved(model, SmoothQuant(), {name: p.smooth_scale})  # alpha plays no part in apply
-            except (ArchitectureError, TransformError) as error:
-                raise ParamFileError(f"module {name!r}: {error}") from None
+            apply_saved(model, transform_from_dict({"name": p.transform}), {name: p.value})
+        except (ArchitectureError, TransformError) as error:
+            raise ParamFileError(f"module {name!r}: {error}") from None
+    for name, p in layers.items():
+        if name in transforms:
             continue
+        module = _module(model, name)
         expected = QuantEmbedding if p.kind == "embedding" else QuantLinear
         if not isinstance(module, expected):
             raise ParamFileError(f"module {name!r} is not quantizable as {p.kind} under this --quant_config")
         _check_shapes(name, p, module)
-        p.apply(module)
+        module.set_quant_params(p)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ParamFileError(f"the parameter file names module {name!r}, which this model does not have") from None
+
+
+def run_metadata(model: dict, config: QuantConfig, qbits: QBits, space: SearchSpace, calibration: dict) -> dict:
+    """What a parameter file must match to be reused: the model {source, fingerprint, architecture}, the config's
+    definition, qbits, the search's knobs (SearchSpace.metadata) and the calibration settings (sequential,
+    calib_size, calib_seqlen, seed; calib_data once known)."""
+    return {"model": model, "quant_config": config.to_dict(), "qbits": list(vars(qbits).values()),
+            "search": {**space.metadata(), **calibration}}
+
+
+def _legacy_search_values() -> dict:
+    """Search knobs added after files were written, with the value those files were made with."""
+    return {f.name: f.metadata["legacy"] for f in SearchSpace.flags() if f.metadata["legacy"] is not None}
+
+
+def _model_words(model: dict) -> str:
+    return f"{model.get('source')}, weights fingerprint {str(model.get('fingerprint'))[:12]}"
+
+
+def _search_difference(saved: dict, current: dict) -> str | None:
+    if saved["quant_config"] != current["quant_config"]:
+        return f"made with another definition of {current['quant_config']['name']} (its configs/ file changed)"
+    legacy = _legacy_search_values()
+    for key, value in current["search"].items():
+        before = saved["search"].get(key, legacy.get(key))  # a file from before the key existed
+        if before != value:
+            return f"made with {key} = {before}, not {value}"
+    return None
+
+
+def metadata_difference(saved: dict, current: dict, search: bool = False) -> str | None:
+    """The first difference that makes a file's metadata unusable for this run, in words; None if none.
+
+    Always compared: model fingerprint, --quant_config, --qbits; with `search` (resuming, or replacing a finished
+    file) also the config's definition, the search arguments and the calibration data."""
+    try:
+        if saved["model"]["fingerprint"] != current["model"]["fingerprint"]:
+            return f"calibrated on another model ({_model_words(saved['model'])}) than {_model_words(current['model'])}"
+        if saved["quant_config"]["name"] != current["quant_config"]["name"]:
+            return f"made with --quant_config {saved['quant_config']['name']}, not {current['quant_config']['name']}"
+        if saved["qbits"] != current["qbits"]:
+            return (f"made with --qbits {' '.join(map(str, saved['qbits']))}, "
+                    f"not {' '.join(map(str, current['qbits']))}")
+        return _search_difference(saved, current) if search else None
+    except (KeyError, TypeError, AttributeError):
+        return "written without the run metadata main.py records (model fingerprint, config, qbits, search)"
+
+
+def check_param_metadata(path: Path, saved: dict, current: dict) -> None:
+    """ParamFileError naming the first difference that makes a file unusable for this run."""
+    difference = metadata_difference(saved, current)
+    if difference:
+        raise ParamFileError(f"{path} was {difference}; use the model and flags it was made with, "
+                             "or recalibrate (run without --only_eval)")
+
+
+def saved_run(path: str | Path, metadata: dict) -> tuple[QuantConfig, QBits]:
+    """The config (by name, from configs/) and --qbits a parameter file's metadata records: what --only_eval uses
+    when the command names neither."""
+    try:
+        return get_config(metadata["quant_config"]["name"]), QBits.parse(metadata["qbits"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ParamFileError(f"{path} does not say which --quant_config and --qbits made it ({error}); "
+                             "pass them on the command line") from None

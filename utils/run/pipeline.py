@@ -14,15 +14,15 @@ import torch
 from configs import QuantConfig, get_config
 from quant_layers.modules import swap_modules
 from utils.data.calib_data import heldout_text, load_calib_set
-from utils.run.cli import UsageError
-from utils.report.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
-                              results_table, write_results)
-from utils.run.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
 from utils.data.models import ModelInfo, load_model
-from utils.params import (Checkpoint, ParamFileError, apply_params, checkpoint_path, load_checkpoint, load_params,
-                          param_file_path, resolve_param_path, save_params)
+from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
+                          load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
+                          run_metadata, save_params, saved_run)
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
-from utils.search.problem import SearchSpace
+from utils.report.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
+                                     results_table, write_results)
+from utils.run.cli import UsageError
+from utils.run.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
 from utils.data.task_data import get_task_specs
 
 
@@ -71,67 +71,15 @@ def seed_everything(seed: int) -> None:
 
 
 def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelInfo) -> dict:
-    """What a parameter file must match to be reused: model, config, qbits, search arguments."""
-    return {
-        "model": {"source": info.source, "fingerprint": info.fingerprint, "architecture": info.architecture},
-        "quant_config": config.to_dict(),
-        "qbits": list(vars(args.qbits).values()),
-        "search": {
-            "search_round": args.search_round, "search_intervals": list(args.search_intervals),
-            "search_space": args.search_space, "sequential": args.sequential,
-            "act_coarse_tokens": args.act_coarse_tokens, "act_refine": args.act_refine,
-            "weight_refine": args.weight_refine,
-            "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen, "seed": args.seed,
-        },
-    }
+    """utils.params.run_metadata of this command's model, config, qbits, search knobs and calibration settings."""
+    model = {"source": info.source, "fingerprint": info.fingerprint, "architecture": info.architecture}
+    calibration = {"sequential": args.sequential, "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen,
+                   "seed": args.seed}
+    return run_metadata(model, config, args.qbits, args.space, calibration)
 
 
-# search arguments added after files were written: what those files used
-SEARCH_DEFAULTS = {"weight_refine": 0, "act_refine": 8}
-
-
-def _model_words(model: dict) -> str:
-    return f"{model.get('source')}, weights fingerprint {str(model.get('fingerprint'))[:12]}"
-
-
-def _search_difference(saved: dict, current: dict) -> str | None:
-    if saved["quant_config"] != current["quant_config"]:
-        return f"made with another definition of {current['quant_config']['name']} (its configs/ file changed)"
-    for key, value in current["search"].items():
-        before = saved["search"].get(key, SEARCH_DEFAULTS.get(key))  # a file from before the key existed
-        if before != value:
-            return f"made with {key} = {before}, not {value}"
-    return None
-
-
-def metadata_difference(saved: dict, current: dict, search: bool = False) -> str | None:
-    """The first difference that makes a file's metadata unusable for this run, in words; None if none.
-
-    Always compared: model fingerprint, --quant_config, --qbits; with `search` (resuming) also the config's
-    definition, the search arguments and the calibration data."""
-    try:
-        if saved["model"]["fingerprint"] != current["model"]["fingerprint"]:
-            return f"calibrated on another model ({_model_words(saved['model'])}) than {_model_words(current['model'])}"
-        if saved["quant_config"]["name"] != current["quant_config"]["name"]:
-            return f"made with --quant_config {saved['quant_config']['name']}, not {current['quant_config']['name']}"
-        if saved["qbits"] != current["qbits"]:
-            return (f"made with --qbits {' '.join(map(str, saved['qbits']))}, "
-                    f"not {' '.join(map(str, current['qbits']))}")
-        return _search_difference(saved, current) if search else None
-    except (KeyError, TypeError, AttributeError):
-        return "written without the run metadata main.py records (model fingerprint, config, qbits, search)"
-
-
-def check_param_metadata(path: Path, saved: dict, current: dict) -> None:
-    """ParamFileError naming the first difference that makes a file unusable for this run."""
-    difference = metadata_difference(saved, current)
-    if difference:
-        raise ParamFileError(f"{path} was {difference}; use the model and flags it was made with, "
-                             "or recalibrate (run without --only_eval)")
-
-
-def _load_quantized(model, path: Path, metadata: dict) -> None:
-    layers, saved = load_params(path)
+def _load_quantized(model, path: Path, metadata: dict, loaded: tuple | None = None) -> None:
+    layers, saved = loaded or load_params(path)
     check_param_metadata(path, saved, metadata)
     apply_params(model, layers)
     _log(f"loaded {len(layers)} quantized modules from {path}")
@@ -164,7 +112,7 @@ def _open_checkpoint(target: Path, metadata: dict, resume: bool) -> Checkpoint:
 
 
 def _finished_file(path: Path, metadata: dict) -> bool:
-    """--resume after the calibration already finished: whether `path` is this run's complete result."""
+    """Whether `path` is this run's complete result (same model, config, qbits, search and calibration data)."""
     if not path.exists():
         return False
     try:
@@ -174,12 +122,25 @@ def _finished_file(path: Path, metadata: dict) -> bool:
     return metadata_difference(saved, metadata, search=True) is None
 
 
+def _refuse_to_replace(path: Path, metadata: dict, finished: bool) -> None:
+    """A finished parameter file of another run (model, config, qbits, search, calibration data) is never
+    overwritten: the paper's file name does not name the model, so a second model would silently replace the
+    first one's parameters. This run's own finished file (same everything) is simply written again."""
+    if not path.exists() or finished:
+        return
+    try:
+        _, saved = load_params(path)
+        difference = metadata_difference(saved, metadata, search=True)
+    except ParamFileError as error:
+        difference = f"unreadable ({error})"
+    raise ParamFileError(f"{path} holds another run's parameters ({difference}); calibrate into another folder "
+                         "with --search_result_dir DIR, or move that file away")
+
+
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
-    low, high, count = args.search_intervals
-    space = (SearchSpace(low, high, count, args.search_space, args.act_coarse_tokens, refine=args.act_refine,
-                         weight_refine=args.weight_refine) if config.search else None)
     offload = args.device if args.offload else None
-    return CalibSettings(config, args.qbits, space, args.search_round, args.sequential, offload_device=offload)
+    return CalibSettings(config, args.qbits, args.space if config.search else None, args.sequential,
+                         offload_device=offload)
 
 
 def _calibrate_with_checkpoint(model, calib_ids, settings: CalibSettings, checkpoint: Checkpoint) -> dict:
@@ -205,15 +166,16 @@ def _save_final(path: Path, layers: dict, metadata: dict, checkpoint: Checkpoint
 def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: QuantConfig, metadata: dict
                         ) -> tuple[Path, dict]:
     """Calibrate (resuming from a matching checkpoint) and write the parameter file; returns (path, timing)."""
-    path = param_file_path(args.search_result_dir, args.quant_config, args.qbits.tag(), args.search_round,
-                           args.search_intervals)
+    path = param_file_path(args.search_result_dir, config, args.qbits, args.space)
     calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
                            source=args.calib_data)
     metadata["search"]["calib_data"] = calib.description
-    if args.resume and not checkpoint_path(path).exists() and _finished_file(path, metadata):
+    finished = _finished_file(path, metadata)
+    if args.resume and not checkpoint_path(path).exists() and finished:
         _log(f"--resume: calibration already finished in {path}; using it")
         _load_quantized(model, path, metadata)
         return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}
+    _refuse_to_replace(path, metadata, finished)
     checkpoint = _open_checkpoint(path, metadata, args.resume)
     resumed_from = checkpoint.next_block if checkpoint.layers else None
     gpus = range(torch.cuda.device_count())
@@ -228,13 +190,20 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
 
 
 def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) -> dict:
-    """Swap modules and set parameters (calibrated now, or loaded); returns the results' quantization block."""
+    """Swap modules and set parameters (calibrated now, or loaded); returns the results' quantization block.
+    --only_eval without --quant_config / --qbits takes them from the parameter file."""
+    loaded = None
+    if args.only_eval:
+        path = resolve_param_path(args.ptq_param_path)
+        loaded = load_params(path)
+        saved_config, saved_qbits = saved_run(path, loaded[1])
+        args.quant_config = args.quant_config or saved_config.name
+        args.qbits = args.qbits or saved_qbits
     config = get_config(args.quant_config)
     swap_modules(model, linear=config.linear, lm_head=config.lm_head, embedding=config.embedding)
     metadata = search_metadata(args, config, info)
     if args.only_eval:
-        path = resolve_param_path(args.ptq_param_path)
-        _load_quantized(model, path, metadata)
+        _load_quantized(model, path, metadata, loaded)
         timing = {"calib_seconds": None}
     else:
         path, timing = _calibrate_and_save(model, tokenizer, args, config, metadata)

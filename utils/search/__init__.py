@@ -1,1 +1,10 @@
-"""search"""
+"""The search, in one place.
+
+space.py    the knobs (SearchSpace: candidates, rounds, refinement; each field is also a flag and a metadata key)
+problem.py  LinearProblem: the output error of many candidate quantizers of one Linear, batched
+steps.py    the search as steps over one state (QuantParams): MinMax start, FPQ's channel shifts, weight and
+            activation range steps, search_linear
+table.py    the token embedding's weight-only search
+transforms.py  function-preserving transforms of a block fit on its inputs (SmoothQuant)
+utils/quant_calib.py runs all of it block by block.
+"""

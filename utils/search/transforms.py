@@ -36,6 +36,7 @@ class Transform(Protocol):
     changes captured inputs {Linear name relative to the block: [tokens, in]} in place to match."""
 
     name: ClassVar[str]
+    tensor_name: ClassVar[str]  # what a parameter file calls its tensor, "<module>.<tensor_name>"
 
     def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture
             ) -> dict[str, torch.Tensor]: ...
@@ -66,6 +67,7 @@ class SmoothQuant:
 
     alpha: float = 0.5
     name: ClassVar[str] = "smoothquant"
+    tensor_name: ClassVar[str] = "smooth_scale"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:
