@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import sys
 
+from utils.run.reproducible import pin_cpu_numerics
+
+pin_cpu_numerics()  # before torch loads: the same parameter file on every CPU (utils/run/reproducible.py)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, call. Bad input: one line on stderr, exit code 2, no traceback."""

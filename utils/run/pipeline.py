@@ -23,6 +23,7 @@ from utils.report.evaluation import (data_parallel_local_rank, data_parallel_pro
                                      results_table, write_results)
 from utils.run.cli import UsageError
 from utils.run.fileio import WriteError, code_fingerprint, remove_stale_temps, sha256_file, unwritable_reason
+from utils.run.reproducible import cpu_numerics
 from utils.data.task_data import get_task_specs
 
 
@@ -270,6 +271,7 @@ def run(args: argparse.Namespace) -> dict:
                                          "architecture": info.architecture, "dtype": info.dtype},
                                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                                "eval_processes": data_parallel_processes(),
+                               "cpu_numerics": cpu_numerics(),
                                "code_fingerprint": code_fingerprint()}
     print(results_table(results))
     output = Path(args.output_path) if args.output_path else default_output_path(args)
