@@ -41,3 +41,24 @@ def test_results_report_informative_tasks_and_averages():
     results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
     assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
     assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
+
+
+def test_help_exits_zero_and_no_files_is_a_one_line_usage_error(capsys):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "utils.report.compare", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("usage: python -m utils.report.compare RESULTS.json [RESULTS.json ...]")
+    assert "Side-by-side table of several results JSON files" in done.stdout
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the following arguments are required: RESULTS.json")
+
+
+def test_a_file_that_is_not_results_is_one_line(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    assert main([str(other)]) == 2
+    assert capsys.readouterr().err == f"error: {other} is not a results JSON written by main.py (no 'results' table)\n"

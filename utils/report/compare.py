@@ -7,9 +7,12 @@ Rows are tasks (accuracy in %, lambada also perplexity), columns are runs, last 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+
+USAGE = "python -m utils.report.compare RESULTS.json [RESULTS.json ...]"
 
 
 def run_label(results: dict) -> str:
@@ -49,17 +52,52 @@ def comparison_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m utils.report.compare RESULTS.json [RESULTS.json ...]", file=sys.stderr)
+def _not_results(path: Path) -> str | None:
+    """Why `path` cannot be read as main.py's results; None if it can."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return str(error)
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        return "no 'results' table"
+    return None
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and the error on two lines; we print one
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m utils.report.compare", usage=USAGE,
+                     description=__doc__.splitlines()[0] + "\n\n" + __doc__.split("\n\n", 2)[2].strip(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", metavar="RESULTS.json",
+                        help="results files written by main.py (--output_path, default results/*.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        print(f"error: {error}; usage: {USAGE}", file=sys.stderr)
         return 2
-    missing = [p for p in argv if not Path(p).is_file()]
+    missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
         print(f"error: no such results file: {missing[0]}", file=sys.stderr)
         return 2
-    print(comparison_table([Path(p) for p in argv]))
+    for path in args.results:
+        if reason := _not_results(Path(path)):
+            print(f"error: {path} is not a results JSON written by main.py ({reason})", file=sys.stderr)
+            return 2
+    print(comparison_table([Path(p) for p in args.results]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
