@@ -41,3 +41,40 @@ def test_results_report_informative_tasks_and_averages():
     results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
     assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
     assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
+
+
+def test_runs_of_one_config_get_titles_that_say_what_differs(tmp_path):
+    """Two FPQ runs that differ in calib_size are told apart by it; a rerun identical in every setting gets its
+    file's name; search settings an older file lacks count as their legacy value (weight_refine 0)."""
+    def fpq(calib_size, **more):
+        return {"quant_config": {"name": "FPQ_config_llama"}, "qbits": [4, 4, 4, 2, 2, 2],
+                "search": {"search_round": 3, "sequential": False, "calib_size": calib_size, **more}}
+
+    small = _write(tmp_path / "calib32.json", 0.6, 80.0, fpq(32))
+    large = _write(tmp_path / "calib128.json", 0.62, 70.0, fpq(128))
+    assert comparison_table([small, large]).splitlines()[0] == (
+        "| task | FPQ W4A4E4 calib_size=32 | FPQ W4A4E4 calib_size=128 |")
+    rerun = _write(tmp_path / "rerun.json", 0.61, 79.0, fpq(32, weight_refine=0))
+    assert comparison_table([small, large, rerun]).splitlines()[0] == (
+        "| task | FPQ W4A4E4 (calib32) | FPQ W4A4E4 calib_size=128 | FPQ W4A4E4 (rerun) |")
+
+
+def test_help_exits_zero_and_no_files_is_a_one_line_usage_error(capsys):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "utils.report.compare", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("usage: python -m utils.report.compare RESULTS.json [RESULTS.json ...]")
+    assert "Side-by-side table of several results JSON files" in done.stdout
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the following arguments are required: RESULTS.json")
+
+
+def test_a_file_that_is_not_results_is_one_line(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    assert main([str(other)]) == 2
+    assert capsys.readouterr().err == f"error: {other} is not a results JSON written by main.py (no 'results' table)\n"

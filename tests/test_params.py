@@ -158,6 +158,31 @@ def test_layer_table_and_figure(tmp_path):
     assert main([str(tmp_path / "missing.pt")]) == 2
 
 
+def test_layer_table_blocks_and_figure_ticks(tmp_path):
+    """Rows carry the decoder block and module parsed from the name; the figure's x axis has a tick per block
+    labelled with its index, a tick for the head, and names the order of a block's Linears."""
+    from quant_layers.formats import fp_format
+    from quant_layers.modules import QuantParams
+    from utils.report.plots import layer_figure, layer_table
+
+    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    names = [f"model.layers.{b}.{m}" for b in range(3) for m in modules] + ["lm_head"]
+    layers = {n: QuantParams(fp_format(2, 1), torch.tensor([6.0, 1.5]), fp_format(3, 0), torch.tensor(0.5),
+                             mse=0.1, mse_minmax=0.2) for n in names}
+    path = tmp_path / "p.pt"
+    save_params(path, layers, {"note": "test"})
+    rows = layer_table(path)
+    assert (rows[3]["block"], rows[3]["module"]) == (0, "o_proj")
+    assert (rows[14]["block"], rows[14]["module"]) == (2, "q_proj")
+    assert (rows[-1]["block"], rows[-1]["module"]) == (None, "lm_head")
+    fig = layer_figure(path)
+    axis = fig.axes[-1]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["0", "1", "2", "lm_head"]
+    assert list(axis.get_xticks()) == [0, 7, 14, 21]
+    assert axis.get_xlabel() == "decoder block (its Linears in order q k v o gate up down), in model order"
+
+
 def test_code_fingerprint_follows_the_code_only(tmp_path):
     """Same code, same fingerprint (wherever it lies); one changed byte in a code file changes it; files outside
     the code folders (results, docs) do not."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from utils.run.fileio import write_bytes_atomic
+
+CPU_AUTO_BATCH_SIZE = 8  # what --batch_size auto means on the CPU, where lm-eval's probe takes minutes
 
 
 def data_parallel_processes() -> int:
@@ -30,6 +33,26 @@ def data_parallel_local_rank() -> int | None:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def resolve_batch_size(batch_size: str, device: torch.device | str) -> int | str:
+    """The batch size to give lm-eval's HFLM for --batch_size on `device` (the model's): an integer as int; 'auto'
+    as is on a GPU (lm-eval probes the largest that fits), but CPU_AUTO_BATCH_SIZE on the CPU, said in one line
+    on stderr, because there the probe takes minutes."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if torch.device(device).type != "cpu":
+        return "auto"
+    print(f"--batch_size auto on CPU: using {CPU_AUTO_BATCH_SIZE} (lm-eval's probe takes minutes here); "
+          "pass an integer to choose", file=sys.stderr, flush=True)
+    return CPU_AUTO_BATCH_SIZE
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device lm-eval's HFLM takes the model to be on: `model.device` (Hugging Face models), else the device
+    of its first parameter."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, num_fewshot: int,
              limit: int | float | None, seed: int) -> dict | None:
     """lm_eval.simple_evaluate on HFLM(model); returns lm-eval's results dict (without samples).
@@ -40,8 +63,7 @@ def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer,
-              batch_size=batch_size if batch_size == "auto" else int(batch_size))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(batch_size, model_device(model)))
     if data_parallel_local_rank() is not None:  # HFLM keeps a model instance single-process: join the group
         from accelerate import Accelerator
 

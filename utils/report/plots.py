@@ -13,19 +13,38 @@ import sys
 from pathlib import Path
 
 from quant_layers.formats import exponent_bias_from_max
+from utils.data.architecture import LAYOUTS
 from utils.params import ParamFileError, load_params
+
+MAX_TICKS = 80  # x tick labels beyond this many are thinned out
+
+
+def block_and_module(name: str) -> tuple[int | None, str]:
+    """(decoder block index, module) of a Linear's full name: "model.layers.3.self_attn.q_proj" -> (3, "q_proj");
+    a Linear outside the decoder blocks (LAYOUTS), such as "lm_head", -> (None, "lm_head")."""
+    module = name.rsplit(".", 1)[-1]
+    for layers_path, _ in LAYOUTS:
+        if name.startswith(layers_path + "."):
+            index = name[len(layers_path) + 1:].split(".", 1)[0]
+            if index.isdigit():
+                return int(index), module
+    return None, module
 
 
 def layer_table(path: str | Path) -> list[dict]:
-    """One row per quantized Linear in file order: name, formats, weight bias (median over rows),
-    activation bias, MSE after search and with MinMax."""
+    """One row per quantized Linear in file order: name, block (decoder block index, None outside the blocks),
+    module (the name's last part), formats, weight bias (median over rows), activation bias, MSE after search
+    and with MinMax."""
     layers, _ = load_params(path)
     rows = []
     for name, p in layers.items():
         if p.kind != "linear" or p.weight_format is None or p.act_format is None:
             continue
+        block, module = block_and_module(name)
         rows.append({
             "name": name,
+            "block": block,
+            "module": module,
             "weight_format": p.weight_format.name,
             "act_format": p.act_format.name,
             "weight_bias": float(exponent_bias_from_max(p.weight_format, p.weight_max_value.float()).quantile(0.5)),
@@ -36,8 +55,31 @@ def layer_table(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_param_file(path: str | Path, out: str | Path) -> Path:
-    """Write the three-panel figure of `layer_table(path)` to `out` (PNG); returns out."""
+def x_ticks(rows: list[dict]) -> tuple[list[int], list[str], str]:
+    """Tick positions and labels of the Linear axis, and its title: a tick at the first Linear of each decoder
+    block, labelled with the block's index, and one per Linear outside the blocks, labelled with its module;
+    the title names the order of the Linears within a block (that of the block holding the most)."""
+    positions, labels, blocks = [], [], {}
+    for i, row in enumerate(rows):
+        if row["block"] is None:
+            positions.append(i)
+            labels.append(row["module"])
+        else:
+            if row["block"] not in blocks:
+                positions.append(i)
+                labels.append(str(row["block"]))
+            blocks.setdefault(row["block"], []).append(row["module"].removesuffix("_proj"))
+    if len(positions) > MAX_TICKS:
+        step = -(-len(positions) // MAX_TICKS)
+        positions, labels = positions[::step], labels[::step]
+    if not blocks:
+        return positions, labels, "Linear, in model order"
+    order = max(blocks.values(), key=len)
+    return positions, labels, f"decoder block (its Linears in order {' '.join(order)}), in model order"
+
+
+def layer_figure(path: str | Path):
+    """The three-panel matplotlib Figure of `layer_table(path)`: output MSE, formats, exponent biases per Linear."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,12 +102,23 @@ def plot_param_file(path: str | Path, out: str | Path) -> Path:
     axes[2].plot(index, [r["weight_bias"] for r in rows], "s", ms=3, label="weight (median over rows)")
     axes[2].plot(index, [r["act_bias"] for r in rows], "o", ms=3, label="activation (per tensor)")
     axes[2].set_ylabel("exponent bias")
-    axes[2].set_xlabel("Linear, in model order")
+    positions, labels, title = x_ticks(rows)
+    axes[2].set_xticks(positions, labels, fontsize=7)
+    axes[2].set_xticks(index, minor=True)
+    axes[2].set_xlabel(title)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8, framealpha=0.7)
     fig.suptitle(Path(path).name, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_param_file(path: str | Path, out: str | Path) -> Path:
+    """Write `layer_figure(path)` to `out` (PNG); returns out."""
+    fig = layer_figure(path)
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -16,8 +16,9 @@ class WriteError(OSError):
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync, then rename it to `path`.
 
-    On any failure (including KeyboardInterrupt) the temporary file is removed and `path` is untouched;
-    an OSError becomes a WriteError naming `path`.
+    The file gets the mode a plain open(path, "w") gives a new file, 0o666 & ~umask (mkstemp's temporary file
+    is 0o600, which would otherwise be renamed into place). On any failure (including KeyboardInterrupt) the
+    temporary file is removed and `path` is untouched; an OSError becomes a WriteError naming `path`.
     """
     path = Path(path)
     try:
@@ -28,6 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +43,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """atomic_write of a bytes object."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc (Linux) where it can be, else by setting and restoring it (which
+    briefly changes it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def temp_prefix(path: Path) -> str:
