@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=PAPER_TASKS, help="comma-separated lm-eval task names")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--batch_size", default="1",
-                   help="evaluation batch size: an integer or 'auto' (lm-eval probes the largest that fits; on the CPU "
-                        "that probe takes minutes: give an integer there)")
+                   help="evaluation batch size: an integer or 'auto' (lm-eval probes the largest that fits on a GPU; "
+                        "on the CPU, where that probe takes minutes, auto means 8)")
     p.add_argument("--no_cache", action="store_true",
                    help="accepted for the original commands; lm-eval 0.4 does not cache model answers unless asked")
     p.add_argument("--num_fewshot", type=int, default=0, help="few-shot examples per task")
