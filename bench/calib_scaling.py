@@ -14,7 +14,7 @@ import torch
 
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_model, write_result
 from quant_layers.formats import fp_format
-from utils.quant_calib import _capture, default_budget
+from utils.quant_calib import capture_inputs, default_budget
 from utils.search.problem import LinearProblem
 from utils.search.space import SearchSpace
 from utils.search.steps import fpq_search
@@ -26,7 +26,7 @@ def block_seconds(model, calib_size: int, seqlen: int, candidates: int, rounds: 
     budget = default_budget(hidden.device)
     synchronize()
     start = time.perf_counter()
-    _, inputs = _capture(block, hidden, kwargs, linears)
+    _, inputs = capture_inputs(block, hidden, kwargs, linears)
     for name, module in linears.items():
         problem = LinearProblem(inputs[name], module.weight.detach(), budget)
         fpq_search(problem, fp_format(2, 1), fp_format(2, 1), SearchSpace((0.01, 1.2, candidates),

@@ -91,11 +91,11 @@ def first_block(model, ids: torch.Tensor):
     """Block 0 of model, its Linears {name: module}, and the hidden states [S, T, H] and keyword arguments
     entering it for the token ids [S, T] (what calibration captures the block's inputs from)."""
     from utils.data.architecture import decoder_layers
-    from utils.quant_calib import _first_block_inputs
+    from utils.quant_calib import first_block_inputs
 
     blocks = decoder_layers(model)
     linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
+    hidden, kwargs = first_block_inputs(model, blocks, ids, None)
     return blocks[0], linears, hidden, kwargs[0]
 
 
@@ -124,11 +124,11 @@ def warm_up_search(linears: dict, inputs: dict, budget) -> None:
 def warm_up_model(model, seqlen: int, budget) -> None:
     """`warm_up_search` on block 0 of model, from just enough random sequences of seqlen tokens to give its widest
     Linear in + 64 input rows."""
-    from utils.quant_calib import _capture
+    from utils.quant_calib import capture_inputs
 
     widest = max(model.config.hidden_size, model.config.intermediate_size)
     ids = torch.randint(0, model.config.vocab_size, (-(-(widest + 64) // seqlen), seqlen),
                         generator=torch.Generator().manual_seed(1))
     block, linears, hidden, kwargs = first_block(model, ids)
-    _, inputs = _capture(block, hidden, kwargs, linears)
+    _, inputs = capture_inputs(block, hidden, kwargs, linears)
     warm_up_search(linears, inputs, budget)

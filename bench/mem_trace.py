@@ -133,7 +133,7 @@ def main() -> None:
               f"{config.vocab_size}), {args.layers} blocks, {args.calib_size} x 1024 tokens, {args.rounds} rounds x "
               f"{args.candidates} candidates, placement {args.placement}", file=log)
         print(f"formula: one block's captured inputs {formula / GIB:.3f} GiB", file=log)
-        for attribute, name in (("_calibrate_embedding", "embedding"), ("_first_block_inputs", "first_block_inputs"),
+        for attribute, name in (("_calibrate_embedding", "embedding"), ("first_block_inputs", "first_block_inputs"),
                                 ("_calibrate_block", "block"), ("_calibrate_head", "head")):
             setattr(quant_calib, attribute, traced(name, getattr(quant_calib, attribute), memory, log))
         ids = torch.randint(0, config.vocab_size, (args.calib_size, 1024), generator=torch.Generator().manual_seed(0))

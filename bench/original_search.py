@@ -35,7 +35,7 @@ import torch
 from common import LLAMA_7B, TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_model, write_result
 from quant_layers.formats import exponent_bias_from_max, formats_of_width, fp_format, max_from_exponent_bias
 from quant_layers.quantize import quantize
-from utils.quant_calib import _capture, default_budget
+from utils.quant_calib import capture_inputs, default_budget
 from quant_layers.modules import QuantParams
 from utils.search.problem import LinearProblem, channel_shift
 from utils.search.space import TINY, SearchSpace
@@ -165,7 +165,7 @@ def main() -> None:
         for spec, space in configurations.items():
             synchronize()
             start = time.perf_counter()
-            _, inputs = _capture(block, hidden, block_kwargs, linears)
+            _, inputs = capture_inputs(block, hidden, block_kwargs, linears)
             for name, module in linears.items():
                 problem = LinearProblem(inputs[name], module.weight.detach(), budget)
                 ours[spec, name], _ = fpq_search(problem, fp_format(2, 1), fp_format(2, 1),

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import TINY_SHAPE, first_block, llama_7b_shape, synchronize, warm_up_search
 from quant_layers.formats import fp_format
-from utils.quant_calib import _capture, default_budget
+from utils.quant_calib import capture_inputs, default_budget
 from utils.search.problem import LinearProblem
 from utils.search.space import SearchSpace
 from utils.search.steps import ActRangeStep, WeightRangeStep, fpq_search
@@ -66,7 +66,7 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.calib_size, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     block, linears, hidden, kwargs = first_block(model, ids)
-    _, inputs = _capture(block, hidden, kwargs, linears)
+    _, inputs = capture_inputs(block, hidden, kwargs, linears)
     budget = default_budget(device)
     space = SearchSpace((0.01, 1.2, 100), act_coarse_tokens=args.coarse_tokens, act_refine=args.act_refine,
                         weight_refine=args.weight_refine, search_round=3)

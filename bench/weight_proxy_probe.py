@@ -26,7 +26,7 @@ from quant_layers.formats import formats_of_width, fp_format
 from utils.data.calib_data import load_calib_set
 from utils.data.architecture import decoder_layers
 from utils.data.models import load_model
-from utils.quant_calib import _capture, _first_block_inputs, _run_block
+from utils.quant_calib import capture_inputs, first_block_inputs, run_block
 from utils.search.problem import Budget, LinearProblem
 from utils.search.space import SearchSpace
 from utils.search.steps import fpq_search, minmax_state
@@ -47,13 +47,13 @@ def main() -> None:
     model, tokenizer, _ = load_model(None, device="cpu", dtype=torch.float32)
     ids = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.seqlen).tokens
     blocks = decoder_layers(model)
-    hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
+    hidden, kwargs = first_block_inputs(model, blocks, ids, None)
     space, act_format = SearchSpace((0.01, 1.2, args.candidates)), fp_format(2, 1)
     rows, searches, seconds = [], [], {"exact": 0.0, "refined": 0.0}
     for index in range(max(args.blocks) + 1):
         if index in args.blocks:
             linears = {n: m for n, m in blocks[index].named_modules() if isinstance(m, torch.nn.Linear)}
-            _, inputs = _capture(blocks[index], hidden, kwargs[index], linears)
+            _, inputs = capture_inputs(blocks[index], hidden, kwargs[index], linears)
             for name, module in linears.items():
                 problem = LinearProblem(inputs[name], module.weight.detach(), Budget(1 << 28))
                 state = minmax_state(problem, fp_format(2, 1), act_format)
@@ -81,7 +81,7 @@ def main() -> None:
                 searches.append({"block": index, "linear": name.rsplit(".", 1)[-1], "exact": found["exact"].mse,
                                  "refined": found["refined"].mse})
         with torch.no_grad():
-            hidden = _run_block(blocks[index], hidden, kwargs[index])
+            hidden = run_block(blocks[index], hidden, kwargs[index])
     summary = {}
     for rank in args.ranks:
         for k in args.top:

@@ -137,19 +137,19 @@ def test_capture_shares_one_buffer_per_distinct_input():
     what a plain hook sees (no buffer is matched by a reused memory address)."""
     from quant_layers.modules import swap_modules
     from utils.data.architecture import decoder_layers
-    from utils.quant_calib import _capture, _first_block_inputs
+    from utils.quant_calib import capture_inputs, first_block_inputs
 
     model = make_llama(300, layers=2)
     swap_modules(model)
     ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
     blocks = decoder_layers(model)
-    hidden, kwargs = _first_block_inputs(model, blocks, ids, None)
+    hidden, kwargs = first_block_inputs(model, blocks, ids, None)
     block = blocks[0]
     linears = {n: m for n, m in block.named_modules() if hasattr(m, "set_quant_params")}
     seen = {n: [] for n in linears}
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
                for n, m in linears.items()]
-    _, inputs = _capture(block, hidden, kwargs[0], linears)
+    _, inputs = capture_inputs(block, hidden, kwargs[0], linears)
     for h in handles:
         h.remove()
     assert inputs["self_attn.q_proj"] is inputs["self_attn.k_proj"] is inputs["self_attn.v_proj"]

@@ -96,5 +96,17 @@ def test_search_flags_reach_the_search_space():
     assert (space.search_intervals, space.search_space) == ((0.5, 1.5, 20), "bias")
     assert (space.act_coarse_tokens, space.act_refine, space.weight_refine) == (1024, 2, 8)
     defaults = _calib_settings(parse_args(["--quant_config", "FPQ_config_llama"]), get_config("FPQ_config_llama"))
-    assert (defaults.space.act_coarse_tokens, defaults.space.act_refine, defaults.space.weight_refine) == (4096, 8, 0)
-    assert defaults.space == SearchSpace()  # the flags' defaults are the knobs' defaults
+    assert defaults.space == SearchSpace()  # the flags' defaults are the knobs' own
+
+
+def test_every_search_knob_is_a_flag_with_its_help_and_default():
+    """One source of truth: each SearchSpace knob appears in --help with its help text and default, and the
+    parameter file's search metadata has one key per knob."""
+    from utils.run.cli import build_parser
+
+    text = build_parser().format_help().replace("\n", " ")
+    for knob in SearchSpace.flags():
+        assert f"--{knob.name}" in text
+        assert knob.metadata["help"].split()[0] in text
+    assert set(SearchSpace().metadata()) == {knob.name for knob in SearchSpace.flags()}
+    assert "(default: 32)" in text and "(default: 0.01 1.2 100)" in text

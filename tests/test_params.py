@@ -1,5 +1,6 @@
 """Parameter files: naming, safe loading, atomic writes, and exact reproduction of the calibrated model."""
 
+import math
 import pickle
 
 import pytest
@@ -8,7 +9,6 @@ from safetensors.torch import load_file
 
 from configs import QBits, get_config
 from conftest import RunsCode, make_llama
-from quant_layers.formats import exponent_bias_from_max
 from quant_layers.modules import swap_modules
 from utils.params import (ParamFileError, apply_params, load_checkpoint, load_params, param_file_path,
                           resolve_param_path, save_params)
@@ -69,8 +69,9 @@ def test_file_content_is_plain_and_biases_are_consistent(tmp_path):
     tensors = payload["tensors"]
     name = "model.layers.0.mlp.down_proj"
     fmt = layers[name].weight_format
-    torch.testing.assert_close(tensors[f"{name}.weight_exponent_bias"],
-                               exponent_bias_from_max(fmt, tensors[f"{name}.weight_max_value"]))
+    grid_max = (2 - 2.0 ** -fmt.mantissa_bits) * 2.0 ** (2**fmt.exponent_bits - 1)  # the paper's formula, bias 0
+    expected = [math.log2(grid_max / m) for m in tensors[f"{name}.weight_max_value"].double().tolist()]
+    assert tensors[f"{name}.weight_exponent_bias"].double().tolist() == pytest.approx(expected, abs=1e-5)
     assert tensors[f"{name}.act_channel_shift"].dtype == torch.int8
     assert payload["metadata"]["modules"][name]["weight_format"] in ("E3M0", "E2M1", "E1M2")
     assert not list(tmp_path.glob("*.tmp"))

@@ -49,25 +49,73 @@ FP_GRIDS = [
 ]
 
 
+def scaled_grid(exponent_bits: int, mantissa_bits: int, max_value: float) -> torch.Tensor:
+    """The grid quantize() defines for a range: the bias-0 grid, enumerated code by code in Python (exact: few
+    significant bits), times u = max_value / grid_max rounded once to float32 (quantize.py's definition)."""
+    standard = torch.tensor(enumerate_fp_grid(exponent_bits, mantissa_bits, 0.0), dtype=torch.float32)
+    u = torch.tensor(max_value, dtype=torch.float32) / torch.tensor(max(standard.tolist()), dtype=torch.float32)
+    return standard * u
+
+
+def nearest_on_grid(grid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Brute force: the grid point nearest each x (float64 distances), saturating at the ends."""
+    distance = (x.double().view(-1, 1) - grid.double().view(1, -1)).abs()
+    return grid[distance.argmin(dim=1)]
+
+
 @pytest.mark.parametrize("exponent_bits,mantissa_bits,bias", FP_GRIDS)
 def test_grid_matches_independent_enumeration(exponent_bits, mantissa_bits, bias):
     fmt = fp_format(exponent_bits, mantissa_bits)
     grid = enumerate_fp_grid(exponent_bits, mantissa_bits, bias)
     max_value = max_from_exponent_bias(fmt, bias)
-    assert float(max_value) == pytest.approx(max(grid), rel=1e-6)
-    # Grid points map to themselves.
-    on_grid = torch.tensor(grid, dtype=torch.float64).float()
-    assert torch.allclose(quantize(on_grid, fmt, max_value), on_grid, rtol=2e-6, atol=0)
-    # Random inputs (and out-of-range ones) land on the nearest grid point.
+    assert float(max_value) == pytest.approx(max(grid), rel=1e-6)  # the paper's formula, float64 enumeration
+    on_grid = scaled_grid(exponent_bits, mantissa_bits, float(max_value))
+    assert torch.equal(quantize(on_grid, fmt, max_value), on_grid)  # grid points map to themselves, bit for bit
+    # Random inputs (and out-of-range ones) land on the nearest grid point (no ties: random float32 values).
     generator = torch.Generator().manual_seed(exponent_bits * 100 + mantissa_bits)
     x = (torch.rand(2000, generator=generator) * 2 - 1) * 1.3 * max(grid)
+    assert torch.equal(quantize(x, fmt, max_value), nearest_on_grid(on_grid, x))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_formats_biases_and_exact_ties(seed):
+    """Property test over random (E, M, real-valued bias): on the grid, nearest, idempotent, odd. With an integer
+    bias the scale is a power of two, so midpoints of neighbouring grid values are exact ties: each must go to the
+    neighbour whose mantissa code is even (the one whose standard-grid value has an even last code)."""
+    rng = torch.Generator().manual_seed(seed)
+    bits = int(torch.randint(3, 9, (1,), generator=rng))
+    exponent_bits = int(torch.randint(1, min(bits - 1, 4) + 1, (1,), generator=rng))
+    mantissa_bits = bits - 1 - exponent_bits
+    fmt = fp_format(exponent_bits, mantissa_bits)
+    bias = float(torch.rand(1, generator=rng) * 8 - 4)
+    max_value = float(max_from_exponent_bias(fmt, bias))
+    grid = scaled_grid(exponent_bits, mantissa_bits, max_value)
+    x = (torch.randn(3000, generator=rng) * max_value / 2).float()
     q = quantize(x, fmt, max_value)
-    expected = torch.tensor([nearest(grid, v) for v in x.double().tolist()])
-    distance_q = (q.double() - x.double()).abs()
-    distance_best = (expected - x.double()).abs()
-    assert torch.all(distance_q <= distance_best + 1e-6 * max(grid))
-    grid_t = torch.tensor(grid)
-    assert torch.all((q.double().view(-1, 1) - grid_t.view(1, -1)).abs().min(dim=1).values <= 2e-6 * grid_t.abs().max())
+    assert torch.equal(q, nearest_on_grid(grid, x))
+    assert torch.equal(quantize(q, fmt, max_value), q) and torch.equal(quantize(-x, fmt, max_value), -q)
+    integer_bias = round(bias)
+    max_value = float(max_from_exponent_bias(fmt, integer_bias))
+    positive = [v for v in enumerate_fp_grid(exponent_bits, mantissa_bits, 0.0) if v >= 0]  # standard grid
+    scale = 2.0 ** -integer_bias
+    for lower, upper in zip(positive, positive[1:]):
+        middle = (lower + upper) / 2
+        expected = round_half_even_by_hand(middle, mantissa_bits) * scale
+        got = quantize(torch.tensor([middle * scale, -middle * scale]), fmt, max_value).tolist()
+        assert got == [expected, -expected], (exponent_bits, mantissa_bits, integer_bias, middle)
+
+
+def round_half_even_by_hand(y: float, mantissa_bits: int) -> float:
+    """LLM-FP4's rounding (eq. 2-4, bias 0) in plain Python: in binade e = max(floor(log2 y), 1) the step is
+    2^(e - M); y / step rounds to the nearest integer, a tie to the even one. For M >= 1 that is the neighbour with
+    the even mantissa code; with M = 0 a tie between 2^e and 2^(e+1) goes up (significand 1.5 -> 2)."""
+    exponent = max(math.floor(math.log2(y)), 1)
+    step = 2.0 ** (exponent - mantissa_bits)
+    units = y / step
+    below = math.floor(units)
+    if units - below > 0.5 or (units - below == 0.5 and below % 2 == 1):
+        below += 1
+    return below * step
 
 
 @pytest.mark.parametrize("bits", range(3, 9))

@@ -93,7 +93,7 @@ def _move(value, device: torch.device):
     return value
 
 
-def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, offload: str | None
+def first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, offload: str | None
                         ) -> tuple[torch.Tensor, list[dict]]:
     """Hidden states entering block 0 for every sequence [S, T, H], and each block's keyword arguments
     (masks, rotary embeddings: they differ per block in e.g. Gemma3), captured from sequence 0.
@@ -140,7 +140,7 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torc
     return torch.cat(inputs), block_kwargs
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each=None) -> torch.Tensor:
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each=None) -> torch.Tensor:
     """Block outputs [S, T, H], one sequence at a time; before_each(s) is called before sequence s."""
     device = _device_of(block)
     kwargs = {k: _move(v, device) for k, v in kwargs.items()}
@@ -156,7 +156,7 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each
     return outputs
 
 
-def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
+def capture_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype, written
     into one preallocated buffer per distinct tensor: Linears that read the same tensor share it)."""
@@ -188,7 +188,7 @@ def _capture(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            outputs = _run_block(block, hidden, kwargs, next_sequence)
+            outputs = run_block(block, hidden, kwargs, next_sequence)
     finally:
         for h in handles:
             h.remove()
@@ -281,7 +281,7 @@ def _replay(run: _Run, blocks: nn.ModuleList, count: int, hidden: torch.Tensor, 
             if sequential:
                 _apply_block(run, blocks[index])
             with _placed(blocks[index], run.settings.offload_device):
-                hidden = _run_block(blocks[index], hidden, block_kwargs[index])
+                hidden = run_block(blocks[index], hidden, block_kwargs[index])
             if not sequential:
                 _apply_block(run, blocks[index])
     return hidden
@@ -318,7 +318,7 @@ def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tens
 
 def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     linears = run.linears(block)
-    outputs, inputs = _capture(block, hidden, kwargs, linears)
+    outputs, inputs = capture_inputs(block, hidden, kwargs, linears)
     _check_inputs(inputs)
     _check_finite(f"the output of block {index}", outputs)
     _transform_block(run, block, inputs)
@@ -329,7 +329,7 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
     del inputs
     if run.settings.sequential:
         with torch.no_grad():
-            outputs = _run_block(block, hidden, kwargs)
+            outputs = run_block(block, hidden, kwargs)
     return outputs
 
 
@@ -371,7 +371,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     if _calibrate_embedding(run, embed_format) and checkpoint:
         checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)
-    hidden, block_kwargs = _first_block_inputs(model, blocks, calib_ids, settings.offload_device)
+    hidden, block_kwargs = first_block_inputs(model, blocks, calib_ids, settings.offload_device)
     if settings.offload_device is not None:  # GPU memory for one block: the table and the head wait on the CPU
         model.get_input_embeddings().to("cpu")
         model.get_output_embeddings().to("cpu")
