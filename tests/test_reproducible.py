@@ -80,6 +80,8 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as scratch:
         hashes = calibrate_fresh(Path(scratch))
     HASHES.parent.mkdir(exist_ok=True)
-    HASHES.write_text(json.dumps({"command": "main.py " + " ".join(COMMAND), "machine": f"{platform.machine()}, "
-                                  f"{os.cpu_count()} cores, 2 threads", "tensors": hashes}, indent=1) + "\n")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    HASHES.write_text(json.dumps({"command": "main.py " + " ".join(COMMAND), "machine": f"{cpu} ({platform.machine()}, "
+                                  f"{os.cpu_count()} cores, 2 threads)", "tensors": hashes}, indent=1) + "\n")
     print(f"wrote {len(hashes)} tensor hashes to {HASHES}")
