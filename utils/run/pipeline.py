@@ -112,30 +112,16 @@ def _open_checkpoint(target: Path, metadata: dict, resume: bool) -> Checkpoint:
     return checkpoint
 
 
-def _finished_file(path: Path, metadata: dict) -> bool:
-    """Whether `path` is this run's complete result (same model, config, qbits, search and calibration data)."""
+def _finished_difference(path: Path, metadata: dict) -> str | None:
+    """None if `path` is this run's complete result (same model, config, qbits, search and calibration data), else
+    why not, in words."""
     if not path.exists():
-        return False
+        return "no such file"
     try:
         _, saved = load_params(path)
-    except ParamFileError:
-        return False
-    return metadata_difference(saved, metadata, search=True) is None
-
-
-def _refuse_to_replace(path: Path, metadata: dict, finished: bool) -> None:
-    """A finished parameter file of another run (model, config, qbits, search, calibration data) is never
-    overwritten: the paper's file name does not name the model, so a second model would silently replace the
-    first one's parameters. This run's own finished file (same everything) is simply written again."""
-    if not path.exists() or finished:
-        return
-    try:
-        _, saved = load_params(path)
-        difference = metadata_difference(saved, metadata, search=True)
     except ParamFileError as error:
-        difference = f"unreadable ({error})"
-    raise ParamFileError(f"{path} holds another run's parameters ({difference}); calibrate into another folder "
-                         "with --search_result_dir DIR, or move that file away")
+        return f"unreadable: {error}"
+    return metadata_difference(saved, metadata, search=True)
 
 
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
@@ -171,12 +157,14 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
     calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
                            source=args.calib_data)
     metadata["search"]["calib_data"] = calib.description
-    finished = _finished_file(path, metadata)
-    if args.resume and not checkpoint_path(path).exists() and finished:
+    difference = _finished_difference(path, metadata)
+    if args.resume and not checkpoint_path(path).exists() and difference is None:
         _log(f"--resume: calibration already finished in {path}; using it")
         _load_quantized(model, path, metadata)
         return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}
-    _refuse_to_replace(path, metadata, finished)
+    if path.exists() and difference is not None:  # the paper's file name does not name the model: never replace
+        raise ParamFileError(f"{path} holds another run's parameters ({difference}); calibrate into another folder "
+                             "with --search_result_dir DIR, or move that file away")
     checkpoint = _open_checkpoint(path, metadata, args.resume)
     resumed_from = checkpoint.next_block if checkpoint.layers else None
     gpus = range(torch.cuda.device_count())

@@ -28,8 +28,7 @@ class SearchSpace:
     """What the search tries, and how much of it it scores exactly (see the help texts)."""
 
     search_intervals: tuple[float, float, int] = knob(
-        (0.01, 1.2, 100), "a b n: candidates g_i = a + i(b-a)/n, i < n, plus g = 1 (MinMax)", nargs="+", type=float,
-        metavar="a b n")
+        (0.01, 1.2, 100), "a b n: candidates g_i = a + i(b-a)/n, i < n, plus g = 1 (MinMax)", nargs="+", type=float)
     search_round: int = knob(3, "rounds of weight-then-activation search", type=int)
     search_space: str = knob("max", "candidates multiply the MinMax max value or, as the original code, its exponent "
                              "bias", choices=("max", "bias"))
