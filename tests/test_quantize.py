@@ -1,6 +1,5 @@
 """Numerics of the one quantizer, checked against independent plain-Python enumerations of each grid."""
 
-import itertools
 import math
 
 import pytest
