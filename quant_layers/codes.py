@@ -26,8 +26,8 @@ Scales, named by what they are (float32 unless said), and the value of an elemen
 - E8M0-scaled blocks (MX): `block_exponent` [..., n / size] uint8, the E8M0 byte: scale 2^(byte - 127), byte 255
   = NaN (a block holding NaN or Inf decodes to NaN, as in quantize); value = fl32(table[code] * standard_max /
   grid_max) * 2^(byte - 127), exact.
-These mirror quantize.py's `quantize`, `_quantize_blocks` and `block_scales` operation by operation; `encode`
-checks the block ranges it mirrors against `block_scales` and raises if they ever drift apart.
+These mirror quantize.py's `quantize` and `_quantize_blocks` operation by operation, with its own block-scale
+helpers (`block_scales`, `block_scale_codes`, `block_range`).
 
 FPQ weights (LLM-FP4's per-column exponent shifts k, Eq. 8): `encode_fpq_weight` stores the codes of Q_w(W)
 unfolded, the per-row `grid_inverse` and `channel_shift` k as int8; `decode_fpq_weight` returns
@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from quant_layers.formats import E4M3FN, E8M0, QuantFormat
-from quant_layers.quantize import _TINY, block_scales, check_format, grid_inverse, grid_scale, quantize, round_to_grid
+from quant_layers.quantize import (block_range, block_scale_codes, block_scales, check_format, grid_inverse, grid_scale,
+                                   round_to_grid)
 
 E8M0_NAN = 255  # the E8M0 byte of a NaN scale (OCP MX)
 _FLOAT32_MANTISSA_BITS = 23
@@ -129,16 +130,6 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return codes.to(_code_dtype(fmt))
 
 
-def _tensor_scale(fmt: QuantFormat, max_value: torch.Tensor) -> torch.Tensor:
-    """NVFP4's float32 tensor scale t, as block_scales computes it."""
-    return max_value.clamp(min=_TINY) / (fmt.standard_max * fmt.block.scale_format.standard_max)
-
-
-def _block_range(fmt: QuantFormat, block_scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-    """R = top * code * t (float32, the order block_scales multiplies in)."""
-    return fmt.standard_max * block_scale * tensor_scale
-
-
 def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool) -> torch.Tensor:
     """max_value as quantize broadcasts it. One tensor is stored, so the range may not broadcast x to a larger
     shape (the search's candidates); for blocks it is per tensor [] or per row [..., 1], which becomes [..., 1, 1]."""
@@ -175,20 +166,16 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -
         raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {size}")
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scales = block_scales(amax, fmt, range_value)
-    if mx:  # scales: the int32 exponents k, block values x 2^-k on element's grid of range standard_max
+    if mx:  # the int32 exponents k; block values x 2^-k on the element's grid of range standard_max
+        scales = block_scales(amax, fmt, range_value)
         shifted = torch.ldexp(blocks, -scales)
         grid = round_to_grid(shifted, element, grid_scale(element, element.standard_max, x.device))
         finite = torch.isfinite(amax)
         codes = _element_codes(grid.masked_fill_(~finite, 0.0), element)
         byte = torch.where(finite, scales + fmt.block.scale_format.standard_bias, E8M0_NAN).to(torch.uint8)
         return Encoded(fmt, codes.reshape(x.shape), x.dtype, block_exponent=byte.squeeze(-1))
-    # scales: the block ranges R = top * code * t; the code is the block scale in the scale format
-    tensor_scale = _tensor_scale(fmt, range_value)
-    scale_format = fmt.block.scale_format
-    scale_code = quantize(amax / (fmt.standard_max * tensor_scale), scale_format, scale_format.standard_max)
-    if not torch.equal(_block_range(fmt, scale_code, tensor_scale), scales):
-        raise RuntimeError("codes.py's block range no longer equals quantize.block_scales: update _block_range")
+    scale_code, tensor_scale = block_scale_codes(amax, fmt, range_value)
+    scales = block_range(fmt, scale_code, tensor_scale)
     grid = round_to_grid(blocks, element, grid_scale(element, scales, x.device)).masked_fill_(scales == 0, 0.0)
     return Encoded(fmt, _element_codes(grid, element).reshape(x.shape), x.dtype,
                    block_scale=scale_code.squeeze(-1).to(torch.float8_e4m3fn),
@@ -215,8 +202,8 @@ def decode(encoded: Encoded) -> torch.Tensor:
     else:
         tensor_scale = encoded.tensor_scale
         tensor_scale = tensor_scale.unsqueeze(-1) if tensor_scale.dim() > 0 else tensor_scale
-        block_range = _block_range(fmt, encoded.block_scale.unsqueeze(-1).to(torch.float32), tensor_scale)
-        values = grid.mul_(grid_inverse(element, block_range, codes.device)).masked_fill_(block_range == 0, 0.0)
+        ranges = block_range(fmt, encoded.block_scale.unsqueeze(-1).to(torch.float32), tensor_scale)
+        values = grid.mul_(grid_inverse(element, ranges, codes.device)).masked_fill_(ranges == 0, 0.0)
     return values.reshape(codes.shape).to(encoded.dtype)
 
 

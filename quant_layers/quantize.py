@@ -124,23 +124,33 @@ def floor_log2(x: torch.Tensor) -> torch.Tensor:
     return torch.frexp(x.float()).exponent - 1
 
 
+def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-power-of-two block scales (NVFP4): (code, t), code = Q_s(amax / (top t)) the block scale in the scale
+    format (float32 values of its grid, saturating), t = max_value / (top * scale top) the float32 tensor scale."""
+    scale_format = fmt.block.scale_format
+    top = fmt.standard_max
+    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=amax.device).clamp(min=_TINY)
+    tensor_scale = tensor_scale / (top * scale_format.standard_max)
+    return quantize(amax / (top * tensor_scale), scale_format, scale_format.standard_max), tensor_scale
+
+
+def block_range(fmt: QuantFormat, code: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """A block's range top * code * t (float32, multiplied in this order; 0 where the code is 0)."""
+    return fmt.standard_max * code * tensor_scale
+
+
 def block_scales(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
     """The scale of each block from its absolute maximum amax [..., blocks, 1] (float32), per formats.py:
 
     power-of-two scales: k = clamp(floor(log2 amax) - emax, -bias_s, emax_s), returned as the int32 exponent k;
-    others: code = Q_s(amax / (top t)) with t = max_value / (top * scale top), returned as the float32 block range
-    top * code * t (0 where the code rounds to 0).
+    others: the block range `block_range(fmt, *block_scale_codes(amax, fmt, max_value))` (float32).
     """
-    block = fmt.block
-    scale_format = block.scale_format
-    if block.power_of_two:
+    if fmt.block.power_of_two:
+        scale_format = fmt.block.scale_format
         exponent = floor_log2(amax) - fmt.max_exponent
         return exponent.clamp_(-scale_format.standard_bias, scale_format.max_exponent)
-    top = fmt.standard_max
-    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=amax.device).clamp(min=_TINY)
-    tensor_scale = tensor_scale / (top * scale_format.standard_max)
-    code = quantize(amax / (top * tensor_scale), scale_format, scale_format.standard_max)
-    return top * code * tensor_scale
+    return block_range(fmt, *block_scale_codes(amax, fmt, max_value))
 
 
 def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
