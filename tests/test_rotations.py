@@ -1,20 +1,24 @@
-"""utils.search.transforms.BlockHadamard on tiny random llama, qwen2 and gemma3 models, float32 and float64:
-full-precision logits are kept, the transformed inputs are what the quantizer reads, saved params replay to identical
-weights through a parameter file, SmoothQuant composes with it, bad settings are a one-line ValueError."""
+"""utils.search.transforms.BlockHadamard and utils.search.residual_rotation.ResidualRotation on tiny random llama,
+qwen2 and gemma3 models (gemma3 refused by ResidualRotation), float32 and float64: full-precision logits are kept,
+the block Hadamard's transformed inputs are what the quantizer reads, saved params replay to identical weights (through
+a parameter file for the block transform), SmoothQuant composes with both, bad settings are a one-line ValueError."""
 
 import pytest
 import torch
 
 from conftest import make_tiny
-from quant_layers.hadamard import hadamard_matrix
+from quant_layers.hadamard import hadamard_matrix, random_signs
 from quant_layers.modules import swap_modules
 from utils.data.architecture import architecture_of
 from utils.params import TransformParams, apply_params, load_params, save_params
 from utils.search import transforms
+from utils.search.residual_rotation import ResidualRotation, model_transform_from_dict
 from utils.search.transforms import BlockHadamard, SmoothQuant, apply_saved, transform_from_dict
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+# Hugging Face's RMSNorm normalises in float32 even in a float64 model: a rotated residual stream changes that rounding
+RESIDUAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
 
 
 def one_line_value_error(call) -> str:
@@ -164,3 +168,109 @@ def test_block_hadamard_bad_settings_are_a_one_line_value_error():
     assert "already rotates" in one_line_value_error(lambda: BlockHadamard().apply(block, signs, arch))
     plain_block = make_tiny("llama").model.layers[0]
     assert "swap_modules" in one_line_value_error(lambda: BlockHadamard(16).fit(plain_block, {}, arch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, rotation", [
+    ("llama", ResidualRotation(seed=1)),
+    ("qwen2", ResidualRotation(seed=2)),
+    ("llama", ResidualRotation(seed=3, hidden_block=16, down_proj_block=32)),
+    ("qwen2", ResidualRotation(seed=4, online_down_proj=False)),
+])
+
+
+def test_residual_rotation_keeps_the_logits(name, rotation, dtype):
+    model = tiny(name, dtype)
+    reference = logits(model)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rotation.apply(model, rotation.fit(model))
+    assert relative_error(logits(model), reference) < RESIDUAL_TOLERANCE[dtype]
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert all(bool((norm.weight == 1).all()) for n, norm in model.named_modules() if n.endswith("norm"))
+    assert (model.model.layers[0].mlp.down_proj.input_rotation.inner is not None) == rotation.online_down_proj
+    if tied:  # lm-eval calls tie_weights(): it must not join the rotated head and table again
+        model.tie_weights()
+        assert relative_error(logits(model), reference) < RESIDUAL_TOLERANCE[dtype]
+
+
+def test_residual_rotation_of_widths_that_are_not_powers_of_two():
+    """hidden 48 = 12 x 4 and intermediate 80 = 20 x 4: Paley Hadamards of full width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    swap_modules(model)
+    reference = logits(model)
+    rotation = ResidualRotation(seed=5)
+    rotation.apply(model, rotation.fit(model))
+    assert model.model.layers[0].mlp.down_proj.input_rotation.outer.shape == (20, 20)
+    assert relative_error(logits(model), reference) < 1e-4
+
+
+def test_residual_rotation_replays_exactly():
+    fitted, fresh = tiny("llama"), tiny("llama")
+    fresh.load_state_dict(fitted.state_dict())
+    rotation = ResidualRotation(seed=7, down_proj_block=64)
+    params = rotation.fit(fitted)
+    rotation.apply(fitted, params)
+    model_transform_from_dict(rotation.to_dict()).apply(fresh, {k: v.clone() for k, v in params.items()})
+    fitted_state, fresh_state = fitted.state_dict(), fresh.state_dict()
+    assert fitted_state.keys() == fresh_state.keys()
+    assert all(torch.equal(fitted_state[k], fresh_state[k]) for k in fitted_state)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_residual_rotation_and_smoothquant_in_either_order_keep_the_logits(name):
+    rotated_first, smoothed_first = tiny(name), tiny(name)
+    smoothed_first.load_state_dict(rotated_first.state_dict())
+    reference = logits(rotated_first)
+    rotation = ResidualRotation(seed=1)
+    rotation.apply(rotated_first, rotation.fit(rotated_first))
+    fit_blocks(rotated_first, SmoothQuant(0.5))
+    fit_blocks(rotated_first, BlockHadamard(16, ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))
+    fit_blocks(smoothed_first, SmoothQuant(0.5))
+    rotation.apply(smoothed_first, rotation.fit(smoothed_first))
+    assert relative_error(logits(rotated_first), reference) < 1e-4
+    assert relative_error(logits(smoothed_first), reference) < 1e-4
+
+
+def test_residual_rotation_bad_settings_are_a_one_line_value_error():
+    assert "hidden_block" in one_line_value_error(lambda: ResidualRotation(hidden_block=12))
+    assert "seeds" in one_line_value_error(lambda: model_transform_from_dict({"name": "residual_rotation", "seeds": 1}))
+    model = tiny("llama")
+    assert "does not divide" in one_line_value_error(lambda: ResidualRotation(hidden_block=128).fit(model))
+    assert "down_proj_block" in one_line_value_error(lambda: ResidualRotation(down_proj_block=256).fit(model))
+    assert "signs" in one_line_value_error(lambda: ResidualRotation().apply(model, {"signs": torch.ones(63)}))
+    signs = {"mlp.down_proj.input_rotation": hadamard_matrix(16, normalized=False)}
+    BlockHadamard().apply(model.model.layers[1], signs, architecture_of(model))
+    assert "already rotates" in one_line_value_error(lambda: ResidualRotation().fit(model))
+    assert "gemma3" in one_line_value_error(lambda: ResidualRotation().fit(tiny("gemma3")))
+    plain = make_tiny("llama")
+    reference = logits(plain)
+    assert "swap_modules" in one_line_value_error(lambda: ResidualRotation().apply(plain, {"signs": torch.ones(64)}))
+    assert torch.equal(logits(plain), reference)  # refused before any change
+    ResidualRotation(online_down_proj=False).apply(plain, {"signs": random_signs(64, 0)})
+    assert relative_error(logits(plain), reference) < 1e-4
+
+
+def test_calibration_with_rotations_replays_from_its_parameter_file(tmp_path):
+    """The route proposed for utils/quant_calib.py: ResidualRotation after swap_modules and before calibrate(), the
+    block transforms from the config; replay = the model transform, then apply_params. Identical logits."""
+    from configs import QBits, QuantConfig
+    from utils.quant_calib import CalibSettings, calibrate
+
+    config = QuantConfig(name="rotation_test", format_kind="int", search=False, act_channel_shift=False,
+                         transforms=(SmoothQuant(0.5), BlockHadamard(16, ("self_attn.o_proj",))))
+    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), None)
+    calibrated, fresh = tiny("llama"), tiny("llama")
+    fresh.load_state_dict(calibrated.state_dict())
+    rotation = ResidualRotation(seed=0)
+    saved_signs = rotation.fit(calibrated)
+    rotation.apply(calibrated, saved_signs)
+    layers = calibrate(calibrated, IDS, settings)
+    assert sum(isinstance(p, TransformParams) for p in layers.values()) == 2 * 3  # 2 norms + o_proj, 2 blocks
+    save_params(tmp_path / "p.pt", layers, {})
+    model_transform_from_dict(rotation.to_dict()).apply(fresh, saved_signs)
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    assert torch.equal(logits(fresh), logits(calibrated))
