@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant_layers.formats import QuantFormat
+from quant_layers.hadamard import kron_rotate
 from quant_layers.quantize import activation_scales, quantize, quantize_activation
 
 
@@ -47,8 +48,23 @@ class QuantParams:
     kind: str = "linear"
 
 
+class InputRotation(nn.Module):
+    """x [..., n] -> x (outer kron inner) before a QuantLinear quantizes its input (a transform folded the inverse
+    into the weight); identity while `inner` is None. inner [p, p], outer [n/p, n/p] or None (blocks of p), float32
+    (float64 in a float64 model): the product is computed in their dtype and returned in x's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inner", None)
+        self.register_buffer("outer", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.inner is None else kron_rotate(x, self.inner, self.outer)
+
+
 class QuantLinear(nn.Module):
-    """Drop-in for nn.Linear with static weight and input-activation fake quantization."""
+    """Drop-in for nn.Linear with static weight and input-activation fake quantization; `input_rotation` (off
+    unless a rotation transform sets it) rotates the input first."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -62,6 +78,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_channel_scale", None)  # 2^k [in], float32
         self.register_buffer("act_grid_scale", None)  # s = grid_max / act_max_value, [1] float32
         self.register_buffer("act_grid_inverse", None)  # act_max_value / grid_max
+        self.input_rotation = InputRotation()
 
     @property
     def is_quantized(self) -> bool:
@@ -96,7 +113,7 @@ class QuantLinear(nn.Module):
                                    (self.act_grid_scale, self.act_grid_inverse))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.weight, self.bias)
+        return F.linear(self.quantize_input(self.input_rotation(x)), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -6,7 +6,8 @@ norm feeds which Linears, `norm_weight_offset` how a norm's weight enters its ou
 
     norm(x) = rms_normalize(x) * (offset + w)     offset 0 (Llama, Qwen2, Mistral), 1 (Gemma3)
 
-so dividing the output by s is  w' = (offset + w) / s - offset  (`Architecture.scale_norm`).
+so dividing the output by s is  w' = (offset + w) / s - offset  (`Architecture.scale_norm`), and a norm without a
+per-channel scale (what commutes with a rotation of the residual stream) has w = 1 - offset (`reset_norm`).
 The decoder blocks and the final norm are found through `LAYOUTS` (paths from the model), for any model.
 """
 
@@ -39,6 +40,9 @@ class Architecture:
     norm_weight_offset: c in norm(x) = rms_normalize(x) * (c + w).
     embedding_scale: how the token embedding is scaled after the table lookup ("" = not scaled), e.g.
         Gemma3's "sqrt(hidden_size)": a rotation of the residual stream must rotate the table, not the scale.
+    residual_writers: Linears whose output is added to the residual stream.
+    output_norms: norms between a writer and the residual add (Gemma3's post-attention / post-feedforward norms).
+    product_linear: the Linear that reads the MLP's gated product (QuaRot's online Hadamard goes in front of it).
     """
 
     name: str
@@ -47,6 +51,18 @@ class Architecture:
     unnormed_linears: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     norm_weight_offset: float = 0.0
     embedding_scale: str = ""
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    output_norms: tuple[str, ...] = ()
+    product_linear: str = "mlp.down_proj"
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """g = c + w [hidden], float64: norm(x) = rms_normalize(x) * g."""
+        return norm.weight.detach().to(torch.float64) + self.norm_weight_offset
+
+    @torch.no_grad()
+    def reset_norm(self, norm: nn.Module) -> None:
+        """Set the gain c + w to 1 in place (w = 1 - c): afterwards norm(x) = rms_normalize(x)."""
+        norm.weight.fill_(1.0 - self.norm_weight_offset)
 
     @torch.no_grad()
     def scale_norm(self, norm: nn.Module, scale: torch.Tensor) -> None:
@@ -74,6 +90,7 @@ GEMMA3 = Architecture(
     norm_linear_pairs=(("input_layernorm", _ATTENTION_INPUTS), ("pre_feedforward_layernorm", _MLP_INPUTS)),
     norm_weight_offset=1.0,
     embedding_scale="sqrt(hidden_size)",  # Gemma3TextScaledWordEmbedding: table[ids] * hidden_size ** 0.5
+    output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
 )
 ARCHITECTURES = (LLAMA, GEMMA3)
 _BY_BLOCK_CLASS = {cls: arch for arch in ARCHITECTURES for cls in arch.block_classes}

@@ -1,4 +1,4 @@
-"""Function-preserving transforms of a decoder block, as strategies (SmoothQuant today).
+"""Function-preserving transforms of a decoder block, as strategies: SmoothQuant and BlockHadamard.
 
 A Transform fits parameters on one block and the captured inputs of its Linears, folds them into the
 block (`apply`) and changes the captured inputs the same way (`transform_inputs`), so the Linears can be
@@ -11,16 +11,23 @@ SmoothQuant (Xiao et al., 2023): for a norm followed by Linears L_1..L_k that re
 
 then norm(x) -> norm(x) / s and every W_i[:, j] *= s_j: X W^T is unchanged and X / s has flatter channels.
 Which norms feed which Linears, and how a norm absorbs 1 / s, come from the block's Architecture.
+
+BlockHadamard: for a Linear with input x [N, in], R = diag(H_size, ..., H_size) [in, in] (orthonormal Hadamard
+blocks, quant_layers/hadamard.py), x -> x R online (QuantLinear.input_rotation) and W -> W R offline: the product
+(x R)(W R)^T = x W^T is unchanged and the input quantizer sees rotated blocks. SmoothQuant must come first: a
+per-channel scale of a norm's output cannot pass an online rotation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from quant_layers.hadamard import check_block_size, hadamard_matrix, is_power_of_two, kron_rotate, rotation_dtype
 from quant_layers.quantize import abs_max
 from utils.data.architecture import Architecture, architecture_of, decoder_layers
 
@@ -79,6 +86,11 @@ class SmoothQuant:
                                  f"not {type(block).__name__}")
         if not arch.norm_linear_pairs:
             raise TransformError(f"SmoothQuant needs norms in front of Linears; {arch.name} blocks have none")
+        for _, linear_names in arch.norm_linear_pairs:
+            rotated = [n for n in linear_names if _input_rotation(block.get_submodule(n)) is not None]
+            if rotated:
+                raise TransformError(f"SmoothQuant must come before BlockHadamard: {rotated[0]} already rotates its "
+                                     "input, and a norm's per-channel scale cannot pass that rotation")
         return dict(arch.norm_linear_pairs)
 
     @torch.no_grad()
@@ -125,7 +137,119 @@ class SmoothQuant:
         return {"name": self.name, **asdict(self)}
 
 
-TRANSFORMS: dict[str, type] = {cls.name: cls for cls in (SmoothQuant,)}
+ROTATION = "input_rotation"  # QuantLinear's InputRotation child: BlockHadamard's params are keyed by it
+
+
+def _input_rotation(linear: nn.Module) -> torch.Tensor | None:
+    """The inner matrix of a QuantLinear's input rotation (None: not rotated or not a QuantLinear)."""
+    rotation = getattr(linear, ROTATION, None)
+    return None if rotation is None else rotation.inner
+
+
+def _linear_of(key: str) -> str:
+    if not key.endswith("." + ROTATION):
+        raise TransformError(f"BlockHadamard parameters are keyed '<linear>.{ROTATION}', got {key!r}")
+    return key.removesuffix("." + ROTATION)
+
+
+@dataclass(frozen=True)
+class BlockHadamard:
+    """Block Hadamard of Linear inputs, size 2^k (16, 32, 128, ...). linears: names relative to the block (None:
+    every Linear the Architecture names); Linears that read one tensor (q/k/v, gate/up) go together.
+    params: {"<linear>.input_rotation": M [size, size] float32}, M the +-1 Hadamard matrix (M M^T = size I) and
+    H = M / sqrt(size): exact in float32 files, so replay needs no settings and float64 models stay float64-exact."""
+
+    size: int = 32
+    linears: tuple[str, ...] | None = None
+    name: ClassVar[str] = "block_hadamard"
+    tensor_name: ClassVar[str] = "hadamard"
+
+    def __post_init__(self) -> None:
+        if not is_power_of_two(self.size) or self.size < 2:
+            raise TransformError(f"BlockHadamard size must be a power of two >= 2, got {self.size!r}")
+        if self.linears is not None:
+            object.__setattr__(self, "linears", tuple(self.linears))
+            if not self.linears:
+                raise TransformError("BlockHadamard linears: name at least one Linear, or None for every Linear")
+
+    def _targets(self, block: nn.Module, arch: Architecture) -> tuple[str, ...]:
+        if type(block).__name__ not in arch.block_classes:
+            raise TransformError(f"the {arch.name} adapter describes {', '.join(arch.block_classes)} blocks, "
+                                 f"not {type(block).__name__}")
+        every = tuple(n for _, names in arch.norm_linear_pairs for n in names) + arch.unnormed_linears
+        unknown = [n for n in self.linears or () if n not in every]
+        if unknown:
+            raise TransformError(f"BlockHadamard: {unknown[0]!r} is not a Linear of {arch.name} blocks "
+                                 f"({', '.join(every)})")
+        return self.linears or every
+
+    @torch.no_grad()
+    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
+        """{"<linear>.input_rotation": M} for each target Linear; checks the size divides its input width and that
+        Linears sharing a captured input are all targets."""
+        targets = self._targets(block, arch)
+        for name in targets:
+            self._check_linear(block, name, self.size)
+            partners = [n for n, x in inputs.items() if name in inputs and x is inputs[name] and n not in targets]
+            if partners:
+                raise TransformError(f"BlockHadamard: {name} and {partners[0]} read one input; rotate both or neither")
+        signs = hadamard_matrix(self.size, torch.float32, normalized=False)
+        return {f"{name}.{ROTATION}": signs.clone() for name in targets}
+
+    @staticmethod
+    def _check_linear(block: nn.Module, name: str, size: int) -> nn.Module:
+        try:
+            linear = block.get_submodule(name)
+        except AttributeError:
+            raise TransformError(f"BlockHadamard: the block has no module {name!r}") from None
+        if not hasattr(linear, ROTATION):
+            raise TransformError(f"BlockHadamard rotates QuantLinear inputs online; {name} is a "
+                                 f"{type(linear).__name__} (swap_modules first)")
+        if _input_rotation(linear) is not None:
+            raise TransformError(f"BlockHadamard: {name} already rotates its input")
+        try:
+            check_block_size(size, linear.in_features)
+        except ValueError as error:
+            raise TransformError(f"BlockHadamard on {name}: {error}") from None
+        return linear
+
+    @staticmethod
+    def _rotation(key: str, signs: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """H = M / sqrt(size) [size, size] in dtype; TransformError unless M is a +-1 matrix with M M^T = size I."""
+        size = signs.shape[0] if signs.ndim == 2 else 0
+        exact = signs.to(torch.float64)
+        if signs.shape != (size, size) or not bool((exact.abs() == 1).all()) or \
+                not torch.equal(exact @ exact.T, size * torch.eye(size, dtype=torch.float64)):
+            raise TransformError(f"BlockHadamard: {key} holds a {tuple(signs.shape)} tensor, not a +-1 Hadamard matrix")
+        return (exact / math.sqrt(size)).to(device, dtype)
+
+    @torch.no_grad()
+    def apply(self, block: nn.Module, params: dict[str, torch.Tensor], arch: Architecture) -> None:
+        """W -> W diag(H, ..., H) (float64 math, the weight's dtype) and the online rotation x -> x diag(H, ...)
+        (QuantLinear.input_rotation, float32; float64 for a float64 weight)."""
+        for key, signs in params.items():
+            linear = self._check_linear(block, _linear_of(key), signs.shape[0])
+            weight = linear.weight
+            weight.copy_(kron_rotate(weight, self._rotation(key, signs, torch.float64, weight.device)))
+            linear.input_rotation.inner = self._rotation(key, signs, rotation_dtype(weight.dtype), weight.device)
+
+    @torch.no_grad()
+    def transform_inputs(self, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                         arch: Architecture) -> None:
+        """X -> X diag(H, ..., H) in place (computed as online), INPUT_ROWS rows at a time; a tensor shared by
+        several Linears (fit rotates them all with one H) once."""
+        rotations = {id(x): (x, key, signs) for key, signs in params.items()
+                     if (x := inputs.get(_linear_of(key))) is not None}
+        for x, key, signs in rotations.values():
+            rotation = self._rotation(key, signs, rotation_dtype(x.dtype), x.device)
+            for rows in x.split(INPUT_ROWS):
+                rows.copy_(kron_rotate(rows, rotation))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+TRANSFORMS: dict[str, type] = {cls.name: cls for cls in (SmoothQuant, BlockHadamard)}
 
 
 def transform_from_dict(fields: dict) -> Transform:

@@ -1,0 +1,276 @@
+"""utils.search.transforms.BlockHadamard and utils.search.residual_rotation.ResidualRotation on tiny random llama,
+qwen2 and gemma3 models (gemma3 refused by ResidualRotation), float32 and float64: full-precision logits are kept,
+the block Hadamard's transformed inputs are what the quantizer reads, saved params replay to identical weights (through
+a parameter file for the block transform), SmoothQuant composes with both, bad settings are a one-line ValueError."""
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from quant_layers.hadamard import hadamard_matrix, random_signs
+from quant_layers.modules import swap_modules
+from utils.data.architecture import architecture_of
+from utils.params import TransformParams, apply_params, load_params, save_params
+from utils.search import transforms
+from utils.search.residual_rotation import ResidualRotation, model_transform_from_dict
+from utils.search.transforms import BlockHadamard, SmoothQuant, apply_saved, transform_from_dict
+
+IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+# Hugging Face's RMSNorm normalises in float32 even in a float64 model: a rotated residual stream changes that rounding
+RESIDUAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+
+
+def one_line_value_error(call) -> str:
+    with pytest.raises(ValueError) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
+def tiny(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """make_tiny, swapped to QuantLinear (full precision), norms moved off their init, outlier channels."""
+    model = make_tiny(name).to(dtype)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=generator).to(dtype))
+        model.get_input_embeddings().weight[:, :4] *= 20
+    swap_modules(model)
+    return model
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def capture(model: torch.nn.Module, block: torch.nn.Module, rotated: bool = False) -> dict[str, torch.Tensor]:
+    """{Linear name in block: its input [tokens, in]} (rotated: what its input rotation hands the quantizer); Linears
+    reading one tensor share one captured tensor."""
+    seen, inputs = {}, {}
+
+    def hook(name):
+        def record(_module, args, output=None):
+            x = args[0] if output is None else output
+            if id(x) not in seen:
+                seen[id(x)] = (x, x.detach().reshape(-1, x.shape[-1]).clone())
+            inputs[name] = seen[id(x)][1]
+        return record
+
+    linears = {n: m for n, m in block.named_modules() if hasattr(m, "input_rotation")}
+    handles = [m.input_rotation.register_forward_hook(hook(n)) if rotated else m.register_forward_pre_hook(hook(n))
+               for n, m in linears.items()]
+    logits(model)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def fit_blocks(model: torch.nn.Module, transform) -> dict[str, torch.Tensor]:
+    """fit + apply on every block in order; the params keyed by full module names."""
+    arch, saved = architecture_of(model), {}
+    for index, block in enumerate(model.model.layers):
+        params = transform.fit(block, capture(model, block), arch)
+        transform.apply(block, params, arch)
+        saved.update({f"model.layers.{index}.{name}": value.clone() for name, value in params.items()})
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, size, linears", [("llama", 16, None), ("qwen2", 32, None), ("gemma3", 32, None),
+                                                 ("llama", 64, ("mlp.down_proj", "self_attn.o_proj"))])
+
+
+def test_block_hadamard_keeps_the_logits(name, size, linears, dtype):
+    model = tiny(name, dtype)
+    reference = logits(model)
+    saved = fit_blocks(model, BlockHadamard(size, linears))
+    assert len(saved) == 2 * (len(linears) if linears else 7)
+    assert relative_error(logits(model), reference) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_block_hadamard_inputs_are_what_the_quantizer_reads(name, monkeypatch):
+    monkeypatch.setattr(transforms, "INPUT_ROWS", 5)  # several row chunks, the last one short
+    model, rotation = tiny(name), BlockHadamard(16, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "mlp.down_proj"))
+    arch = architecture_of(model)
+    for block in model.model.layers:
+        inputs = capture(model, block)
+        params = rotation.fit(block, inputs, arch)
+        rotation.apply(block, params, arch)
+        before = {n: x.clone() for n, x in inputs.items()}
+        rotation.transform_inputs(params, inputs, arch)
+        recaptured = capture(model, block, rotated=True)
+        assert inputs.keys() == recaptured.keys()
+        for linear_name, x in inputs.items():
+            assert relative_error(x, recaptured[linear_name]) < 1e-5, linear_name
+            assert torch.equal(x, before[linear_name]) == (linear_name in ("self_attn.o_proj", "mlp.gate_proj",
+                                                                           "mlp.up_proj")), linear_name
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_block_hadamard_with_smoothquant_replays_from_a_parameter_file(name, tmp_path):
+    """SmoothQuant then BlockHadamard, saved as TransformParams, loaded and replayed by utils.params with the
+    transforms' default settings: identical weights and buffers."""
+    fitted, fresh = tiny(name), tiny(name)
+    fresh.load_state_dict(fitted.state_dict())
+    layers = {}
+    for index, block in enumerate(fitted.model.layers):
+        arch, prefix = architecture_of(block), f"model.layers.{index}."
+        for transform in (SmoothQuant(0.5), BlockHadamard(16)):
+            params = transform.fit(block, capture(fitted, block), arch)
+            transform.apply(block, params, arch)
+            layers.update({prefix + n: TransformParams(transform.name, v.clone()) for n, v in params.items()})
+    save_params(tmp_path / "p.pt", layers, {})
+    loaded, _ = load_params(tmp_path / "p.pt")
+    apply_params(fresh, loaded)
+    fitted_state, fresh_state = fitted.state_dict(), fresh.state_dict()
+    assert fitted_state.keys() == fresh_state.keys()
+    assert sum(k.endswith("input_rotation.inner") for k in fresh_state) == 14
+    assert all(torch.equal(fitted_state[k], fresh_state[k]) for k in fitted_state)
+
+
+def test_block_hadamard_before_smoothquant_is_refused():
+    model = tiny("llama")
+    fit_blocks(model, BlockHadamard(16))
+    block = model.model.layers[0]
+    message = one_line_value_error(lambda: SmoothQuant().fit(block, capture(model, block), architecture_of(block)))
+    assert "SmoothQuant must come before BlockHadamard" in message
+
+
+def test_block_hadamard_bad_settings_are_a_one_line_value_error():
+    for size in (0, 1, 24, 48.0):
+        assert "power of two" in one_line_value_error(lambda s=size: BlockHadamard(s))
+    assert "at least one" in one_line_value_error(lambda: BlockHadamard(16, ()))
+    assert "sizes" in one_line_value_error(lambda: transform_from_dict({"name": "block_hadamard", "sizes": 2}))
+    model = tiny("llama")
+    block, arch = model.model.layers[0], architecture_of(model)
+    inputs = capture(model, block)
+    assert "does not divide" in one_line_value_error(lambda: BlockHadamard(128).fit(block, inputs, arch))
+    assert "rotate both or neither" in one_line_value_error(
+        lambda: BlockHadamard(16, ("self_attn.q_proj",)).fit(block, inputs, arch))
+    assert "'mlp.fc1'" in one_line_value_error(lambda: BlockHadamard(16, ("mlp.fc1",)).fit(block, inputs, arch))
+    x = torch.ones(2, 96)
+    message = one_line_value_error(lambda: apply_saved(model, BlockHadamard(), {"model.layers.0.mlp.up_proj": x}))
+    assert "input_rotation" in message
+    not_hadamard = {"mlp.down_proj.input_rotation": hadamard_matrix(16)}  # normalised: not the saved +-1 matrix
+    assert "not a +-1 Hadamard" in one_line_value_error(lambda: BlockHadamard().apply(block, not_hadamard, arch))
+    signs = {"mlp.down_proj.input_rotation": hadamard_matrix(16, normalized=False)}
+    BlockHadamard().apply(block, signs, arch)
+    assert "already rotates" in one_line_value_error(lambda: BlockHadamard().apply(block, signs, arch))
+    plain_block = make_tiny("llama").model.layers[0]
+    assert "swap_modules" in one_line_value_error(lambda: BlockHadamard(16).fit(plain_block, {}, arch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, rotation", [
+    ("llama", ResidualRotation(seed=1)),
+    ("qwen2", ResidualRotation(seed=2)),
+    ("llama", ResidualRotation(seed=3, hidden_block=16, down_proj_block=32)),
+    ("qwen2", ResidualRotation(seed=4, online_down_proj=False)),
+])
+
+
+def test_residual_rotation_keeps_the_logits(name, rotation, dtype):
+    model = tiny(name, dtype)
+    reference = logits(model)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rotation.apply(model, rotation.fit(model))
+    assert relative_error(logits(model), reference) < RESIDUAL_TOLERANCE[dtype]
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert all(bool((norm.weight == 1).all()) for n, norm in model.named_modules() if n.endswith("norm"))
+    assert (model.model.layers[0].mlp.down_proj.input_rotation.inner is not None) == rotation.online_down_proj
+    if tied:  # lm-eval calls tie_weights(): it must not join the rotated head and table again
+        model.tie_weights()
+        assert relative_error(logits(model), reference) < RESIDUAL_TOLERANCE[dtype]
+
+
+def test_residual_rotation_of_widths_that_are_not_powers_of_two():
+    """hidden 48 = 12 x 4 and intermediate 80 = 20 x 4: Paley Hadamards of full width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    swap_modules(model)
+    reference = logits(model)
+    rotation = ResidualRotation(seed=5)
+    rotation.apply(model, rotation.fit(model))
+    assert model.model.layers[0].mlp.down_proj.input_rotation.outer.shape == (20, 20)
+    assert relative_error(logits(model), reference) < 1e-4
+
+
+def test_residual_rotation_replays_exactly():
+    fitted, fresh = tiny("llama"), tiny("llama")
+    fresh.load_state_dict(fitted.state_dict())
+    rotation = ResidualRotation(seed=7, down_proj_block=64)
+    params = rotation.fit(fitted)
+    rotation.apply(fitted, params)
+    model_transform_from_dict(rotation.to_dict()).apply(fresh, {k: v.clone() for k, v in params.items()})
+    fitted_state, fresh_state = fitted.state_dict(), fresh.state_dict()
+    assert fitted_state.keys() == fresh_state.keys()
+    assert all(torch.equal(fitted_state[k], fresh_state[k]) for k in fitted_state)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_residual_rotation_and_smoothquant_in_either_order_keep_the_logits(name):
+    rotated_first, smoothed_first = tiny(name), tiny(name)
+    smoothed_first.load_state_dict(rotated_first.state_dict())
+    reference = logits(rotated_first)
+    rotation = ResidualRotation(seed=1)
+    rotation.apply(rotated_first, rotation.fit(rotated_first))
+    fit_blocks(rotated_first, SmoothQuant(0.5))
+    fit_blocks(rotated_first, BlockHadamard(16, ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))
+    fit_blocks(smoothed_first, SmoothQuant(0.5))
+    rotation.apply(smoothed_first, rotation.fit(smoothed_first))
+    assert relative_error(logits(rotated_first), reference) < 1e-4
+    assert relative_error(logits(smoothed_first), reference) < 1e-4
+
+
+def test_residual_rotation_bad_settings_are_a_one_line_value_error():
+    assert "hidden_block" in one_line_value_error(lambda: ResidualRotation(hidden_block=12))
+    assert "seeds" in one_line_value_error(lambda: model_transform_from_dict({"name": "residual_rotation", "seeds": 1}))
+    model = tiny("llama")
+    assert "does not divide" in one_line_value_error(lambda: ResidualRotation(hidden_block=128).fit(model))
+    assert "down_proj_block" in one_line_value_error(lambda: ResidualRotation(down_proj_block=256).fit(model))
+    assert "signs" in one_line_value_error(lambda: ResidualRotation().apply(model, {"signs": torch.ones(63)}))
+    signs = {"mlp.down_proj.input_rotation": hadamard_matrix(16, normalized=False)}
+    BlockHadamard().apply(model.model.layers[1], signs, architecture_of(model))
+    assert "already rotates" in one_line_value_error(lambda: ResidualRotation().fit(model))
+    assert "gemma3" in one_line_value_error(lambda: ResidualRotation().fit(tiny("gemma3")))
+    plain = make_tiny("llama")
+    reference = logits(plain)
+    assert "swap_modules" in one_line_value_error(lambda: ResidualRotation().apply(plain, {"signs": torch.ones(64)}))
+    assert torch.equal(logits(plain), reference)  # refused before any change
+    ResidualRotation(online_down_proj=False).apply(plain, {"signs": random_signs(64, 0)})
+    assert relative_error(logits(plain), reference) < 1e-4
+
+
+def test_calibration_with_rotations_replays_from_its_parameter_file(tmp_path):
+    """The route proposed for utils/quant_calib.py: ResidualRotation after swap_modules and before calibrate(), the
+    block transforms from the config; replay = the model transform, then apply_params. Identical logits."""
+    from configs import QBits, QuantConfig
+    from utils.quant_calib import CalibSettings, calibrate
+
+    config = QuantConfig(name="rotation_test", format_kind="int", search=False, act_channel_shift=False,
+                         transforms=(SmoothQuant(0.5), BlockHadamard(16, ("self_attn.o_proj",))))
+    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), None)
+    calibrated, fresh = tiny("llama"), tiny("llama")
+    fresh.load_state_dict(calibrated.state_dict())
+    rotation = ResidualRotation(seed=0)
+    saved_signs = rotation.fit(calibrated)
+    rotation.apply(calibrated, saved_signs)
+    layers = calibrate(calibrated, IDS, settings)
+    assert sum(isinstance(p, TransformParams) for p in layers.values()) == 2 * 3  # 2 norms + o_proj, 2 blocks
+    save_params(tmp_path / "p.pt", layers, {})
+    model_transform_from_dict(rotation.to_dict()).apply(fresh, saved_signs)
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    assert torch.equal(logits(fresh), logits(calibrated))
