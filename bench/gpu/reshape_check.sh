@@ -10,27 +10,30 @@
 # Prints one line per model: tensors compared, tensors differing, metrics differing; exits 1 on any difference.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ROOT=$PWD
 OLD=${OLD:-.gpu_old}
 OUT=${OUT:-docs/results}
 DEVICE=${DEVICE:-cuda}
 QWEN=${QWEN:-$HOME/.cache/llm_fp4/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
 [ -f "$OLD/main.py" ] || { echo "error: no checkout of the old code in $OLD (see the header)" >&2; exit 2; }
-PAPER=(--no_cache --num_fewshot 0 --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 --calib_size 32 --search_round 3
-       --search_intervals 0.01 1.2 100)
+# SETTINGS / TASKS / EVAL / MODELS: smaller values make a plumbing check on the CPU (its metrics then differ from the
+# committed rows by design), e.g. DEVICE=cpu MODELS=SmolLM2-135M TASKS=piqa EVAL="--limit 2 --heldout_ppl 1"
+# SETTINGS="--calib_size 1 --calib_seqlen 64 --search_round 1 --search_intervals 0.5 1.2 4"
+read -r -a PAPER <<< "--no_cache --num_fewshot 0 --quant_config FPQ_config_llama --qbits 4 4 4 2 2 2 \
+${SETTINGS:---calib_size 32 --search_round 3 --search_intervals 0.01 1.2 100}"
+read -r -a EVAL_ARGS <<< "${EVAL:---heldout_ppl 16}"
+TASKS=${TASKS:-arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande,lambada_openai}
 status=0
-for model in SmolLM2-135M Qwen2.5-Coder-1.5B; do
+for model in ${MODELS:-SmolLM2-135M Qwen2.5-Coder-1.5B}; do
   args=(--model_args use_accelerate=True)  # as complete_scripts/<model>/env.sh
   [ "$model" = Qwen2.5-Coder-1.5B ] && args=(--model_args "pretrained=$QWEN,use_accelerate=True")
-  work=$OUT/$model/reshape_check
-  mkdir -p "$work"
+  mkdir -p "$OUT/$model/reshape_check"
+  work=$(cd "$OUT/$model/reshape_check" && pwd)
   # Before: the old code's parameter file (evaluated on one document only: its metrics are the committed row's).
   (cd "$OLD" && python3 main.py "${args[@]}" --tasks piqa --limit 1 --device "$DEVICE" --batch_size 8 "${PAPER[@]}" \
-     --search_result_dir "$ROOT/$work/old" --output_path "$ROOT/$work/old.json")
+     --search_result_dir "$work/old" --output_path "$work/old.json")
   # After: this tree, the full row (the committed FPQ row's tasks, batch size and held-out perplexity).
-  python3 main.py "${args[@]}" --tasks arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande,lambada_openai \
-    --device "$DEVICE" --batch_size auto "${PAPER[@]}" --heldout_ppl 16 --search_result_dir "$work/new" \
-    --output_path "$work/FPQ_after_reshape.json"
+  python3 main.py "${args[@]}" --tasks "$TASKS" --device "$DEVICE" --batch_size auto "${PAPER[@]}" "${EVAL_ARGS[@]}" \
+    --search_result_dir "$work/new" --output_path "$work/FPQ_after_reshape.json"
   python3 - "$work" "$OUT/$model/FPQ.json" <<'PY' || status=1
 import glob, json, sys
 import torch
