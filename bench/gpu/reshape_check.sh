@@ -28,8 +28,9 @@ for model in ${MODELS:-SmolLM2-135M Qwen2.5-Coder-1.5B}; do
   [ "$model" = Qwen2.5-Coder-1.5B ] && args=(--model_args "pretrained=$QWEN,use_accelerate=True")
   mkdir -p "$OUT/$model/reshape_check"
   work=$(cd "$OUT/$model/reshape_check" && pwd)
-  # Before: the old code's parameter file (evaluated on one document only: its metrics are the committed row's).
-  (cd "$OLD" && python3 main.py "${args[@]}" --tasks piqa --limit 1 --device "$DEVICE" --batch_size 8 "${PAPER[@]}" \
+  # Before: the old code's parameter file (evaluated on one document only: its metrics are the committed row's),
+  # with the CPU numerics the new main.py pins (they matter on a CPU run only).
+  (cd "$OLD" && MKL_CBWR=${MKL_CBWR:-COMPATIBLE} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} python3 main.py "${args[@]}" --tasks piqa --limit 1 --device "$DEVICE" --batch_size 8 "${PAPER[@]}" \
      --search_result_dir "$work/old" --output_path "$work/old.json")
   # After: this tree, the full row (the committed FPQ row's tasks, batch size and held-out perplexity).
   python3 main.py "${args[@]}" --tasks "$TASKS" --device "$DEVICE" --batch_size auto "${PAPER[@]}" "${EVAL_ARGS[@]}" \
