@@ -6,12 +6,12 @@ Each named policy is one small module of this package holding `CONFIG = QuantCon
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import asdict, dataclass
 
-import dataclasses
-
 from quant_layers.formats import BlockScaling, QuantFormat
+from utils.search.residual_rotation import ModelTransform
 from utils.search.transforms import Transform
 
 CONFIG_NAMES = (
@@ -39,8 +39,10 @@ class QuantConfig:
     block: block scaling (quant_layers/formats.py `BlockScaling`, e.g. NVFP4_BLOCKS, MX_BLOCKS): every quantized
     tensor in blocks along its input dimension with dynamic block scales, round to nearest; the calibrated
     per-tensor ranges only set NVFP4's float32 tensor scale.
-    transforms: what changes the block before its Linears are calibrated (utils/search/transforms.py), in order,
-    e.g. (SmoothQuant(alpha=0.5),); fit on each block's captured inputs and saved in the parameter file.
+    transforms: function-preserving changes fit on calibration data and saved in the parameter file, in order:
+    first the model-wide ones (scope "model", e.g. ResidualRotation(), utils/search/residual_rotation.py), applied
+    before calibration, then the per-block ones (utils/search/transforms.py, e.g. SmoothQuant(alpha=0.5)), fit on
+    each block's captured inputs.
     """
 
     name: str
@@ -52,7 +54,7 @@ class QuantConfig:
     embedding: bool = True
     weight_granularity: str = "per_channel"
     block: BlockScaling | None = None
-    transforms: tuple[Transform, ...] = ()
+    transforms: tuple[ModelTransform | Transform, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -61,6 +63,9 @@ class QuantConfig:
             raise ValueError(f"{self.name}: weight_granularity must be 'per_channel' or 'per_tensor'")
         if self.act_channel_shift and self.format_kind != "fp":
             raise ValueError(f"{self.name}: activation channel shifts are exponent shifts and need FP formats")
+        scopes = [t.scope for t in self.transforms]
+        if scopes != sorted(scopes, key=lambda scope: scope != "model"):
+            raise ValueError(f"{self.name}: model-wide transforms come first (they are applied before calibration)")
         if self.block is not None and (self.search or self.act_channel_shift):
             raise ValueError(f"{self.name}: block-scaled formats are round to nearest (no search) without channel "
                              "shifts")

@@ -128,7 +128,7 @@ def test_block_hadamard_with_smoothquant_replays_from_a_parameter_file(name, tmp
         for transform in (SmoothQuant(0.5), BlockHadamard(16)):
             params = transform.fit(block, capture(fitted, block), arch)
             transform.apply(block, params, arch)
-            layers.update({prefix + n: TransformParams(transform.name, v.clone()) for n, v in params.items()})
+            layers.update({prefix + n: TransformParams(transform.to_dict(), v.clone()) for n, v in params.items()})
     save_params(tmp_path / "p.pt", layers, {})
     loaded, _ = load_params(tmp_path / "p.pt")
     apply_params(fresh, loaded)
@@ -252,6 +252,44 @@ def test_residual_rotation_bad_settings_are_a_one_line_value_error():
     assert torch.equal(logits(plain), reference)  # refused before any change
     ResidualRotation(online_down_proj=False).apply(plain, {"signs": random_signs(64, 0)})
     assert relative_error(logits(plain), reference) < 1e-4
+
+
+def test_config_with_a_model_rotation_calibrates_replays_and_resumes(tmp_path):
+    """A config listing ResidualRotation first and block transforms after: calibrate() folds the rotation in before
+    anything is calibrated and saves its signs; apply_params on a fresh model (model transform, block transforms,
+    modules) gives identical logits, and so does a run interrupted after block 0 and resumed from its checkpoint."""
+    from configs import QBits, QuantConfig
+    from utils.params import Checkpoint, load_checkpoint
+    from utils.quant_calib import CalibSettings, calibrate
+    from utils.search.space import SearchSpace
+
+    class StopAfterBlock0(Checkpoint):
+        def save(self, layers, next_block):
+            super().save(layers, next_block)
+            if next_block == 1:
+                raise KeyboardInterrupt
+
+    config = QuantConfig(name="rotation_test", format_kind="fp", search=True, act_channel_shift=True,
+                         transforms=(ResidualRotation(seed=3), SmoothQuant(0.5),
+                                     BlockHadamard(16, ("self_attn.o_proj",))))
+    settings = CalibSettings(config, QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace((0.5, 1.2, 3), search_round=1))
+    calibrated = tiny("llama")
+    layers = calibrate(calibrated, IDS, settings)
+    assert torch.equal(layers["residual_rotation"].value, random_signs(64, 3))
+    assert sum(isinstance(p, TransformParams) for p in layers.values()) == 1 + 2 * 3  # signs; 2 norms + o_proj x 2
+    save_params(tmp_path / "p.pt", layers, {})
+    fresh = tiny("llama")
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    assert torch.equal(logits(fresh), logits(calibrated))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny("llama"), IDS, settings, StopAfterBlock0(tmp_path / "c.partial.pt", {}))
+    saved_layers, saved = load_checkpoint(tmp_path / "c.partial.pt")
+    resumed = tiny("llama")
+    calibrate(resumed, IDS, settings, Checkpoint(tmp_path / "c.partial.pt", {}, saved_layers, saved["next_block"]))
+    assert torch.equal(logits(resumed), logits(calibrated))
+    with pytest.raises(ValueError, match="model-wide transforms come first"):
+        QuantConfig(name="bad", format_kind="fp", search=False, act_channel_shift=False,
+                    transforms=(SmoothQuant(0.5), ResidualRotation()))
 
 
 def test_calibration_with_rotations_replays_from_its_parameter_file(tmp_path):

@@ -38,6 +38,7 @@ from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from utils.data.architecture import ArchitectureError
 from utils.run.fileio import atomic_write, sha256_file, write_bytes_atomic
 from utils.search.space import SearchSpace
+from utils.search.residual_rotation import MODEL_TRANSFORMS, model_transform_from_dict
 from utils.search.transforms import TRANSFORMS, TransformError, apply_saved, transform_from_dict
 
 FILE_FORMAT = "llm-fp4-params"
@@ -53,14 +54,23 @@ class ParamFileError(ValueError):
 
 @dataclass
 class TransformParams:
-    """A transform's fitted tensor for one module (SmoothQuant: a norm's migration scales [in], float32)."""
+    """A transform's fitted tensor, under the module it belongs to (SmoothQuant: a norm's migration scales [in]) or,
+    for a model-wide transform, under the transform's name (ResidualRotation: its signs [hidden]); float32."""
 
-    transform: str  # a name of utils.search.transforms.TRANSFORMS
+    settings: dict  # the transform's to_dict()
     value: torch.Tensor
+
+    @property
+    def transform(self):
+        """The transform these settings describe (utils/search/transforms.py or residual_rotation.py)."""
+        if self.settings.get("name") in MODEL_TRANSFORMS:
+            return model_transform_from_dict(self.settings)
+        return transform_from_dict(self.settings)
 
 
 Entry = QuantParams | TransformParams
-_LEGACY_KINDS = {"smooth": "smoothquant"}  # files from before transforms: kind -> transform
+_LEGACY_KINDS = {"smooth": {"name": "smoothquant"}}  # files from before transforms: kind -> transform settings
+_TENSOR_NAMES = {name: cls.tensor_name for name, cls in {**TRANSFORMS, **MODEL_TRANSFORMS}.items()}
 
 
 def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace) -> Path:
@@ -94,8 +104,8 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
     modules: dict[str, dict] = {}
     for name, p in layers.items():
         if isinstance(p, TransformParams):
-            modules[name] = {"kind": "transform", "transform": p.transform}
-            tensors[f"{name}.{TRANSFORMS[p.transform].tensor_name}"] = _plain(p.value, torch.float32)
+            modules[name] = {"kind": "transform", "transform": p.settings}
+            tensors[f"{name}.{_TENSOR_NAMES[p.settings['name']]}"] = _plain(p.value, torch.float32)
             continue
         modules[name] = {
             "kind": p.kind,
@@ -181,10 +191,10 @@ def _unpickling_detail(error: pickle.UnpicklingError) -> str:
 def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
     kind = info["kind"]
     if kind in _LEGACY_KINDS or kind == "transform":
-        transform = _LEGACY_KINDS.get(kind) or info.get("transform")
-        if transform not in TRANSFORMS:
-            raise ParamFileError(f"module {name!r} has an unknown transform {transform!r}")
-        return TransformParams(transform, tensors[f"{name}.{TRANSFORMS[transform].tensor_name}"])
+        settings = _LEGACY_KINDS.get(kind) or info.get("transform")
+        if not isinstance(settings, dict) or settings.get("name") not in _TENSOR_NAMES:
+            raise ParamFileError(f"entry {name!r} names an unknown transform {settings!r}")
+        return TransformParams(settings, tensors[f"{name}.{_TENSOR_NAMES[settings['name']]}"])
     return QuantParams(
         weight_format=parse_format(info["weight_format"]) if info["weight_format"] else None,
         weight_max_value=tensors.get(f"{name}.weight_max_value"),
@@ -270,15 +280,22 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
 
 
 def apply_params(model: nn.Module, layers: dict[str, Entry]) -> None:
-    """Set every module's parameters (transforms first, in file order); ParamFileError if a module is missing or
-    of another shape."""
+    """Set every module's parameters (transforms first: model-wide ones, then per block, in file order);
+    ParamFileError if a module is missing or of another shape."""
     transforms = {name: p for name, p in layers.items() if isinstance(p, TransformParams)}
-    for name, p in transforms.items():
-        _module(model, name)
-        try:
-            apply_saved(model, transform_from_dict({"name": p.transform}), {name: p.value})
-        except (ArchitectureError, TransformError) as error:
-            raise ParamFileError(f"module {name!r}: {error}") from None
+    for scope in ("model", "block"):
+        for name, p in transforms.items():
+            try:
+                transform = p.transform
+                if transform.scope != scope:
+                    continue
+                if scope == "model":
+                    transform.apply(model, {transform.tensor_name: p.value})
+                else:
+                    _module(model, name)
+                    apply_saved(model, transform, {name: p.value})
+            except (ArchitectureError, TransformError) as error:
+                raise ParamFileError(f"entry {name!r}: {error}") from None
     for name, p in layers.items():
         if name in transforms:
             continue

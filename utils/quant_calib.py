@@ -293,20 +293,31 @@ def _apply_block(run: _Run, block: nn.Module) -> None:
     apply_params(run.model, {name: p for name, p in run.params.items() if name.startswith(prefix)})
 
 
+def _transform_model(run: _Run) -> None:
+    """The config's model-wide transforms (ResidualRotation), before anything is calibrated: fit on the model (or
+    taken from a resumed run's params) and folded in; saved under the transform's name."""
+    for transform in (t for t in run.settings.config.transforms if t.scope == "model"):
+        if transform.name not in run.params:
+            value = transform.fit(run.model)[transform.tensor_name]
+            run.params[transform.name] = TransformParams(transform.to_dict(), value)
+        transform.apply(run.model, {transform.tensor_name: run.params[transform.name].value})
+
+
 def _transform_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-    """Each transform of the config in turn: fit on the captured inputs, fold into the block, and change the captured
-    inputs the same way (what the transformed block now feeds its Linears); its tensors go into run.params."""
-    if not run.settings.config.transforms:
+    """Each per-block transform of the config in turn: fit on the captured inputs, fold into the block, and change the
+    captured inputs the same way (what the transformed block now feeds its Linears); its tensors go into run.params."""
+    transforms = [t for t in run.settings.config.transforms if t.scope == "block"]
+    if not transforms:
         return
     prefix = run.names[block] + "."
     arch = architecture_of(block)
     relative = {name.removeprefix(prefix): x for name, x in inputs.items()}  # the same tensors, renamed
-    for transform in run.settings.config.transforms:
+    for transform in transforms:
         fitted = transform.fit(block, relative, arch)
         transform.apply(block, fitted, arch)
         transform.transform_inputs(fitted, relative, arch)
         for name, value in fitted.items():
-            run.params[prefix + name] = TransformParams(transform.name, value)
+            run.params[prefix + name] = TransformParams(transform.to_dict(), value)
 
 
 def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -368,6 +379,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     weight_format, act_format, embed_format = settings.qbits.formats(settings.config)
     run = _Run(model, settings, dict(checkpoint.layers) if checkpoint else {}, (weight_format, act_format))
     start = checkpoint.next_block if checkpoint else 0
+    _transform_model(run)
     if _calibrate_embedding(run, embed_format) and checkpoint:
         checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)

@@ -38,9 +38,12 @@ from utils.search.transforms import INPUT_ROWS, ROTATION, TransformError
 
 
 class ModelTransform(Protocol):
-    """fit(model) -> params {name: tensor}; apply(model, params) folds them into the whole model, in place."""
+    """fit(model) -> params {tensor_name: tensor}; apply(model, params) folds them into the whole model, in place,
+    before calibration (a config lists it first among its transforms)."""
 
     name: ClassVar[str]
+    tensor_name: ClassVar[str]
+    scope: ClassVar[str]  # "model"
 
     def fit(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
@@ -85,6 +88,8 @@ class ResidualRotation:
     down_proj_block: int | None = None
     online_down_proj: bool = True
     name: ClassVar[str] = "residual_rotation"
+    tensor_name: ClassVar[str] = "signs"
+    scope: ClassVar[str] = "model"
 
     def __post_init__(self) -> None:
         for field_name in ("hidden_block", "down_proj_block"):

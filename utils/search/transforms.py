@@ -44,6 +44,7 @@ class Transform(Protocol):
 
     name: ClassVar[str]
     tensor_name: ClassVar[str]  # what a parameter file calls its tensor, "<module>.<tensor_name>"
+    scope: ClassVar[str]  # "block": fit on each block's captured inputs (here); "model": residual_rotation.py
 
     def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture
             ) -> dict[str, torch.Tensor]: ...
@@ -75,6 +76,7 @@ class SmoothQuant:
     alpha: float = 0.5
     name: ClassVar[str] = "smoothquant"
     tensor_name: ClassVar[str] = "smooth_scale"
+    scope: ClassVar[str] = "block"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:
@@ -163,6 +165,7 @@ class BlockHadamard:
     linears: tuple[str, ...] | None = None
     name: ClassVar[str] = "block_hadamard"
     tensor_name: ClassVar[str] = "hadamard"
+    scope: ClassVar[str] = "block"
 
     def __post_init__(self) -> None:
         if not is_power_of_two(self.size) or self.size < 2:
