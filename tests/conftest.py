@@ -38,6 +38,15 @@ def run_main(*argv, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Com
                           cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
+def one_line_value_error(call) -> str:
+    """The message of the ValueError that call() raises, checked to be one non-empty line."""
+    with pytest.raises(ValueError) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
 def make_tokenizer():
     """A byte-level BPE tokenizer (vocab ~300) trained here, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

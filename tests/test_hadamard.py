@@ -7,16 +7,10 @@ import math
 import pytest
 import torch
 
+from conftest import one_line_value_error
+
 from quant_layers.hadamard import (block_hadamard, hadamard_factors, hadamard_matrix, kron_rotate, random_hadamard,
                                    random_signs)
-
-
-def one_line_value_error(call) -> str:
-    with pytest.raises(ValueError) as caught:
-        call()
-    message = str(caught.value)
-    assert message and "\n" not in message
-    return message
 
 
 def sylvester_by_loop(n: int) -> list[list[int]]:

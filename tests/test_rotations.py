@@ -6,7 +6,7 @@ a parameter file for the block transform), SmoothQuant composes with both, bad s
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, one_line_value_error
 from quant_layers.hadamard import hadamard_matrix, random_signs
 from quant_layers.modules import swap_modules
 from utils.data.architecture import architecture_of
@@ -19,14 +19,6 @@ IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 # Hugging Face's RMSNorm normalises in float32 even in a float64 model: a rotated residual stream changes that rounding
 RESIDUAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
-
-
-def one_line_value_error(call) -> str:
-    with pytest.raises(ValueError) as caught:
-        call()
-    message = str(caught.value)
-    assert message and "\n" not in message
-    return message
 
 
 def tiny(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, one_line_value_error
 from utils.data.architecture import LLAMA, architecture_of
 from utils.search import transforms
 from utils.search.transforms import SmoothQuant, apply_saved, transform_from_dict
@@ -130,14 +130,6 @@ def test_llama_scales_and_fold_are_the_formula(alpha):
 def test_to_dict_round_trip():
     assert SmoothQuant(0.3).to_dict() == {"name": "smoothquant", "alpha": 0.3}
     assert transform_from_dict({"name": "smoothquant", "alpha": 0.3}) == SmoothQuant(0.3)
-
-
-def one_line_value_error(call) -> str:
-    with pytest.raises(ValueError) as caught:
-        call()
-    message = str(caught.value)
-    assert message and "\n" not in message
-    return message
 
 
 def test_bad_input_is_a_one_line_value_error():

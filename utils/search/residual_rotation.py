@@ -34,7 +34,7 @@ from quant_layers.hadamard import (check_block_size, hadamard_factors, hadamard_
                                    random_signs, rotation_dtype)
 from quant_layers.modules import _untie
 from utils.data.architecture import Architecture, architecture_of, decoder_layers, final_norm
-from utils.search.transforms import INPUT_ROWS, ROTATION, TransformError
+from utils.search.transforms import INPUT_ROWS, ROTATION, TransformError, from_registry
 
 
 class ModelTransform(Protocol):
@@ -198,11 +198,4 @@ MODEL_TRANSFORMS: dict[str, type] = {cls.name: cls for cls in (ResidualRotation,
 
 def model_transform_from_dict(fields: dict) -> ModelTransform:
     """The model transform that `to_dict` described, e.g. {"name": "residual_rotation", "seed": 0, ...}."""
-    settings = dict(fields)
-    name = settings.pop("name", None)
-    if name not in MODEL_TRANSFORMS:
-        raise TransformError(f"unknown model transform {name!r}; known: {', '.join(MODEL_TRANSFORMS)}")
-    try:
-        return MODEL_TRANSFORMS[name](**settings)
-    except TypeError as error:
-        raise TransformError(f"bad settings for model transform {name!r}: {error}") from None
+    return from_registry(MODEL_TRANSFORMS, fields, "model transform")

@@ -255,16 +255,21 @@ class BlockHadamard:
 TRANSFORMS: dict[str, type] = {cls.name: cls for cls in (SmoothQuant, BlockHadamard)}
 
 
-def transform_from_dict(fields: dict) -> Transform:
-    """The transform that `to_dict` described, e.g. {"name": "smoothquant", "alpha": 0.5}."""
+def from_registry(registry: dict[str, type], fields: dict, what: str = "transform"):
+    """registry[fields["name"]](**the other fields); TransformError (one line) for an unknown name or setting."""
     settings = dict(fields)
     name = settings.pop("name", None)
-    if name not in TRANSFORMS:
-        raise TransformError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+    if name not in registry:
+        raise TransformError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
     try:
-        return TRANSFORMS[name](**settings)
+        return registry[name](**settings)
     except TypeError as error:
-        raise TransformError(f"bad settings for transform {name!r}: {error}") from None
+        raise TransformError(f"bad settings for {what} {name!r}: {error}") from None
+
+
+def transform_from_dict(fields: dict) -> Transform:
+    """The transform that `to_dict` described, e.g. {"name": "smoothquant", "alpha": 0.5}."""
+    return from_registry(TRANSFORMS, fields)
 
 
 def apply_saved(model: nn.Module, transform: Transform, params: dict[str, torch.Tensor]) -> None:
