@@ -32,7 +32,7 @@ def param_file(path: Path) -> Path:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Summary of mse(B) / mse(A) over the Linears searched in both (LayerParams dicts)."""
+    """Summary of mse(B) / mse(A) over the Linears searched in both ({name: QuantParams} of two parameter files)."""
     names = [n for n in a if n in b and a[n].kind == "linear" and a[n].mse and b[n].mse]
     if not names:
         raise SystemExit("error: the two files share no searched Linear")
