@@ -35,7 +35,10 @@ class QuantParams:
     act_format / act_max_value []: the per-tensor input range (None: input not quantized; always None for an
     embedding); act_channel_shift [in] integers >= 0: FPQ's per-channel exponent shifts, or None;
     mse / mse_minmax: output MSE of these parameters and of MinMax on the calibration set (embedding: the table's);
-    kind: "linear" or "embedding".
+    kind: "linear" or "embedding";
+    weight_block_scale [rows, in / block size]: explicit block scales of a block-scaled weight format (a search's
+    choice), encoded as `quantize`'s block_scale: the integer exponent per block for power-of-two scale formats
+    (MX), else the block range top * code * t (float32, NVFP4); None: each block's scale from its own maximum.
     """
 
     weight_format: QuantFormat | None
@@ -46,6 +49,7 @@ class QuantParams:
     mse: float = float("nan")
     mse_minmax: float = float("nan")
     kind: str = "linear"
+    weight_block_scale: torch.Tensor | None = None
 
 
 class InputRotation(nn.Module):
@@ -92,7 +96,8 @@ class QuantLinear(nn.Module):
             raise RuntimeError("quantization parameters are already set on this module")
         weight = self.weight.detach()
         if params.weight_format is not None:
-            weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1))
+            weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1),
+                              params.weight_block_scale)
         if params.act_channel_shift is not None:
             shift = params.act_channel_shift.to(device=weight.device, dtype=torch.float32)
             weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
@@ -147,7 +152,8 @@ class QuantEmbedding(nn.Module):
         if params.act_format is not None or params.weight_format is None:
             raise ValueError("an embedding takes a weight format and range, and no activation quantizer")
         weight = self.weight.detach()
-        weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1))
+        weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1),
+                          params.weight_block_scale)
         self.embedding.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_format = params.weight_format
 

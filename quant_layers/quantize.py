@@ -14,7 +14,8 @@ Semantics (every format, every caller):
 - Computed in float32; the result has x's dtype. NaN stays NaN.
 - Unsigned formats saturate at 0 from below.
 - Block-scaled formats (NVFP4, MX; formats.py): each block of the last dimension gets its scale from its own
-  absolute maximum (`block_scales`), then the element format is applied as above. Power-of-two scales are
+  absolute maximum (`block_scales`), or from an explicit `block_scale` (a search's choice), then the element
+  format is applied as above. Power-of-two scales are
   applied exactly (x * 2^-k, then q * 2^k), so every E8M0 scale from 2^-127 up is reached; a block scale that
   rounds to zero (E4M3) gives zeros.
 
@@ -94,7 +95,8 @@ def check_format(fmt: QuantFormat) -> None:
         raise ValueError(fmt.float32_error)
 
 
-def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+             block_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize x (any shape, float dtype) to fmt with clipping range max_value (broadcastable, > 0).
 
     Returns q(x) = round_to_grid(x * s) * u with s = grid_max / max_value, u = max_value / grid_max; same
@@ -102,12 +104,19 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float)
     x is never modified. This is the reference every other path is tested against.
     Block-scaled formats: the ranges of the blocks come from the data (see formats.py); max_value is the
     per-tensor range that NVFP4's float32 tensor scale is made from (unused by MX formats).
+    block_scale (block-scaled formats only): explicit scales [..., blocks] instead of the data's own, encoded as
+    `block_scales` returns them without its trailing 1: the integer exponent k per block for power-of-two scale
+    formats (any integer dtype), else the block range top * code * t (float32); max_value is then unused by
+    the element quantization. A block_scale with more leading dimensions than x gives one result per leading
+    index (candidates [C, ..., blocks] -> [C, ..., last]). None: the data's scales (unchanged behaviour).
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
     check_format(fmt)
     if fmt.block is not None:
-        return _quantize_blocks(x, fmt, max_value)
+        return _quantize_blocks(x, fmt, max_value, block_scale)
+    if block_scale is not None:
+        raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
     scale = grid_scale(fmt, max_value, x.device)
     return round_to_grid(x, fmt, scale).mul_(grid_inverse(fmt, max_value, x.device)).to(x.dtype)
 
@@ -153,7 +162,8 @@ def block_scales(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor |
     return block_range(fmt, *block_scale_codes(amax, fmt, max_value))
 
 
-def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
+def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                     block_scale: torch.Tensor | None = None) -> torch.Tensor:
     size = fmt.block.size
     if x.shape[-1] % size:
         raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {size}")
@@ -161,7 +171,13 @@ def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor 
     if isinstance(max_value, torch.Tensor) and max_value.dim() > 0:
         max_value = max_value.unsqueeze(-1)  # a per-row range [..., 1] stays per row for the blocks
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scales = block_scales(amax, fmt, max_value)
+    if block_scale is None:
+        scales = block_scales(amax, fmt, max_value)
+    elif fmt.block.power_of_two:
+        scales = block_scale.to(device=x.device, dtype=torch.int32).unsqueeze(-1)
+        blocks = blocks.expand(torch.broadcast_shapes(blocks.shape, scales.shape))  # ldexp keeps its input's shape
+    else:
+        scales = block_scale.to(device=x.device, dtype=torch.float32).unsqueeze(-1)
     element = fmt.element
     if fmt.block.power_of_two:  # x 2^-k and q 2^k are exact (2^-k, 2^k are float32 numbers for |k| <= 127)
         q = torch.ldexp(quantize(torch.ldexp(blocks, -scales), element, element.standard_max), scales)

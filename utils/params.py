@@ -7,6 +7,9 @@ metadata: model fingerprint, config, qbits, search arguments, and per module its
 Per module tensors: weight_max_value [rows], act_max_value [], act_channel_shift [in] (int8, FPQ only),
 and, for FP formats, the same ranges as exponent biases (weight_exponent_bias, act_exponent_bias),
 b = log2(grid_max / max_value), for readers. Loading uses the max values. Equal content gives equal bytes.
+A block-scale search's explicit block scales (QuantParams.weight_block_scale, [rows, in / block size]) are stored
+as <module>.weight_block_scale: int16 exponents k (scale 2^k) for power-of-two scale formats (MX), float32 block
+ranges top * code * t for the others (NVFP4); files without it (older ones) take each block's scale from its data.
 
 A transform's fitted tensor is stored under its module with kind "transform" and the transform's name
 (SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before transforms say kind
@@ -123,6 +126,10 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
+        if p.weight_block_scale is not None:
+            power_of_two = p.weight_format.block.power_of_two
+            tensors[f"{name}.weight_block_scale"] = _plain(p.weight_block_scale,
+                                                           torch.int16 if power_of_two else torch.float32)
     return tensors, modules
 
 
@@ -204,6 +211,7 @@ def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
         mse=info["mse"],
         mse_minmax=info["mse_minmax"],
         kind=kind,
+        weight_block_scale=tensors.get(f"{name}.weight_block_scale"),
     )
 
 
@@ -274,6 +282,11 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
     if p.act_channel_shift is not None and p.act_channel_shift.numel() != columns:
         raise ParamFileError(f"module {name!r}: the file has {p.act_channel_shift.numel()} channel shifts, "
                              f"the model {columns} input channels")
+    if p.weight_block_scale is not None:
+        block = p.weight_format.block if p.weight_format is not None else None
+        if block is None or tuple(p.weight_block_scale.shape) != (rows, columns // block.size):
+            raise ParamFileError(f"module {name!r}: the file's weight block scales {tuple(p.weight_block_scale.shape)} "
+                                 f"do not fit a block-scaled weight of {rows} x {columns}")
     if (p.weight_format is not None) != (p.weight_max_value is not None) or \
             (p.act_format is not None) != (p.act_max_value is not None):
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")

@@ -4,6 +4,7 @@ space.py    the knobs (SearchSpace: candidates, rounds, refinement; each field i
 problem.py  LinearProblem: the output error of many candidate quantizers of one Linear, batched
 steps.py    the search as steps over one state (QuantParams): MinMax start, FPQ's channel shifts, weight and
             activation range steps, search_linear
+block_scales.py  BlockScaleStep: the weight step at block granularity for block-scaled formats (NVFP4, MX)
 table.py    the token embedding's weight-only search
 transforms.py  function-preserving transforms of a block fit on its inputs (SmoothQuant)
 utils/quant_calib.py runs all of it block by block.

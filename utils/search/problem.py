@@ -248,6 +248,8 @@ class LinearProblem:
         """
         if self._stats:
             return self._stats
+        if acts.fmt.block is not None:
+            return self._block_weight_stats(acts)
         inverse = 1.0 / acts.scale()
         gram = torch.zeros(self.in_features, self.in_features, device=self.x.device)
         v = torch.zeros(self.out_features, self.in_features, device=self.x.device)
@@ -263,6 +265,50 @@ class LinearProblem:
             const += r.square().sum(dim=0)
         self._stats = ((gram * inverse.square()).to(self.dtype), v, const)
         return self._stats
+
+    def _block_weight_stats(self, acts: ActCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_weight_stats` for a block-scaled activation format (no per-tensor grid): Xq from the reference quantizer
+        (Xq = Q(X * 2^k) * 2^-k with channel shifts k), everything in float32."""
+        gram = torch.zeros(self.in_features, self.in_features, device=self.x.device)
+        v = torch.zeros(self.out_features, self.in_features, device=self.x.device)
+        const = torch.zeros(self.out_features, device=self.x.device)
+        weight = self.weight.float()
+        channel_scale = acts.channel_scale()
+        for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
+            x32 = xt.float()
+            if channel_scale is None:
+                xq = quantize(x32, acts.fmt, acts.max_value[0])
+            else:
+                xq = quantize(x32 * channel_scale[0], acts.fmt, acts.max_value[0]) / channel_scale[0]
+            gram += xq.T @ xq
+            r = (xq - x32) @ weight.T
+            for outs in chunks(self.out_features, self.budget.rows(4 * self.in_features)):
+                v[outs].add_(r[:, outs].T @ xq)
+            const += r.square().sum(dim=0)
+        self._stats = (gram.to(self.dtype), v, const)
+        return self._stats
+
+    def weight_stats(self, state: QuantParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G [in, in], V [out, in], c [out]) of the quadratic form for state's activation quantizer (`_weight_stats`,
+        kept until `release_weight_stats`)."""
+        return self._weight_stats(self._stats_acts(state))
+
+    def row_losses(self, residual: torch.Tensor, state: QuantParams, rows: slice | None = None) -> torch.Tensor:
+        """Exact per-row loss [..., rows] (summed over tokens, not normalized) of explicit weight residuals
+        u = Q_w(W) - W [..., rows, in] (any weight quantizer, e.g. searched block scales) of the output rows `rows`
+        (default all), with the activation quantizer of `state` fixed: u^T G u + 2 u.v + c, the quadratic form of
+        `weight_losses`, in float32, chunked to the budget."""
+        gram, v, const = self.weight_stats(state)
+        gram = gram.float()
+        rows = slice(0, self.out_features) if rows is None else rows
+        v, const = v[rows], const[rows]
+        flat = residual.reshape(-1, *residual.shape[-2:])
+        losses = torch.empty(flat.shape[:2], device=self.x.device)
+        for c in range(flat.shape[0]):
+            for outs in chunks(flat.shape[1], self.budget.rows(self.in_features * 16)):
+                u = flat[c, outs].float()
+                losses[c, outs] = ((u @ gram).add_(v[outs], alpha=2) * u).sum(-1) + const[outs]
+        return losses.view(residual.shape[:-1])
 
     def _weight_losses_direct(self, fmt: QuantFormat, candidates: torch.Tensor, acts: ActCandidates
                               ) -> torch.Tensor:
@@ -330,7 +376,7 @@ class LinearProblem:
     def _reference_loss(self, state: QuantParams) -> torch.Tensor:
         """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included."""
         weight = self.weight.float()
-        weight_q = quantize(weight, state.weight_format, state.weight_max_value.view(-1, 1))
+        weight_q = quantize(weight, state.weight_format, state.weight_max_value.view(-1, 1), state.weight_block_scale)
         total = torch.zeros((), device=self.x.device)
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
             xq = quantize(xt.float(), state.act_format, state.act_max_value)
