@@ -11,7 +11,7 @@ is `fpq_steps`: (ChannelShiftStart, if the config has FPQ's shifts) then `search
    format with the lowest L.
 
 starting from MinMax (`minmax_state`), so L never ends above MinMax. New algorithms (GPTQ rounding, block-scale
-search) are further steps: `BlockScaleStep` (utils/search/block_scales.py, re-exported here) chooses the block
+search) are further steps: `BlockScaleStep` (utils/search/block_scales.py) chooses the block
 scales of a block-scaled weight format. The losses come from `LinearProblem` (utils/search/problem.py).
 """
 
@@ -25,7 +25,6 @@ import torch
 
 from quant_layers.formats import QuantFormat, formats_of_width
 from quant_layers.modules import QuantParams
-from utils.search.block_scales import BlockScaleStep  # noqa: F401 (re-exported: a step like the others)
 from utils.search.problem import ActCandidates, LinearProblem, channel_shift
 from utils.search.space import TINY, SearchSpace
 
