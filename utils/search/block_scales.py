@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quant_layers.codes import code_table
 from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import block_range, block_scale_codes, block_scales, quantize
@@ -38,14 +39,10 @@ from utils.search.problem import LinearProblem, chunks
 
 
 def scale_format_values(fmt: QuantFormat) -> torch.Tensor:
-    """The non-negative values of an FP scale format (no NaN codes), ascending, float32: for E4M3FN 0 .. 448."""
-    mantissa = 2**fmt.mantissa_bits
-    values = []
-    for code in range(2 ** (fmt.exponent_bits + fmt.mantissa_bits) - fmt.nan_codes):
-        exponent, fraction = divmod(code, mantissa)
-        values.append(math.ldexp(1 + fraction / mantissa, exponent - fmt.standard_bias) if exponent
-                      else math.ldexp(fraction / mantissa, 1 - fmt.standard_bias))
-    return torch.tensor(values, dtype=torch.float32)
+    """The non-negative values of an FP scale format (no NaN codes), ascending, float32: for E4M3FN 0 .. 448. Its
+    code table (quant_layers/codes.py) under the standard bias; codes 0 .. 2^(E+M) - 1 - nan_codes."""
+    count = 2 ** (fmt.exponent_bits + fmt.mantissa_bits) - fmt.nan_codes
+    return torch.ldexp(code_table(fmt)[:count], torch.tensor(-fmt.standard_bias))
 
 
 @dataclass(frozen=True)
