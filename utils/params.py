@@ -11,9 +11,10 @@ A block-scale search's explicit block scales (QuantParams.weight_block_scale, [r
 as <module>.weight_block_scale: int16 exponents k (scale 2^k) for power-of-two scale formats (MX), float32 block
 ranges top * code * t for the others (NVFP4); files without it (older ones) take each block's scale from its data.
 
-A transform's fitted tensor is stored under its module with kind "transform" and the transform's name
-(SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before transforms say kind
-"smooth"). Entries are applied in file order, transforms first.
+A transform's fitted tensor is stored with kind "transform" and the transform's settings (its to_dict), under the
+module it belongs to (SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before
+transforms say kind "smooth") or, for a model-wide transform, under its name (ResidualRotation:
+"residual_rotation.signs"). Transforms are applied first, model-wide ones before per-block ones, each in file order.
 
 While calibrating, progress is kept in a checkpoint beside the target, `<name>.partial.pt`, in the same safe
 format with header "llm-fp4-checkpoint" and metadata["next_block"] (the first block still to calibrate).
@@ -296,19 +297,20 @@ def apply_params(model: nn.Module, layers: dict[str, Entry]) -> None:
     """Set every module's parameters (transforms first: model-wide ones, then per block, in file order);
     ParamFileError if a module is missing or of another shape."""
     transforms = {name: p for name, p in layers.items() if isinstance(p, TransformParams)}
-    for scope in ("model", "block"):
-        for name, p in transforms.items():
-            try:
-                transform = p.transform
-                if transform.scope != scope:
-                    continue
-                if scope == "model":
-                    transform.apply(model, {transform.tensor_name: p.value})
-                else:
-                    _module(model, name)
-                    apply_saved(model, transform, {name: p.value})
-            except (ArchitectureError, TransformError) as error:
-                raise ParamFileError(f"entry {name!r}: {error}") from None
+    try:
+        built = {name: p.transform for name, p in transforms.items()}
+    except TransformError as error:
+        raise ParamFileError(f"a transform entry: {error}") from None
+    for name in sorted(transforms, key=lambda n: built[n].scope != "model"):  # stable: file order within a scope
+        transform, value = built[name], transforms[name].value
+        try:
+            if transform.scope == "model":
+                transform.apply(model, {transform.tensor_name: value})
+            else:
+                _module(model, name)
+                apply_saved(model, transform, {name: value})
+        except (ArchitectureError, TransformError) as error:
+            raise ParamFileError(f"entry {name!r}: {error}") from None
     for name, p in layers.items():
         if name in transforms:
             continue

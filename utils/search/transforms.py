@@ -64,6 +64,13 @@ def migration_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
     return scales.clamp(min=1e-5)
 
 
+def _check_block(block: nn.Module, arch: Architecture) -> None:
+    """TransformError unless block is of a class the adapter describes."""
+    if type(block).__name__ not in arch.block_classes:
+        raise TransformError(f"the {arch.name} adapter describes {', '.join(arch.block_classes)} blocks, "
+                             f"not {type(block).__name__}")
+
+
 def _distinct(inputs: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
     """The captured tensors of `names`, each shared tensor once (q/k/v read one buffer)."""
     return list({id(inputs[n]): inputs[n] for n in names if n in inputs}.values())
@@ -83,9 +90,7 @@ class SmoothQuant:
             raise TransformError(f"SmoothQuant alpha must be in (0, 1), got {self.alpha}")
 
     def _pairs(self, block: nn.Module, arch: Architecture) -> dict[str, tuple[str, ...]]:
-        if type(block).__name__ not in arch.block_classes:
-            raise TransformError(f"the {arch.name} adapter describes {', '.join(arch.block_classes)} blocks, "
-                                 f"not {type(block).__name__}")
+        _check_block(block, arch)
         if not arch.norm_linear_pairs:
             raise TransformError(f"SmoothQuant needs norms in front of Linears; {arch.name} blocks have none")
         for _, linear_names in arch.norm_linear_pairs:
@@ -176,9 +181,7 @@ class BlockHadamard:
                 raise TransformError("BlockHadamard linears: name at least one Linear, or None for every Linear")
 
     def _targets(self, block: nn.Module, arch: Architecture) -> tuple[str, ...]:
-        if type(block).__name__ not in arch.block_classes:
-            raise TransformError(f"the {arch.name} adapter describes {', '.join(arch.block_classes)} blocks, "
-                                 f"not {type(block).__name__}")
+        _check_block(block, arch)
         every = tuple(n for _, names in arch.norm_linear_pairs for n in names) + arch.unnormed_linears
         unknown = [n for n in self.linears or () if n not in every]
         if unknown:
