@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU machine, one session: issue 19's acceptance (bench/gpu/reshape_check.sh) on both models, and the NVFP4 /
+# MXFP4 rows again (the block-format fixes may change them), run in the background while Qwen's GGUF arrives.
+#   PART=setup (carry .whl .gpu_a): wheels, first SmolLM2 piece, GPU name and versions
+#   PART=smol  (carry .gpu_b .gpu_old): the old code kept in /tmp/scratch/old, join SmolLM2 (and unpack the task
+#        data), copy this tree to /tmp/scratch/repo, start in its own process session the SmolLM2 reshape check
+#        and, beside it, SmolLM2's NVFP4 and MXFP4 rows (bench/gpu/table_rows.sh, WAVE=6) and the Triton kernels
+#        against their references on CUDA ($S/kernel_check.log)
+#   then the 19 calls of bench/gpu/qwen_transfer.sh (each prints the background logs' last lines)
+#   PART=qwen  (no carry): start Qwen's reshape check and beside it its NVFP4 and MXFP4 rows (WAVE=7;
+#        ROWS_TOO=0: the check alone)
+#   PART=wait  (no carry): wait up to LIMIT_S for both, then return results as $OUT/r19.tar.gz
+set -uo pipefail
+S=/tmp/scratch R=/tmp/scratch/repo
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
+background() {  # $1: model, $2: wave number of its rows (none with ROWS_TOO=0); log $S/<model>.log, marker $S/<model>.done
+  local rows="MODEL=$1 WAVE=$2 ROWS='NVFP4 MXFP4' LIMIT_S=7200 OUT=$S/rows$2 bash bench/gpu/table_rows.sh | tail -5"
+  [ "${ROWS_TOO:-1}" = 1 ] || rows=true
+  (cd $R && setsid bash -c "($rows) & OLD=$S/old OUT=$S/r19 MODELS=$1 bash bench/gpu/reshape_check.sh
+    echo reshape_check exit \$?; wait; touch $S/$1.done" > $S/$1.log 2>&1 < /dev/null &)
+}
+case "${PART:?set PART=setup, smol, qwen or wait}" in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p $S/r19 $S/rows6 $S/rows7 && cp .gpu_a/gguf.part1 $S/
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  ;;
+smol)
+  rm -rf $S/old && cp -r .gpu_old $S/old
+  source bench/gpu/join_smollm2.sh
+  rm -rf $R && mkdir -p $R && git ls-files -z | xargs -0 cp --parents -t $R
+  (cd $R && PYTHONPATH=/tmp/site:$R python3 -c "from utils.data.models import gguf_to_folder, smollm2_gguf_path
+from utils.data.task_data import build_task_data; print(gguf_to_folder(smollm2_gguf_path()), build_task_data())")
+  background SmolLM2-135M 6
+  (cd $R && PYTHONPATH=/tmp/site:$R setsid timeout 600 python3 tests/kernel_check.py cuda > $S/kernel_check.log 2>&1 < /dev/null &)
+  ;;
+qwen)
+  export LLM_FP4_CACHE=$S/cache
+  (cd $R && PYTHONPATH=/tmp/site:$R python3 -c "from pathlib import Path; from utils.data.models import gguf_to_folder
+print(gguf_to_folder(Path('$S/qwen.gguf')))")
+  background Qwen2.5-Coder-1.5B 7
+  ;;
+wait)
+  deadline=$(( $(date +%s) + ${LIMIT_S:-540} ))
+  until [ -f $S/Qwen2.5-Coder-1.5B.done ] || [ "$(date +%s)" -ge $deadline ]; do sleep 10; done
+  tail -n 4 $S/*.log
+  tar -czf $OUT/r19.tar.gz -C $S r19 rows6 rows7 kernel_check.log SmolLM2-135M.log $(cd $S && ls Qwen*.log 2>/dev/null)
+  ;;
+esac
