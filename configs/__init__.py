@@ -43,6 +43,9 @@ class QuantConfig:
     first the model-wide ones (scope "model", e.g. ResidualRotation(), utils/search/residual_rotation.py), applied
     before calibration, then the per-block ones (utils/search/transforms.py, e.g. SmoothQuant(alpha=0.5)), fit on
     each block's captured inputs.
+    steps: further search steps run on every Linear after the range search (or after MinMax when search is False),
+    in order: step classes with `from_space(space)` (utils/search/, e.g. BlockScaleStep, GPTQStep), built from the
+    run's SearchSpace so their knobs are flags.
     """
 
     name: str
@@ -55,6 +58,7 @@ class QuantConfig:
     weight_granularity: str = "per_channel"
     block: BlockScaling | None = None
     transforms: tuple[ModelTransform | Transform, ...] = ()
+    steps: tuple[type, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -69,10 +73,19 @@ class QuantConfig:
         if self.block is not None and (self.search or self.act_channel_shift):
             raise ValueError(f"{self.name}: block-scaled formats are round to nearest (no search) without channel "
                              "shifts")
+    @property
+    def uses_search_space(self) -> bool:
+        """Whether calibration reads the SearchSpace knobs: a range search or further steps."""
+        return self.search or bool(self.steps)
+
     def to_dict(self) -> dict:
-        """Plain data for parameter-file metadata: the fields, each transform as its own dict."""
+        """Plain data for parameter-file metadata: the fields, each transform as its own dict, each step by its
+        class name (no "steps" key without steps, as in files written before steps existed)."""
         fields = asdict(self)
         fields["transforms"] = [t.to_dict() for t in self.transforms]
+        fields["steps"] = [step.__name__ for step in self.steps]
+        if not self.steps:
+            del fields["steps"]
         return fields
 
 

@@ -216,11 +216,14 @@ def _check_inputs(inputs: dict[str, torch.Tensor]) -> None:
 
 
 def linear_steps(settings: CalibSettings, weight_format, act_format) -> tuple:
-    """The search steps of the config (utils/search/steps.py): none for MinMax configs."""
-    if settings.space is None:
+    """The search steps of the config: LLM-FP4's range search (utils/search/steps.py) if it searches, then its
+    further steps built from the run's SearchSpace; none for MinMax configs."""
+    config, space = settings.config, settings.space
+    if space is None:
         return ()
-    per_tensor = settings.config.weight_granularity == "per_tensor"
-    return fpq_steps(weight_format, act_format, settings.space, settings.config.act_channel_shift, per_tensor)
+    per_tensor = config.weight_granularity == "per_tensor"
+    search = fpq_steps(weight_format, act_format, space, config.act_channel_shift, per_tensor) if config.search else ()
+    return search + tuple(step.from_space(space) for step in config.steps)
 
 
 def _calibrate_linear(module: QuantLinear, x: torch.Tensor, settings: CalibSettings, formats, budget: Budget
@@ -263,7 +266,8 @@ def _calibrate_embedding(run: _Run, embed_format) -> bool:
     name = run.names[embedding]
     searched = name not in run.params
     if searched:
-        run.params[name] = search_table(embedding.weight.detach(), embed_format, run.settings.space,
+        space = run.settings.space if run.settings.config.search else None  # further steps are for Linears
+        run.params[name] = search_table(embedding.weight.detach(), embed_format, space,
                                         run.settings.budget(_device_of(embedding)))
     if run.settings.sequential:
         embedding.set_quant_params(run.params[name])

@@ -126,7 +126,7 @@ def _finished_difference(path: Path, metadata: dict) -> str | None:
 
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
     offload = args.device if args.offload else None
-    return CalibSettings(config, args.qbits, args.space if config.search else None, args.sequential,
+    return CalibSettings(config, args.qbits, args.space if config.uses_search_space else None, args.sequential,
                          offload_device=offload)
 
 

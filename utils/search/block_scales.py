@@ -36,6 +36,7 @@ from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import block_range, block_scale_codes, block_scales, quantize
 from utils.search.problem import LinearProblem, chunks
+from utils.search.space import SearchSpace
 
 
 def scale_format_values(fmt: QuantFormat) -> torch.Tensor:
@@ -55,6 +56,11 @@ class BlockScaleStep:
     exponent_offsets: tuple[int, ...] = (-2, -1, 0, 1)
     exact_passes: int = 1
     exact_candidates: int = 3  # per block and exact pass: how many of the best local candidates are tried
+
+    @classmethod
+    def from_space(cls, space: SearchSpace) -> BlockScaleStep:
+        """The step as a config's further step (its candidate sets are this class's defaults)."""
+        return cls()
 
     def candidates(self, fmt: QuantFormat, weight: torch.Tensor, max_value: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,65 @@
+"""A config's further search steps (QuantConfig.steps): built from the run's SearchSpace, run on every Linear after
+the range search (or MinMax), recorded in the parameter file's metadata, replayed by --only_eval."""
+
+import torch
+
+from conftest import make_tiny
+from configs import QBits, QuantConfig, get_config
+from quant_layers.formats import NVFP4_BLOCKS
+from quant_layers.modules import QuantLinear, swap_modules
+from quant_layers.quantize import quantize
+from utils.params import apply_params, load_params, save_params
+from utils.quant_calib import CalibSettings, calibrate, linear_steps
+from utils.search.block_scales import BlockScaleStep
+from utils.search.space import SearchSpace
+from utils.search.steps import ActRangeStep, WeightRangeStep
+
+IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+QBITS = QBits.parse([4, 4, 16, 2, 2, 2])
+NVFP4_SEARCHED = QuantConfig(name="steps_test", format_kind="fp", search=False, act_channel_shift=False,
+                             weight_granularity="per_tensor", block=NVFP4_BLOCKS, embedding=False,
+                             steps=(BlockScaleStep,))
+
+
+def _model():
+    model = make_tiny("llama")
+    swap_modules(model, embedding=False)
+    return model
+
+
+def test_steps_follow_the_range_search_and_are_built_from_the_space():
+    space = SearchSpace((0.5, 1.2, 3), search_round=2)
+    fpq = get_config("FPQ_config_llama")
+    weight, act, _ = QBITS.formats(fpq)
+    steps = linear_steps(CalibSettings(fpq, QBITS, space), weight, act)
+    assert [type(s) for s in steps] == [type(steps[0])] + [WeightRangeStep, ActRangeStep] * 2  # shifts, 2 rounds
+    with_block_step = QuantConfig(name="x", format_kind="fp", search=True, act_channel_shift=False,
+                                  steps=(BlockScaleStep,))
+    assert type(linear_steps(CalibSettings(with_block_step, QBITS, space), weight, act)[-1]) is BlockScaleStep
+    assert linear_steps(CalibSettings(NVFP4_SEARCHED, QBITS, space), weight, act) == (BlockScaleStep(),)
+    assert linear_steps(CalibSettings(NVFP4_SEARCHED, QBITS, None), weight, act) == ()
+    assert NVFP4_SEARCHED.uses_search_space and not get_config("NVFP4_config_llama").uses_search_space
+    assert NVFP4_SEARCHED.to_dict()["steps"] == ["BlockScaleStep"]
+    assert "steps" not in fpq.to_dict()  # files written before steps existed keep matching
+
+
+def test_block_scale_step_in_calibration_lowers_the_error_and_replays(tmp_path):
+    settings = CalibSettings(NVFP4_SEARCHED, QBITS, SearchSpace())
+    calibrated = _model()
+    layers = calibrate(calibrated, IDS, settings)
+    linears = {n: p for n, p in layers.items() if getattr(p, "kind", None) == "linear"}
+    assert linears and all(p.weight_block_scale is not None for p in linears.values())
+    assert all(p.mse <= p.mse_minmax for p in linears.values())
+    assert sum(p.mse < p.mse_minmax for p in linears.values()) >= len(linears) // 2
+    # a searched module's weight differs from round to nearest under the data's own block scales
+    name, params = next(iter(linears.items()))
+    module = calibrated.get_submodule(name)
+    assert isinstance(module, QuantLinear)
+    rtn = quantize(_model().get_submodule(name).weight.detach(), params.weight_format,
+                   params.weight_max_value.view(-1, 1))
+    assert not torch.equal(module.weight, rtn)
+    save_params(tmp_path / "p.pt", layers, {})
+    fresh = _model()
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, calibrated(IDS).logits)
