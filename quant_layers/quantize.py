@@ -175,18 +175,29 @@ def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor 
         scales = block_scales(amax, fmt, max_value)
     elif fmt.block.power_of_two:
         scales = block_scale.to(device=x.device, dtype=torch.int32).unsqueeze(-1)
-        blocks = blocks.expand(torch.broadcast_shapes(blocks.shape, scales.shape))  # ldexp keeps its input's shape
     else:
         scales = block_scale.to(device=x.device, dtype=torch.float32).unsqueeze(-1)
-    element = fmt.element
-    if fmt.block.power_of_two:  # x 2^-k and q 2^k are exact (2^-k, 2^k are float32 numbers for |k| <= 127)
-        q = torch.ldexp(quantize(torch.ldexp(blocks, -scales), element, element.standard_max), scales)
+    q = quantize_elements(blocks, fmt, scales)
+    if fmt.block.power_of_two:
         q.masked_fill_(~torch.isfinite(amax), float("nan"))  # OCP MX: a NaN or Inf in a block makes its scale NaN
         if isinstance(max_value, torch.Tensor):  # unused, but its shape broadcasts as for other formats
             q = q.expand(torch.broadcast_shapes(q.shape, max_value.shape))
-    else:
-        q = quantize(blocks, element, scales).masked_fill_(scales == 0, 0.0)  # a zero scale gives zeros
     return q.reshape(*q.shape[:-2], x.shape[-1]).to(x.dtype)  # a range with more dims broadcasts x (candidates)
+
+
+def quantize_elements(x: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor) -> torch.Tensor:
+    """The elements x (float32) of a block-scaled fmt under given block scales, each element with its block's scale
+    (scales broadcast to x's shape; the encoding of `block_scales`):
+
+    power-of-two scale formats: q = 2^k Q(x 2^-k; element, standard_max), k the int32 exponent (exact: 2^-k and
+    2^k are float32 numbers for |k| <= 127); others: q = Q(x; element, R), R the float32 block range, 0 where R = 0.
+    Returns float32 of the broadcast shape; no NaN rule (`quantize` makes a block holding NaN or Inf NaN under MX).
+    """
+    element = fmt.element
+    if fmt.block.power_of_two:
+        x = x.expand(torch.broadcast_shapes(x.shape, scales.shape))  # ldexp keeps its input's shape
+        return torch.ldexp(quantize(torch.ldexp(x, -scales), element, element.standard_max), scales)
+    return quantize(x, element, scales).masked_fill_(scales == 0, 0.0)  # a zero scale gives zeros
 
 
 def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None) -> bool:
