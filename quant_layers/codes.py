@@ -29,6 +29,13 @@ Scales, named by what they are (float32 unless said), and the value of an elemen
 These mirror quantize.py's `quantize` and `_quantize_blocks` operation by operation, with its own block-scale
 helpers (`block_scales`, `block_scale_codes`, `block_range`).
 
+Codes under frozen scales (a rounding that is not round to nearest, e.g. GPTQ's, quant_layers/gptq.py):
+`encode_frozen(values, fmt, max_value, block_scale)` gives the codes of values already on the grid of the given
+scales (quantize's max_value, and its block_scale encoding for block formats: int exponents k for power-of-two
+scale formats, float32 block ranges R otherwise); `decode_frozen` gives back, bit for bit, what `quantize(x, fmt,
+max_value, block_scale)` returns for an x that rounds to those values (the same operations as above, the
+scales given instead of derived from x).
+
 FPQ weights (LLM-FP4's per-column exponent shifts k, Eq. 8): `encode_fpq_weight` stores the codes of Q_w(W)
 unfolded, the per-row `grid_inverse` and `channel_shift` k as int8; `decode_fpq_weight` returns
 W_fold = Q_w(W) * 2^-k exactly as QuantLinear.set_quant_params computes it (docs/deployment.md).
@@ -79,11 +86,12 @@ class Encoded:
                    if getattr(self, name) is not None}
         if present != expected:
             raise ValueError(f"{self.fmt.name} is encoded with {sorted(expected)}, got {sorted(present)}")
-        if self.codes.dtype != _code_dtype(self.fmt):
-            raise ValueError(f"{self.fmt.name} codes are {_code_dtype(self.fmt)}, got {self.codes.dtype}")
+        if self.codes.dtype != code_dtype(self.fmt):
+            raise ValueError(f"{self.fmt.name} codes are {code_dtype(self.fmt)}, got {self.codes.dtype}")
 
 
-def _code_dtype(fmt: QuantFormat) -> torch.dtype:
+def code_dtype(fmt: QuantFormat) -> torch.dtype:
+    """The dtype of fmt's codes: uint8 up to 8 bits, int32 above."""
     return torch.uint8 if fmt.bits <= 8 else torch.int32
 
 
@@ -116,7 +124,7 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     get code 0. FP: from the float32 bits, |g| = 2^e (1 + f) with e >= 1 is exponent field e and the top M bits of
     f; |g| < 2 is the subnormal m * 2^(1-M), m = |g| 2^(M-1)."""
     if fmt.kind == "int":
-        return grid.to(torch.int32).bitwise_and_(2**fmt.bits - 1).to(_code_dtype(fmt))
+        return grid.to(torch.int32).bitwise_and_(2**fmt.bits - 1).to(code_dtype(fmt))
     mantissa_bits = fmt.mantissa_bits
     magnitude = grid.abs()
     bits = magnitude.view(torch.int32)
@@ -127,7 +135,7 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     codes = torch.where(exponent >= 1, normal, subnormal)
     if fmt.signed:
         codes |= (grid < 0).to(torch.int32) << (fmt.bits - 1)
-    return codes.to(_code_dtype(fmt))
+    return codes.to(code_dtype(fmt))
 
 
 def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool) -> torch.Tensor:
@@ -207,6 +215,76 @@ def decode(encoded: Encoded) -> torch.Tensor:
     return values.reshape(codes.shape).to(encoded.dtype)
 
 
+def _frozen_blocks(x: torch.Tensor, fmt: QuantFormat, block_scale: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as blocks [..., n / size, size], block_scale as [..., n / size, 1]: int32 exponents k for power-of-two scale
+    formats, float32 ranges R otherwise), as quantize's `_quantize_blocks` uses an explicit block_scale."""
+    size = fmt.block.size
+    if block_scale is None:
+        raise ValueError(f"{fmt.name} codes under frozen scales need the block_scale they were rounded with")
+    if x.shape[-1] % size or tuple(block_scale.shape) != (*x.shape[:-1], x.shape[-1] // size):
+        raise ValueError(f"{fmt.name}: block_scale {tuple(block_scale.shape)} does not fit {tuple(x.shape)} in blocks "
+                         f"of {size}")
+    scale_dtype = torch.int32 if fmt.block.power_of_two else torch.float32
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    return blocks, block_scale.to(device=x.device, dtype=scale_dtype).unsqueeze(-1)
+
+
+def encode_frozen(values: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                  block_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes [values' shape] (uint8, int32 above 8 bits) of values on the grid of frozen scales (module docstring).
+
+    values: quantized values [..., n] (any float dtype), e.g. GPTQ's; max_value: quantize's range, broadcastable to
+    values (ExMy, INT: per row [..., 1]); block_scale [..., n / size]: the block formats' frozen scales (required
+    there; max_value is then unused). The standard-grid value of an element is recovered by rounding it once more,
+    g = round_to_grid(v * s) (v = fl32(g u) and s u = 1 within 2 ulp, far below a grid step). ValueError where the
+    values are not exactly `decode_frozen` of their codes (not on the grid of these scales).
+    """
+    check_format(fmt)
+    x = values.to(torch.float32)
+    if fmt.block is None:
+        if block_scale is not None:
+            raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
+        grid = round_to_grid(x, fmt, grid_scale(fmt, max_value, x.device))
+        codes = _element_codes(grid, fmt)
+    else:
+        element = fmt.element
+        blocks, scales = _frozen_blocks(x, fmt, block_scale)
+        if fmt.block.power_of_two:  # x 2^-k is exact
+            grid = round_to_grid(torch.ldexp(blocks, -scales), element,
+                                 grid_scale(element, element.standard_max, x.device))
+        else:
+            grid = round_to_grid(blocks, element, grid_scale(element, scales, x.device)).masked_fill_(scales == 0, 0.0)
+        codes = _element_codes(grid, element).reshape(x.shape)
+    if not torch.equal(decode_frozen(codes, fmt, max_value, block_scale), x):
+        raise ValueError(f"values are not on the {fmt.name} grid of the given scales")
+    return codes
+
+
+def decode_frozen(codes: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                  block_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values of codes [..., n] under frozen scales, in dtype: quantize's operations with the scales given.
+
+    ExMy, INT: fl32(table[code] * u), u = max_value / grid_max; block ranges R (NVFP4): fl32(table[code] * fl32(R /
+    grid_max)), 0 where R = 0; exponents k (MX): fl32(table[code] * standard_max / grid_max) * 2^k. Equal (torch.equal)
+    to quantize(x, fmt, max_value, block_scale) for every x that rounds to these codes; a zero is +0.0.
+    """
+    check_format(fmt)
+    table = _code_table(fmt.element).to(codes.device)
+    grid = table[codes.long()]
+    if fmt.block is None:
+        if block_scale is not None:
+            raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
+        return grid.mul_(grid_inverse(fmt, max_value, codes.device)).to(dtype)
+    element = fmt.element
+    blocks, scales = _frozen_blocks(grid, fmt, block_scale)
+    if fmt.block.power_of_two:
+        values = torch.ldexp(blocks.mul_(grid_inverse(element, element.standard_max, codes.device)), scales)
+    else:
+        values = blocks.mul_(grid_inverse(element, scales, codes.device)).masked_fill_(scales == 0, 0.0)
+    return values.reshape(codes.shape).to(dtype)
+
+
 def encode_fpq_weight(weight: torch.Tensor, fmt: QuantFormat, row_max_value: torch.Tensor,
                       channel_shift: torch.Tensor) -> Encoded:
     """An FPQ weight [out, in]: the codes of Q_w(W) with per-row ranges row_max_value [out] (unfolded, so no value
@@ -260,5 +338,5 @@ def stored_bits(encoded: Encoded) -> int:
     return total
 
 
-__all__ = ["E8M0_NAN", "Encoded", "code_table", "decode", "decode_fpq_weight", "encode", "encode_fpq_weight",
-           "pack_nibbles", "stored_bits", "unpack_nibbles"]
+__all__ = ["E8M0_NAN", "Encoded", "code_dtype", "code_table", "decode", "decode_fpq_weight", "decode_frozen",
+           "encode", "encode_fpq_weight", "encode_frozen", "pack_nibbles", "stored_bits", "unpack_nibbles"]

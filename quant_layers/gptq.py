@@ -1,0 +1,122 @@
+"""GPTQ rounding (Frantar et al. 2022) under frozen scales, for every weight format `quantize` computes.
+
+The scales are chosen first and kept: a per-row range max_value and, for block-scaled formats, the block scales
+(`max_based_block_scale` freezes the ones `quantize` derives from the original weight). GPTQ then only chooses the
+rounding: the columns of W [rows, in] are rounded one at a time, in `order`, and each column's rounding error is
+spread over the columns not yet rounded so as to minimize the layer's output error ||(Q - W) X^T||^2 under the
+Hessian H = X^T X [in, in] of the inputs (the quantized inputs Xq where the activation is quantized). With
+U = chol(H^-1) the upper Cholesky factor of the inverse of the damped H (the published reference implementation):
+
+    q_j = quant(w_j),    e = (w_j - q_j) / U_jj,    w_k -= e U_jk  for every k after j in the order,
+
+computed in lazy blocks of `block_size` columns (updates inside a block column by column, to the rest of W once per
+block). Damping: lambda = damping * mean(diag H) is added to H's diagonal. A dead column (H_jj = 0: its input is
+always zero) gets H_jj = 1 before the damping; unlike the reference, its weights are kept (not set to 0), and it is
+rounded to nearest (it is coupled to no other column).
+
+The element rounding is a plain callable `quantize_columns(values [rows, k], columns [k]) -> [rows, k]`; the one of
+`frozen_quantizer` is bit for bit what `quantize(W, fmt, max_value, block_scale)` does to those elements. Every row
+is rounded at once (rows are independent given H); float32 by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from quant_layers.formats import QuantFormat
+from quant_layers.quantize import block_scales, quantize, quantize_elements
+
+ColumnQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def max_based_block_scale(weight: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor) -> torch.Tensor:
+    """The block scales [rows, in / size] `quantize(weight, fmt, max_value)` derives from weight [rows, in] (its block
+    maxima), encoded as quantize's block_scale: int32 exponents k for power-of-two scale formats, float32 ranges
+    top * code * t otherwise; max_value: the per-row range [rows] or [rows, 1] (unused by MX)."""
+    size = fmt.block.size
+    rows, width = weight.shape
+    amax = weight.float().reshape(rows, width // size, size).abs().amax(-1, keepdim=True)
+    return block_scales(amax, fmt, max_value.float().reshape(-1, 1, 1)).squeeze(-1)
+
+
+def frozen_quantizer(fmt: QuantFormat, max_value: torch.Tensor, block_scale: torch.Tensor | None = None
+                     ) -> ColumnQuantizer:
+    """quantize_columns(values [rows, k], columns [k] int64) -> float32 [rows, k]: the elements of columns `columns`
+    rounded under frozen scales, bit for bit as `quantize(W, fmt, max_value.view(-1, 1), block_scale)` rounds those
+    elements (values are taken as float32, as quantize takes them).
+
+    max_value: per-row ranges [rows] (or []); block_scale [rows, in / size]: required for block-scaled formats
+    (an element uses its block's scale: ExMy element Q(x; R), zero where R = 0, or 2^k Q(x 2^-k; standard_max)).
+    """
+    row_range = max_value.to(torch.float32).reshape(-1, 1)
+    if fmt.block is None:
+        if block_scale is not None:
+            raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
+        return lambda values, columns: quantize(values.to(torch.float32), fmt, row_range)
+    if block_scale is None:
+        raise ValueError(f"{fmt.name}: freeze the block scales first (max_based_block_scale)")
+    scales = block_scale.to(torch.int32 if fmt.block.power_of_two else torch.float32)
+    size = fmt.block.size
+    return lambda values, columns: quantize_elements(values.to(torch.float32), fmt, scales[:, columns // size])
+
+
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's static activation order: the columns by diag(H) descending (ties in column order), int64 [in]."""
+    return torch.argsort(hessian.diagonal(), descending=True, stable=True)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U = chol(H'^-1) [in, in] in dtype, upper triangular (U^T U = H'^-1), of H' = H + lambda I (dead columns given
+    H_jj = 1 first, lambda = damping * mean(diag H)) with rows and columns in `order`.
+    torch.linalg.LinAlgError where H' is not positive definite."""
+    h = hessian.to(dtype, copy=True)
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damping * diagonal.mean()
+    h = h[order][:, order]
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantize_columns: ColumnQuantizer,
+               damping: float = 0.01, block_size: int = 128, order: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GPTQ's rounding of weight [rows, in] (finite) under H = hessian [in, in] (symmetric PSD, e.g. Xq^T Xq):
+
+    columns in `order` (a permutation of 0..in-1, int64; None: 0, 1, ...; `activation_order` for GPTQ's act order),
+    each rounded by quantize_columns (its original column index passed, so it keeps its own scales), its error
+    e = (w_j - q_j) / U_jj fed to the later columns through U = `inverse_hessian_factor` (module docstring), in lazy
+    blocks of block_size columns; the updates are computed in dtype. Returns the rounded values [rows, in] float32.
+    """
+    rows, width = weight.shape
+    if tuple(hessian.shape) != (width, width):
+        raise ValueError(f"hessian {tuple(hessian.shape)} does not fit a weight of {width} columns")
+    if damping <= 0 or block_size < 1:
+        raise ValueError(f"GPTQ needs damping > 0 and block_size >= 1, got {damping}, {block_size}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("GPTQ needs a finite weight")
+    if order is None:
+        order = torch.arange(width, device=weight.device)
+    elif not torch.equal(order.sort().values, torch.arange(width, device=order.device)):
+        raise ValueError(f"order must be a permutation of 0..{width - 1}")
+    order = order.to(device=weight.device, dtype=torch.int64)
+    factor = inverse_hessian_factor(hessian.to(weight.device), damping, order, dtype)
+    w = weight.to(dtype)[:, order]  # a copy, in the order of rounding
+    rounded = torch.empty(rows, width, dtype=torch.float32, device=weight.device)
+    for start in range(0, width, block_size):
+        stop = min(start + block_size, width)
+        block = w[:, start:stop]  # a view: updated in place
+        errors = torch.empty(rows, stop - start, dtype=dtype, device=weight.device)
+        for i in range(stop - start):
+            j = start + i
+            q = quantize_columns(block[:, i:i + 1], order[j:j + 1])
+            rounded[:, j:j + 1] = q
+            error = (block[:, i:i + 1] - q.to(dtype)) / factor[j, j]
+            block[:, i:] -= error * factor[j, j:stop]
+            errors[:, i:i + 1] = error
+        w[:, stop:] -= errors @ factor[start:stop, stop:]
+    result = torch.empty_like(rounded)
+    result[:, order] = rounded
+    return result
