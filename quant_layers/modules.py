@@ -10,7 +10,8 @@ integer shifts k (LLM-FP4's pre-shifted exponent bias, Eq. 8) and per-output-cha
 
 which equals the explicit per-channel quantization Q_a(x; m_a * 2^-k) @ Q_w(W)^T, because
 Q(x; m * 2^-k) = 2^-k * Q(2^k * x; m) for integer k. The weight is quantized once, when the
-parameters are set, and stored in the model dtype: evaluation never re-quantizes it.
+parameters are set, and stored in the model dtype: evaluation never re-quantizes it. Q_w rounds to nearest, or
+takes the rounding a search stored as codes (QuantParams.weight_codes, e.g. GPTQ's) under the same ranges.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant_layers.codes import decode_frozen
 from quant_layers.formats import QuantFormat
 from quant_layers.hadamard import kron_rotate
 from quant_layers.quantize import activation_scales, quantize, quantize_activation
@@ -39,6 +41,9 @@ class QuantParams:
     weight_block_scale [rows, in / block size]: explicit block scales of a block-scaled weight format (a search's
     choice), encoded as `quantize`'s block_scale: the integer exponent per block for power-of-two scale formats
     (MX), else the block range top * code * t (float32, NVFP4); None: each block's scale from its own maximum.
+    weight_codes [rows, in]: the quantized weight as codes (quant_layers/codes.py layout: uint8 up to 8 bits) of its
+    standard-grid values under the ranges and block scales above (a rounding other than to nearest, e.g. GPTQ's;
+    block formats need weight_block_scale); None: round to nearest.
     """
 
     weight_format: QuantFormat | None
@@ -50,6 +55,20 @@ class QuantParams:
     mse_minmax: float = float("nan")
     kind: str = "linear"
     weight_block_scale: torch.Tensor | None = None
+    weight_codes: torch.Tensor | None = None
+
+
+def quantized_weight(weight: torch.Tensor, params: QuantParams) -> torch.Tensor:
+    """Q_w(W) [rows, in] in weight's dtype: the values of params.weight_codes under its scales when set
+    (`decode_frozen`), else `quantize` (round to nearest)."""
+    max_value = params.weight_max_value.to(weight.device).view(-1, 1)
+    if params.weight_codes is None:
+        return quantize(weight, params.weight_format, max_value, params.weight_block_scale)
+    if params.weight_codes.shape != weight.shape:
+        raise ValueError(f"weight codes {tuple(params.weight_codes.shape)} do not fit the weight {tuple(weight.shape)}")
+    block_scale = params.weight_block_scale
+    return decode_frozen(params.weight_codes.to(weight.device), params.weight_format, max_value,
+                         None if block_scale is None else block_scale.to(weight.device), dtype=weight.dtype)
 
 
 class InputRotation(nn.Module):
@@ -96,8 +115,7 @@ class QuantLinear(nn.Module):
             raise RuntimeError("quantization parameters are already set on this module")
         weight = self.weight.detach()
         if params.weight_format is not None:
-            weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1),
-                              params.weight_block_scale)
+            weight = quantized_weight(weight, params)
         if params.act_channel_shift is not None:
             shift = params.act_channel_shift.to(device=weight.device, dtype=torch.float32)
             weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
@@ -151,9 +169,7 @@ class QuantEmbedding(nn.Module):
             raise RuntimeError("quantization parameters are already set on this module")
         if params.act_format is not None or params.weight_format is None:
             raise ValueError("an embedding takes a weight format and range, and no activation quantizer")
-        weight = self.weight.detach()
-        weight = quantize(weight, params.weight_format, params.weight_max_value.to(weight.device).view(-1, 1),
-                          params.weight_block_scale)
+        weight = quantized_weight(self.weight.detach(), params)
         self.embedding.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_format = params.weight_format
 

@@ -10,6 +10,10 @@ b = log2(grid_max / max_value), for readers. Loading uses the max values. Equal 
 A block-scale search's explicit block scales (QuantParams.weight_block_scale, [rows, in / block size]) are stored
 as <module>.weight_block_scale: int16 exponents k (scale 2^k) for power-of-two scale formats (MX), float32 block
 ranges top * code * t for the others (NVFP4); files without it (older ones) take each block's scale from its data.
+A rounding other than to nearest (GPTQ's, QuantParams.weight_codes [rows, in]) is stored as <module>.weight_codes:
+the codes of quant_layers/codes.py, packed two per byte (`pack_nibbles`, low nibble first, [rows, in / 2] uint8)
+for formats of up to 4 bits and an even width, as they are (uint8, int32 above 8 bits) otherwise; the module's
+metadata says which ("weight_codes": "nibbles" or "plain"). Files without it round to nearest.
 
 A transform's fitted tensor is stored with kind "transform" and the transform's settings (its to_dict), under the
 module it belongs to (SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before
@@ -37,6 +41,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from configs import QBits, QuantConfig, get_config
+from quant_layers.codes import code_dtype, pack_nibbles, unpack_nibbles
 from quant_layers.formats import exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from utils.data.architecture import ArchitectureError
@@ -131,6 +136,11 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
             power_of_two = p.weight_format.block.power_of_two
             tensors[f"{name}.weight_block_scale"] = _plain(p.weight_block_scale,
                                                            torch.int16 if power_of_two else torch.float32)
+        if p.weight_codes is not None:
+            codes = _plain(p.weight_codes, p.weight_codes.dtype)
+            packed = p.weight_format.bits <= 4 and codes.dtype == torch.uint8 and codes.shape[-1] % 2 == 0
+            tensors[f"{name}.weight_codes"] = pack_nibbles(codes) if packed else codes
+            modules[name]["weight_codes"] = "nibbles" if packed else "plain"
     return tensors, modules
 
 
@@ -213,7 +223,26 @@ def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
         mse_minmax=info["mse_minmax"],
         kind=kind,
         weight_block_scale=tensors.get(f"{name}.weight_block_scale"),
+        weight_codes=_weight_codes(name, info, tensors),
     )
+
+
+def _weight_codes(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The module's weight codes [rows, in] (unpacked), or None; ParamFileError for an unknown layout or packed codes
+    that are not bytes."""
+    codes = tensors.get(f"{name}.weight_codes")
+    layout = info.get("weight_codes")
+    if codes is None and layout is None:
+        return None
+    if codes is None or layout not in ("nibbles", "plain"):
+        what = "missing" if codes is None else f"in layout {layout!r}"
+        raise ParamFileError(f"module {name!r}: weight codes {what} (expected a weight_codes tensor, layout "
+                             "'nibbles' or 'plain')")
+    if layout == "plain":
+        return codes
+    if codes.dtype != torch.uint8:
+        raise ParamFileError(f"module {name!r}: the file's packed weight codes are {codes.dtype}, expected uint8")
+    return unpack_nibbles(codes)
 
 
 def _layers_from(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Entry]:
@@ -288,6 +317,17 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
         if block is None or tuple(p.weight_block_scale.shape) != (rows, columns // block.size):
             raise ParamFileError(f"module {name!r}: the file's weight block scales {tuple(p.weight_block_scale.shape)} "
                                  f"do not fit a block-scaled weight of {rows} x {columns}")
+    if p.weight_codes is not None:
+        expected = code_dtype(p.weight_format) if p.weight_format is not None else None
+        if expected is None or tuple(p.weight_codes.shape) != (rows, columns) or p.weight_codes.dtype != expected:
+            raise ParamFileError(f"module {name!r}: the file's weight codes {tuple(p.weight_codes.shape)} "
+                                 f"{p.weight_codes.dtype} do not fit a {rows} x {columns} weight with {expected} codes")
+        if p.weight_codes.numel() and not 0 <= int(p.weight_codes.min()) <= int(p.weight_codes.max()) < \
+                2**p.weight_format.bits:
+            raise ParamFileError(f"module {name!r}: the file's weight codes are not {p.weight_format.bits}-bit codes")
+        if p.weight_format.block is not None and p.weight_block_scale is None:
+            raise ParamFileError(f"module {name!r}: the file's weight codes of {p.weight_format.name} come without "
+                                 "their block scales")
     if (p.weight_format is not None) != (p.weight_max_value is not None) or \
             (p.act_format is not None) != (p.act_max_value is not None):
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")

@@ -100,7 +100,7 @@ class BlockScaleStep:
         chosen = options.gather(0, pick.view(1, -1, 1).expand(1, *options.shape[1:]))[0]
         if self.exact_passes:
             chosen = self._descend(problem, state, weight, cands, local, chosen, best_loss)
-        result = dataclasses.replace(state, weight_block_scale=chosen)
+        result = dataclasses.replace(state, weight_block_scale=chosen, weight_codes=None)  # scored rounded to nearest
         result.mse = problem.loss(result)
         problem.release_weight_stats()
         if math.isnan(state.mse) or result.mse <= state.mse:

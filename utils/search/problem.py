@@ -34,7 +34,7 @@ import torch
 
 from quant_layers import kernels
 from quant_layers.formats import QuantFormat, exponent_bias_from_max
-from quant_layers.modules import QuantParams
+from quant_layers.modules import QuantParams, quantized_weight
 from quant_layers.quantize import (abs_max, grid_candidates, grid_scale, quantize, residual_proxy, round_to_grid,
                                    weight_residuals)
 from utils.search.space import TINY
@@ -367,20 +367,27 @@ class LinearProblem:
         return self.x[:: self.tokens // count].contiguous()
 
     def loss(self, state: QuantParams) -> float:
-        """Normalized L of a state."""
-        if state.weight_format.block is not None or state.act_format.block is not None:
+        """Normalized L of a state (block formats and stored weight codes by the reference quantizer)."""
+        if (state.weight_format.block is not None or state.act_format.block is not None
+                or state.weight_codes is not None):
             return float(self.normalize(self._reference_loss(state)))
         losses = self.act_losses(ActCandidates.of_state(state), state.weight_format, state.weight_max_value)
         return float(self.normalize(losses)[0])
 
     def _reference_loss(self, state: QuantParams) -> torch.Tensor:
-        """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included."""
+        """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included, the
+        weight's stored codes (`quantized_weight`) and FPQ's channel shifts k (Xq = Q(X 2^k) 2^-k) honoured."""
         weight = self.weight.float()
-        weight_q = quantize(weight, state.weight_format, state.weight_max_value.view(-1, 1), state.weight_block_scale)
+        weight_q = quantized_weight(weight, state)
+        channel_scale = ActCandidates.of_state(state).channel_scale()
         total = torch.zeros((), device=self.x.device)
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
-            xq = quantize(xt.float(), state.act_format, state.act_max_value)
-            total += (xq @ weight_q.T - xt.float() @ weight.T).square().sum()
+            x32 = xt.float()
+            if channel_scale is None:
+                xq = quantize(x32, state.act_format, state.act_max_value)
+            else:
+                xq = quantize(x32 * channel_scale[0], state.act_format, state.act_max_value) / channel_scale[0]
+            total += (xq @ weight_q.T - x32 @ weight.T).square().sum()
         return total
 
 

@@ -12,7 +12,10 @@ is `fpq_steps`: (ChannelShiftStart, if the config has FPQ's shifts) then `search
 
 starting from MinMax (`minmax_state`), so L never ends above MinMax. New algorithms (GPTQ rounding, block-scale
 search) are further steps: `BlockScaleStep` (utils/search/block_scales.py) chooses the block
-scales of a block-scaled weight format. The losses come from `LinearProblem` (utils/search/problem.py).
+scales of a block-scaled weight format, `GPTQStep` (utils/search/gptq.py) the rounding of the weight under frozen
+scales. The range steps here and BlockScaleStep score the weight rounded to nearest, so a state they change carries
+no weight codes (QuantParams.weight_codes): GPTQ's rounding belongs after them. The losses come from
+`LinearProblem` (utils/search/problem.py).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class WeightRangeStep:
             total = float(problem.normalize(losses[index, rows].sum()))
             if total < best.mse:
                 best = dataclasses.replace(state, weight_format=fmt, weight_max_value=candidates[index, rows],
-                                           mse=total)
+                                           mse=total, weight_codes=None)
         problem.release_weight_stats()  # not held through the next step, which builds its own
         return best
 
@@ -153,7 +156,7 @@ class ActRangeStep:
                 # clones: a view would keep every candidate's shifts [C, in] alive for as long as the result
                 best = dataclasses.replace(state, act_format=fmt, act_max_value=acts.max_value[chosen].clone(),
                                            act_channel_shift=None if acts.shift is None else acts.shift[chosen].clone(),
-                                           mse=float(losses[pick]))
+                                           mse=float(losses[pick]), weight_codes=None)
         return best
 
 
