@@ -5,6 +5,7 @@ problem.py  LinearProblem: the output error of many candidate quantizers of one 
 steps.py    the search as steps over one state (QuantParams): MinMax start, FPQ's channel shifts, weight and
             activation range steps, search_linear
 block_scales.py  BlockScaleStep: the weight step at block granularity for block-scaled formats (NVFP4, MX)
+gptq.py     GPTQStep: GPTQ's rounding of the weight under the state's frozen scales, stored as weight codes
 table.py    the token embedding's weight-only search
 transforms.py  function-preserving transforms of a block fit on its inputs (SmoothQuant)
 utils/quant_calib.py runs all of it block by block.

@@ -41,6 +41,9 @@ class SearchSpace:
         0, "rank weight candidates per row by a cheap proxy of their loss (G's diagonal and 32 leading eigenvectors) "
         "and re-score the best K exactly; 0 scores every candidate exactly", legacy=0, type=int)
     proxy_rank: int = knob(32, "eigenvectors of G the weight proxy keeps", flag=False)
+    gptq_damping: float = knob(0.01, "fraction of the mean diagonal of Xq^T Xq added to it before inverting (GPTQ's "
+                               "damping)", legacy=0.01, type=float)
+    gptq_block: int = knob(128, "columns GPTQ rounds per lazy-update block", legacy=128, type=int)
 
     def __post_init__(self) -> None:
         if len(self.search_intervals) != 3:
@@ -51,9 +54,12 @@ class SearchSpace:
         object.__setattr__(self, "search_intervals", (float(low), float(high), int(count)))
         for name, least, meaning in (("search_round", 1, "rounds"), ("act_coarse_tokens", 0, "0 = every token"),
                                      ("act_refine", 1, "candidates re-scored on all tokens"),
-                                     ("weight_refine", 0, "0 = every candidate exactly"), ("proxy_rank", 0, "")):
+                                     ("weight_refine", 0, "0 = every candidate exactly"), ("proxy_rank", 0, ""),
+                                     ("gptq_block", 1, "columns per block")):
             if getattr(self, name) < least:
                 raise ValueError(f"--{name} must be >= {least} ({meaning}), got {getattr(self, name)}")
+        if not self.gptq_damping > 0:
+            raise ValueError(f"--gptq_damping must be > 0 (a fraction of the mean diagonal), got {self.gptq_damping}")
 
     @classmethod
     def flags(cls) -> list[dataclasses.Field]:

@@ -1,0 +1,78 @@
+"""GPTQ's rounding as a search step (`GPTQStep`): the state's scales are kept, the rounding of the weight is chosen
+against the layer's output error with the quantized input; the math is in quant_layers/gptq.py.
+
+1. Freeze the scales: the per-row ranges state.weight_max_value and, for block-scaled formats, the state's block
+   scales, or (None) the max-based ones `quantize` derives from the original weight (`max_based_block_scale`).
+2. Round every row by GPTQ (`gptq_round`) with H = G = Xq^T Xq of the state's activation quantizer
+   (`LinearProblem.weight_stats`), in static activation order, damping and lazy block size from the knobs.
+3. Per row, keep GPTQ's rounding only where its EXACT row loss u^T G u + 2 u.v + c (`LinearProblem.row_losses`) is
+   below the one of the state's own rounding under the same scales (round to nearest, or the state's stored codes):
+   rows are independent given the activation quantizer, so the sum of the row losses only goes down.
+4. Store the result as codes (QuantParams.weight_codes, `encode_frozen`) with the frozen block scales, recompute the
+   loss (`LinearProblem.loss`, the reference quantizer) and return the given state where it is not above it.
+
+A state without a weight format is returned unchanged, and so is one whose damped H has no Cholesky factor (the
+damping too small for a badly rounded G, e.g. G in bfloat16 on a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quant_layers.codes import decode_frozen, encode_frozen
+from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale
+from quant_layers.modules import QuantParams
+from quant_layers.quantize import quantize
+from utils.search.problem import LinearProblem
+from utils.search.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class GPTQStep:
+    """GPTQ's rounding of the weight under the state's frozen scales, kept per row where it lowers the exact loss
+    (module docstring). damping: fraction of mean(diag G) added to G's diagonal; block_size: columns per lazy
+    block; act_order: round columns by diag(G) descending (GPTQ's static activation order), else in column order."""
+
+    damping: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    @classmethod
+    def from_space(cls, space: SearchSpace) -> GPTQStep:
+        """The step with the run's knobs --gptq_damping and --gptq_block."""
+        return cls(damping=space.gptq_damping, block_size=space.gptq_block)
+
+    def __call__(self, problem: LinearProblem, state: QuantParams) -> QuantParams:
+        fmt = state.weight_format
+        if fmt is None:
+            return state
+        weight = problem.weight.float()
+        max_value = state.weight_max_value.float().view(-1, 1)
+        block_scale = state.weight_block_scale
+        if fmt.block is not None and block_scale is None:
+            block_scale = max_based_block_scale(weight, fmt, max_value)
+        if state.weight_codes is None:
+            current = quantize(weight, fmt, max_value, block_scale)
+        else:
+            current = decode_frozen(state.weight_codes.to(weight.device), fmt, max_value, block_scale)
+        gram = problem.weight_stats(state)[0].float()
+        order = activation_order(gram) if self.act_order else None
+        try:
+            rounded = gptq_round(weight, gram, frozen_quantizer(fmt, max_value, block_scale), self.damping,
+                                 self.block_size, order)
+        except torch.linalg.LinAlgError:
+            problem.release_weight_stats()
+            return state
+        better = problem.row_losses(rounded - weight, state) < problem.row_losses(current - weight, state)
+        values = torch.where(better.view(-1, 1), rounded, current)
+        result = dataclasses.replace(state, weight_block_scale=block_scale,
+                                     weight_codes=encode_frozen(values, fmt, max_value, block_scale))
+        result.mse = problem.loss(result)
+        problem.release_weight_stats()
+        if math.isnan(state.mse) or result.mse <= state.mse:
+            return result
+        return state
