@@ -18,10 +18,10 @@ from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_
 from quant_layers.quantize import grid_inverse, quantize
 from utils.params import ParamFileError, apply_params, load_params, save_params
 from utils.quant_calib import CalibSettings, calibrate
+from utils.search.block_scales import BlockScaleStep
 from utils.search.gptq import GPTQStep
 from utils.search.problem import Budget, LinearProblem, channel_shift
 from utils.search.space import SearchSpace
-from utils.search.block_scales import BlockScaleStep
 from utils.search.steps import ActRangeStep, WeightRangeStep, minmax_state
 
 E2M1, E3M0, E4M3, INT4 = fp_format(2, 1), fp_format(3, 0), fp_format(4, 3), int_format(4)
@@ -108,7 +108,7 @@ def test_gptq_lowers_the_quadratic_error_and_checks_its_input():
     hessian = _hessian(4).float()
     max_value, _ = _frozen(E2M1, w)
     quantize_columns = frozen_quantizer(E2M1, max_value)
-    for block_size in (1, 7, 128):  # one lazy block, several, one column each: the same rounding
+    for block_size in (1, 7, 128):  # lazy blocks of one column, of several, one block: the same rounding
         got = gptq_round(w, hessian, quantize_columns, block_size=block_size)
         assert torch.equal(got, gptq_round(w, hessian, quantize_columns, block_size=64))
     nearest = quantize(w, E2M1, max_value.view(-1, 1))
