@@ -1,7 +1,8 @@
 """Quantization policies: which modules get which kind of format, at which granularity, searched or not.
 
-Each named policy is one small module of this package holding `CONFIG = QuantConfig(...)`; the
-`--quant_config` name is the module name. Bit widths and starting exponent bits come from `--qbits`.
+Each of the paper's named policies is one small module of this package holding `CONFIG = QuantConfig(...)`; the
+`--quant_config` name is the module name. The recipes beyond the paper are built from components in
+configs/recipes.py (`RECIPES`, named `<family>_<components>_config_llama`). Bit widths and starting exponent bits come from `--qbits`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from quant_layers.formats import BlockScaling, QuantFormat
 from utils.search.residual_rotation import ModelTransform
 from utils.search.transforms import Transform
 
-CONFIG_NAMES = (
+CONFIG_FILES = (
     "FPQ_config_llama",
     "FPQ_baseline_config_llama",
     "MinMax_config_llama",
@@ -89,10 +90,21 @@ class QuantConfig:
         return fields
 
 
+def config_names() -> tuple[str, ...]:
+    """Every --quant_config: the policies of this package's files, then the recipes (configs/recipes.py)."""
+    from configs.recipes import RECIPES
+
+    return CONFIG_FILES + tuple(RECIPES)
+
+
 def get_config(name: str) -> QuantConfig:
     """The policy called `name`; ValueError listing the known names otherwise."""
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"unknown --quant_config {name!r}; choose one of: {', '.join(CONFIG_NAMES)}")
+    from configs.recipes import RECIPES
+
+    if name in RECIPES:
+        return RECIPES[name]
+    if name not in CONFIG_FILES:
+        raise ValueError(f"unknown --quant_config {name!r}; choose one of: {', '.join(config_names())}")
     return importlib.import_module(f"configs.{name}").CONFIG
 
 

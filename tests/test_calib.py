@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from configs import CONFIG_NAMES, QBits, get_config
+from configs import CONFIG_FILES, QBits, get_config
 from conftest import make_llama
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
 from quant_layers.quantize import quantize
@@ -36,7 +36,7 @@ def settings(config_name="FPQ_config_llama", qbits=W4A4, sequential=False, space
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("config_name", CONFIG_FILES)
 def test_every_config_on_every_architecture(architecture, config_name):
     model = tiny(architecture)
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from configs import CONFIG_NAMES, QBits, get_config
+from configs import CONFIG_FILES, QBits, get_config
 from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "results/<config>_<qbits>_<date-time>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and of lm-eval")
     p.add_argument("--quant_config", default=None,
-                   help=f"one of {', '.join(CONFIG_NAMES)}; omit for the full-precision model")
+                   help=f"one of {', '.join(CONFIG_FILES)}, or a recipe <NVFP4|MXFP4|FPQ>_<components>_config_llama "
+                        "(configs/recipes.py; components in order: search, gptq, rot, fpends); omit for the "
+                        "full-precision model")
     p.add_argument("--qbits", type=int, nargs="+", default=None,
                    help="W A E w_exp a_exp e_exp: bits of weights, activations, embedding, then their (starting) "
                         f"exponent bits; 16 bits = not quantized (default with --quant_config: "
