@@ -10,6 +10,8 @@ b = log2(grid_max / max_value), for readers. Loading uses the max values. Equal 
 A block-scale search's explicit block scales (QuantParams.weight_block_scale, [rows, in / block size]) are stored
 as <module>.weight_block_scale: int16 exponents k (scale 2^k) for power-of-two scale formats (MX), float32 block
 ranges top * code * t for the others (NVFP4); files without it (older ones) take each block's scale from its data.
+A block-scaled activation format's searched clipping multiplier of its dynamic block maxima (QuantParams.
+act_block_clip) is stored as <module>.act_block_clip, [] float32 (> 0); files without it use 1 (unclipped maxima).
 
 A transform's fitted tensor is stored with kind "transform" and the transform's settings (its to_dict), under the
 module it belongs to (SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before
@@ -127,6 +129,8 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
+        if p.act_block_clip is not None:
+            tensors[f"{name}.act_block_clip"] = _plain(p.act_block_clip, torch.float32)
         if p.weight_block_scale is not None:
             power_of_two = p.weight_format.block.power_of_two
             tensors[f"{name}.weight_block_scale"] = _plain(p.weight_block_scale,
@@ -213,6 +217,7 @@ def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
         mse_minmax=info["mse_minmax"],
         kind=kind,
         weight_block_scale=tensors.get(f"{name}.weight_block_scale"),
+        act_block_clip=tensors.get(f"{name}.act_block_clip"),
     )
 
 
@@ -288,6 +293,12 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
         if block is None or tuple(p.weight_block_scale.shape) != (rows, columns // block.size):
             raise ParamFileError(f"module {name!r}: the file's weight block scales {tuple(p.weight_block_scale.shape)} "
                                  f"do not fit a block-scaled weight of {rows} x {columns}")
+    if p.act_block_clip is not None:
+        clip = p.act_block_clip
+        if p.act_format is None or p.act_format.block is None or clip.dim() != 0 or not clip.is_floating_point() \
+                or not bool(torch.isfinite(clip) & (clip > 0)):
+            raise ParamFileError(f"module {name!r}: the file's activation block clip (shape {tuple(clip.shape)}) is not "
+                                 "one positive number for a block-scaled activation format")
     if (p.weight_format is not None) != (p.weight_max_value is not None) or \
             (p.act_format is not None) != (p.act_max_value is not None):
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")
