@@ -132,12 +132,13 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return codes.to(_code_dtype(fmt))
 
 
-def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool) -> torch.Tensor:
-    """max_value as quantize broadcasts it. One tensor is stored, so the range may not broadcast x to a larger
-    shape (the search's candidates); for blocks it is per tensor [] or per row [..., 1], which becomes [..., 1, 1]."""
+def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool, name: str = "max_value") -> torch.Tensor:
+    """max_value (or a block clip, `name`) as quantize broadcasts it. One tensor is stored, so the range may not
+    broadcast x to a larger shape (the search's candidates); for blocks it is per tensor [] or per row [..., 1],
+    which becomes [..., 1, 1]."""
     if (torch.broadcast_shapes(x.shape, max_value.shape) != x.shape
             or blocks and max_value.dim() > 0 and max_value.shape[-1] != 1):
-        raise ValueError(f"max_value {tuple(max_value.shape)} must broadcast to x {tuple(x.shape)} without enlarging "
+        raise ValueError(f"{name} {tuple(max_value.shape)} must broadcast to x {tuple(x.shape)} without enlarging "
                          f"it{' and be per tensor or per row [..., 1]' if blocks else ''}")
     return max_value.unsqueeze(-1) if blocks and max_value.dim() > 0 else max_value
 
@@ -165,7 +166,7 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
     if clip is not None:
         if fmt.block is None:
             raise ValueError(f"clip needs a block-scaled format, got {fmt.name}")
-        clip = _range_shape(torch.as_tensor(clip, dtype=torch.float32, device=x.device), x, True)
+        clip = _range_shape(torch.as_tensor(clip, dtype=torch.float32, device=x.device), x, True, "clip")
     if fmt.block is None:
         grid = round_to_grid(x, fmt, grid_scale(fmt, range_value, x.device))
         return Encoded(fmt, _element_codes(grid, fmt), x.dtype, grid_inverse=grid_inverse(fmt, max_value, x.device))

@@ -256,7 +256,7 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     """
     if block_clip is not None and fmt.block is None:
         raise ValueError(f"block_clip needs a block-scaled format, got {fmt.name}")
-    if _use_kernel(x, fmt, use_kernel):
+    if _use_kernel(x, fmt, use_kernel):  # element formats only (kernels.supports): no block clip reaches a kernel
         scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
         return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:

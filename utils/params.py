@@ -297,8 +297,8 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
         clip = p.act_block_clip
         if p.act_format is None or p.act_format.block is None or clip.dim() != 0 or not clip.is_floating_point() \
                 or not bool(torch.isfinite(clip) & (clip > 0)):
-            raise ParamFileError(f"module {name!r}: the file's activation block clip (shape {tuple(clip.shape)}) is not "
-                                 "one positive number for a block-scaled activation format")
+            raise ParamFileError(f"module {name!r}: the file's activation block clip (shape {tuple(clip.shape)}) is "
+                                 "not one positive number for a block-scaled activation format")
     if (p.weight_format is not None) != (p.weight_max_value is not None) or \
             (p.act_format is not None) != (p.act_max_value is not None):
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")
