@@ -37,9 +37,12 @@ class QuantConfig:
     per-input-channel integer exponent shifts, folded into the weight (Eq. 8).
     search: False keeps MinMax ranges (absolute maxima over the weight rows / calibration activations);
     True runs the exponent-bias / max-value search over every format of the bit width.
-    block: block scaling (quant_layers/formats.py `BlockScaling`, e.g. NVFP4_BLOCKS, MX_BLOCKS): every quantized
-    tensor in blocks along its input dimension with dynamic block scales, round to nearest; the calibrated
-    per-tensor ranges only set NVFP4's float32 tensor scale.
+    block: block scaling (quant_layers/formats.py `BlockScaling`, e.g. NVFP4_BLOCKS, NVFP4_4OVER6_BLOCKS,
+    MX_BLOCKS): every quantized tensor in blocks along its input dimension with dynamic block scales, round to
+    nearest; the calibrated ranges only set NVFP4's float32 tensor scale (per tensor, or per row with
+    "per_channel"), which `search` then searches (the format itself only, utils/search/space.py `range_formats`).
+    MX formats have no range (power-of-two scales from the data): search is refused there, as are channel shifts
+    with any block scaling.
     transforms: function-preserving changes fit on calibration data and saved in the parameter file, in order:
     first the model-wide ones (scope "model", e.g. ResidualRotation(), utils/search/residual_rotation.py), applied
     before calibration, then the per-block ones (utils/search/transforms.py, e.g. SmoothQuant(alpha=0.5)), fit on
@@ -71,9 +74,12 @@ class QuantConfig:
         scopes = [t.scope for t in self.transforms]
         if scopes != sorted(scopes, key=lambda scope: scope != "model"):
             raise ValueError(f"{self.name}: model-wide transforms come first (they are applied before calibration)")
-        if self.block is not None and (self.search or self.act_channel_shift):
-            raise ValueError(f"{self.name}: block-scaled formats are round to nearest (no search) without channel "
-                             "shifts")
+        if self.block is not None and self.act_channel_shift:
+            raise ValueError(f"{self.name}: block-scaled formats take no channel shifts")
+        if self.block is not None and self.search and self.block.power_of_two:
+            raise ValueError(f"{self.name}: power-of-two block scales (MX) come from the data alone: there is no range "
+                             "to search (search=False)")
+
     @property
     def uses_search_space(self) -> bool:
         """Whether calibration reads the SearchSpace knobs: a range search or further steps."""
@@ -81,12 +87,15 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         """Plain data for parameter-file metadata: the fields, each transform as its own dict, each step by its
-        class name (no "steps" key without steps, as in files written before steps existed)."""
+        class name (no "steps" key without steps, as in files written before steps existed; a block without maxima
+        is written as before maxima existed, so older files of the same definition still match)."""
         fields = asdict(self)
         fields["transforms"] = [t.to_dict() for t in self.transforms]
         fields["steps"] = [step.__name__ for step in self.steps]
         if not self.steps:
             del fields["steps"]
+        if fields["block"] is not None and not fields["block"]["maxima"]:
+            del fields["block"]["maxima"]
         return fields
 
 

@@ -21,8 +21,10 @@ Scales, named by what they are (float32 unless said), and the value of an elemen
 - ExMy / INT: `grid_inverse` u = max_value / grid_max (quantize.grid_inverse), max_value's shape (per tensor [],
   per row [rows, 1], per column [in]); value = fl32(table[code] * u).
 - FP8-scaled blocks (NVFP4): `block_scale` [..., n / size] as torch.float8_e4m3fn (the E4M3 byte of the block
-  scale), `tensor_scale` t = max(max_value, 1e-30) / (standard_max * 448), max_value's shape; the block's range is
-  R = fl32(fl32(standard_max * block_scale) * t) and value = fl32(table[code] * fl32(R / grid_max)), 0 where R = 0.
+  scale), `tensor_scale` t = max(max_value, 1e-30) / (standard_max * S), max_value's shape, S =
+  `BlockScaling.scale_max` (448; 256 for 4/6, whose per-block choice of 6 or 4 is in the block scale byte, so
+  decoding needs nothing more); the block's range is R = fl32(fl32(standard_max * block_scale) * t) and value =
+  fl32(table[code] * fl32(R / grid_max)), 0 where R = 0.
 - E8M0-scaled blocks (MX): `block_exponent` [..., n / size] uint8, the E8M0 byte: scale 2^(byte - 127), byte 255
   = NaN (a block holding NaN or Inf decodes to NaN, as in quantize); value = fl32(table[code] * standard_max /
   grid_max) * 2^(byte - 127), exact.
@@ -138,23 +140,26 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return codes.to(code_dtype(fmt))
 
 
-def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool) -> torch.Tensor:
-    """max_value as quantize broadcasts it. One tensor is stored, so the range may not broadcast x to a larger
-    shape (the search's candidates); for blocks it is per tensor [] or per row [..., 1], which becomes [..., 1, 1]."""
+def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool, name: str = "max_value") -> torch.Tensor:
+    """max_value (or a block clip, `name`) as quantize broadcasts it. One tensor is stored, so the range may not
+    broadcast x to a larger shape (the search's candidates); for blocks it is per tensor [] or per row [..., 1],
+    which becomes [..., 1, 1]."""
     if (torch.broadcast_shapes(x.shape, max_value.shape) != x.shape
             or blocks and max_value.dim() > 0 and max_value.shape[-1] != 1):
-        raise ValueError(f"max_value {tuple(max_value.shape)} must broadcast to x {tuple(x.shape)} without enlarging "
+        raise ValueError(f"{name} {tuple(max_value.shape)} must broadcast to x {tuple(x.shape)} without enlarging "
                          f"it{' and be per tensor or per row [..., 1]' if blocks else ''}")
     return max_value.unsqueeze(-1) if blocks and max_value.dim() > 0 else max_value
 
 
-def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> Encoded:
-    """Codes and scales of quantize(x, fmt, max_value) (any fmt, layouts in the module docstring).
+def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+           clip: torch.Tensor | float | None = None) -> Encoded:
+    """Codes and scales of quantize(x, fmt, max_value, clip=clip) (any fmt, layouts in the module docstring).
 
     x: floating point, any shape (block formats: last dimension a multiple of the block size), no NaN except in
     MX blocks (which become NaN blocks); max_value > 0, broadcastable to x without enlarging it (per tensor, per
-    row [..., 1], per column [n]); unused by MX formats. Returns codes in x's shape and float32 scales in
-    max_value's shape (block scales [..., n / size]); decode returns x's dtype.
+    row [..., 1], per column [n]); unused by MX formats; clip: block formats' multiplier of the block maxima, per
+    tensor or per row like max_value (None: 1). Returns codes in x's shape and float32 scales in max_value's shape
+    (block scales [..., n / size]); decode returns x's dtype.
     """
     if not x.is_floating_point():
         raise TypeError(f"encode expects a floating-point tensor, got {x.dtype}")
@@ -166,6 +171,10 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -
     if not mx and torch.isnan(x).any():
         raise ValueError(f"x holds NaN, which has no {fmt.element.name} code")
     range_value = _range_shape(max_value, x, fmt.block is not None)
+    if clip is not None:
+        if fmt.block is None:
+            raise ValueError(f"clip needs a block-scaled format, got {fmt.name}")
+        clip = _range_shape(torch.as_tensor(clip, dtype=torch.float32, device=x.device), x, True, "clip")
     if fmt.block is None:
         grid = round_to_grid(x, fmt, grid_scale(fmt, range_value, x.device))
         return Encoded(fmt, _element_codes(grid, fmt), x.dtype, grid_inverse=grid_inverse(fmt, max_value, x.device))
@@ -175,14 +184,14 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     if mx:  # the int32 exponents k; block values x 2^-k on the element's grid of range standard_max
-        scales = block_scales(amax, fmt, range_value)
+        scales = block_scales(amax, fmt, range_value, clip=clip)
         shifted = torch.ldexp(blocks, -scales)
         grid = round_to_grid(shifted, element, grid_scale(element, element.standard_max, x.device))
         finite = torch.isfinite(amax)
         codes = _element_codes(grid.masked_fill_(~finite, 0.0), element)
         byte = torch.where(finite, scales + fmt.block.scale_format.standard_bias, E8M0_NAN).to(torch.uint8)
         return Encoded(fmt, codes.reshape(x.shape), x.dtype, block_exponent=byte.squeeze(-1))
-    scale_code, tensor_scale = block_scale_codes(amax, fmt, range_value)
+    scale_code, tensor_scale = block_scale_codes(amax, fmt, range_value, blocks, clip)
     scales = block_range(fmt, scale_code, tensor_scale)
     grid = round_to_grid(blocks, element, grid_scale(element, scales, x.device)).masked_fill_(scales == 0, 0.0)
     return Encoded(fmt, _element_codes(grid, element).reshape(x.shape), x.dtype,

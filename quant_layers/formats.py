@@ -24,6 +24,9 @@ at run time (quant_layers/quantize.py):
 - other scale formats (FP8 E4M3, NVIDIA NVFP4): the block scale is amax / (standard_max * t) rounded to nearest
   in the scale format (saturating), under one float32 tensor scale t = tensor max / (standard_max *
   scale standard_max); the block's range is standard_max * scale * t. NVFP4 = E2M1 in blocks of 16.
+  With `maxima` (Four Over Six, "4/6": (6, 4)), each block's amax is scaled to whichever listed element value m
+  gives the block the lower squared error (scale = amax / (m t)), and t = tensor max / (standard_max * scale_max)
+  with `BlockScaling.scale_max` (256 for 4/6) so that the largest scale, amax / (4 t), stays within E4M3's 448.
 Element grids keep this project's convention (no NaN codes), so MXFP8's E4M3 elements reach 480, not 448.
 """
 
@@ -42,17 +45,50 @@ FLOAT32_MAX_EXPONENT_BITS = 7  # E <= 7: every grid value, scale and step of the
 @dataclass(frozen=True)
 class BlockScaling:
     """`size` consecutive values along the last dimension share a scale in `scale_format`; with `tensor_scale`
-    the block scales sit under one float32 scale per tensor (NVFP4)."""
+    the block scales sit under one float32 scale per tensor (NVFP4).
+
+    maxima: the element values a block's absolute maximum may be scaled to, each block taking the one with the
+    lowest squared error (ties: the first listed); () = the element format's largest value only (OCP MX, NVFP4).
+    Four Over Six is (6.0, 4.0). Scale formats with mantissa bits only (not E8M0's powers of two).
+    """
 
     size: int
     scale_format: "QuantFormat"
     tensor_scale: bool = False
+    maxima: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"a block needs at least one element, got size {self.size}")
         if self.scale_format.kind != "fp" or self.scale_format.block is not None:
             raise ValueError(f"block scales need an FP format without blocks, got {self.scale_format.name}")
+        maxima = tuple(float(m) for m in self.maxima)
+        if any(not (math.isfinite(m) and m > 0) for m in maxima) or len(set(maxima)) != len(maxima):
+            raise ValueError(f"block maxima must be distinct positive numbers, got {self.maxima}")
+        if maxima and self.power_of_two:
+            raise ValueError("block maxima need a scale format with mantissa bits (power-of-two scales follow the OCP "
+                             "MX rule)")
+        object.__setattr__(self, "maxima", maxima)
+
+    def targets(self, element_max: float) -> tuple[float, ...]:
+        """The element values a block's maximum may be scaled to: `maxima`, or (element_max,)."""
+        return self.maxima or (element_max,)
+
+    def scale_max(self, element_max: float) -> float:
+        """S, the block scale of a block holding the tensor's maximum scaled to element_max: the tensor scale is
+        t = tensor max / (element_max * S). The scale format's largest value (E4M3: 448) when every target is
+        element_max; otherwise the largest power of two whose largest block scale, S * element_max / min(targets),
+        stays within it: 4/6 with E4M3, 2^floor(log2(448 * 4 / 6)) = 256, so the block scaled to 4 reaches 384."""
+        top = self.scale_format.standard_max
+        headroom = element_max / min(self.targets(element_max))
+        if headroom <= 1:
+            return top
+        return math.ldexp(1.0, math.frexp(top / headroom)[1] - 1)
+
+    @property
+    def maxima_name(self) -> str:
+        """'' or '/max6,4', the suffix of a format name with maxima."""
+        return "/max" + ",".join(_number_name(m) for m in self.maxima) if self.maxima else ""
 
     @property
     def power_of_two(self) -> bool:
@@ -97,6 +133,12 @@ class QuantFormat:
             raise ValueError("INT formats are signed and have no exponent bits or NaN codes")
         if not 0 <= self.nan_codes < 2**magnitude_bits - 1:
             raise ValueError(f"nan_codes must leave numbers besides zero, got {self.nan_codes}")
+        if self.block is not None and self.block.maxima:
+            if max(self.block.maxima) > self.standard_max:
+                raise ValueError(f"block maxima {self.block.maxima} exceed the element's largest value "
+                                 f"{self.standard_max:g}")
+            if self.block.maxima == (self.standard_max,):  # one spelling of the standard rule: equal formats, names
+                object.__setattr__(self, "block", dataclasses.replace(self.block, maxima=()))
 
     @property
     def element(self) -> "QuantFormat":
@@ -134,6 +176,12 @@ class QuantFormat:
         return math.frexp(self.standard_max)[1] - 1
 
     @property
+    def has_range(self) -> bool:
+        """Whether `quantize` uses max_value: every format but power-of-two block scales (MX), whose scales come
+        from the data alone."""
+        return self.block is None or not self.block.power_of_two
+
+    @property
     def float32_error(self) -> str | None:
         """Why the quantizer cannot compute this format in float32 arithmetic, or None."""
         if self.kind == "fp" and self.exponent_bits > FLOAT32_MAX_EXPONENT_BITS:
@@ -155,7 +203,7 @@ class QuantFormat:
         for alias, fmt in BLOCK_ALIASES.items():
             if fmt == self:
                 return alias
-        return f"{element}/b{self.block.size}/{self.block.scale_name}"
+        return f"{element}/b{self.block.size}/{self.block.scale_name}{self.block.maxima_name}"
 
     def __str__(self) -> str:
         return self.name
@@ -176,18 +224,27 @@ E8M0 = QuantFormat("fp", 8, 8, signed=False, nan_codes=1)  # OCP MX scale: 2^-12
 SCALE_FORMATS = {"e8m0": (E8M0, False), "e4m3": (E4M3FN, True)}  # name in format strings: (format, tensor scale)
 NVFP4_BLOCKS = BlockScaling(16, E4M3FN, tensor_scale=True)  # NVIDIA NVFP4's block scaling
 MX_BLOCKS = BlockScaling(32, E8M0)  # OCP MX v1.0's block scaling
+NVFP4_4OVER6_BLOCKS = BlockScaling(16, E4M3FN, tensor_scale=True, maxima=(6.0, 4.0))  # Four Over Six (4/6)
 
 
-def with_blocks(fmt: QuantFormat, size: int, scale: str) -> QuantFormat:
-    """fmt's elements in blocks of `size` along the last dimension, scales named as in SCALE_FORMATS."""
+def _number_name(value: float) -> str:
+    """A float as short text that reads back to the same float: '6', '0.75'."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
+def with_blocks(fmt: QuantFormat, size: int, scale: str, maxima: tuple[float, ...] = ()) -> QuantFormat:
+    """fmt's elements in blocks of `size` along the last dimension, scales named as in SCALE_FORMATS, blocks scaled
+    to `maxima` (BlockScaling)."""
     if scale not in SCALE_FORMATS:
         raise ValueError(f"unknown block scale {scale!r}: expected one of {', '.join(SCALE_FORMATS)}")
     scale_format, tensor_scale = SCALE_FORMATS[scale]
-    return dataclasses.replace(fmt, block=BlockScaling(size, scale_format, tensor_scale))
+    return dataclasses.replace(fmt, block=BlockScaling(size, scale_format, tensor_scale, maxima))
 
 
 BLOCK_ALIASES = {
     "NVFP4": dataclasses.replace(fp_format(2, 1), block=NVFP4_BLOCKS),
+    "NVFP4_4OVER6": dataclasses.replace(fp_format(2, 1), block=NVFP4_4OVER6_BLOCKS),
     "MXFP4": dataclasses.replace(fp_format(2, 1), block=MX_BLOCKS),
     "MXFP8": dataclasses.replace(fp_format(4, 3), block=MX_BLOCKS),
 }
@@ -195,19 +252,27 @@ BLOCK_ALIASES = {
 
 def parse_format(name: str) -> QuantFormat:
     """Inverse of `QuantFormat.name` for element and block formats: 'E2M1' -> fp_format(2, 1), 'INT4', 'NVFP4',
-    'MXFP4', 'E4M3/b32/e8m0'."""
+    'NVFP4_4OVER6', 'MXFP4', 'E4M3/b32/e8m0', 'E2M1/b16/e4m3/max6,3'."""
     text = name.strip()
     if text.upper() in BLOCK_ALIASES:
         return BLOCK_ALIASES[text.upper()]
     element, _, block = text.partition("/")
     match = re.fullmatch(r"E(\d+)M(\d+)|INT(\d+)", element.upper())
-    block_match = re.fullmatch(rf"b(\d+)/({'|'.join(SCALE_FORMATS)})", block) if block else None
+    number = r"[0-9.eE+-]+"
+    block_match = (re.fullmatch(rf"b(\d+)/({'|'.join(SCALE_FORMATS)})(?:/max({number}(?:,{number})*))?", block)
+                   if block else None)
     if match is None or (block and block_match is None):
         raise ValueError(f"unknown format name {name!r}: expected ExMy (e.g. E2M1), INTn (e.g. INT4), NVFP4, MXFP4 "
-                         f"or element/b<block size>/<{'|'.join(SCALE_FORMATS)}>")
+                         f"or element/b<block size>/<{'|'.join(SCALE_FORMATS)}>[/max<m1,m2,...>]")
     fmt = int_format(int(match.group(3))) if match.group(3) is not None else fp_format(int(match.group(1)),
                                                                                         int(match.group(2)))
-    return with_blocks(fmt, int(block_match.group(1)), block_match.group(2)) if block_match else fmt
+    if block_match is None:
+        return fmt
+    try:
+        maxima = tuple(float(m) for m in block_match.group(3).split(",")) if block_match.group(3) else ()
+    except ValueError:
+        raise ValueError(f"unknown format name {name!r}: block maxima must be numbers") from None
+    return with_blocks(fmt, int(block_match.group(1)), block_match.group(2), maxima)
 
 
 def formats_of_width(bits: int, kind: str = "fp") -> list[QuantFormat]:

@@ -44,6 +44,8 @@ class QuantParams:
     weight_codes [rows, in]: the quantized weight as codes (quant_layers/codes.py layout: uint8 up to 8 bits) of its
     standard-grid values under the ranges and block scales above (a rounding other than to nearest, e.g. GPTQ's;
     block formats need weight_block_scale); None: round to nearest.
+    act_block_clip []: float32 multiplier of the dynamic block maxima of a block-scaled activation format (scales
+    from clip * amax, computed per block at run time; `quantize`'s clip), a search's choice; None: 1.
     """
 
     weight_format: QuantFormat | None
@@ -56,6 +58,7 @@ class QuantParams:
     kind: str = "linear"
     weight_block_scale: torch.Tensor | None = None
     weight_codes: torch.Tensor | None = None
+    act_block_clip: torch.Tensor | None = None
 
 
 def quantized_weight(weight: torch.Tensor, params: QuantParams) -> torch.Tensor:
@@ -101,6 +104,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_channel_scale", None)  # 2^k [in], float32
         self.register_buffer("act_grid_scale", None)  # s = grid_max / act_max_value, [1] float32
         self.register_buffer("act_grid_inverse", None)  # act_max_value / grid_max
+        self.register_buffer("act_block_clip", None)  # [] float32, block-scaled act formats (None: 1)
         self.input_rotation = InputRotation()
 
     @property
@@ -109,10 +113,12 @@ class QuantLinear(nn.Module):
 
     def set_quant_params(self, params: QuantParams) -> None:
         """Quantize the weight once (per-row ranges [out]) and set the activation quantizer (per-tensor range [],
-        optional channel shifts [in]). May be called once: the full-precision weight is replaced by its quantized
-        values."""
+        optional channel shifts [in], a block format's clip []). May be called once: the full-precision weight is
+        replaced by its quantized values."""
         if self.is_quantized:
             raise RuntimeError("quantization parameters are already set on this module")
+        if params.act_block_clip is not None and (params.act_format is None or params.act_format.block is None):
+            raise ValueError("act_block_clip needs a block-scaled activation format")
         weight = self.weight.detach()
         if params.weight_format is not None:
             weight = quantized_weight(weight, params)
@@ -127,13 +133,15 @@ class QuantLinear(nn.Module):
         if params.act_format is not None:
             self.act_max_value = params.act_max_value.to(device=weight.device, dtype=torch.float32).reshape(())
             self.act_grid_scale, self.act_grid_inverse = activation_scales(params.act_format, self.act_max_value)
+            if params.act_block_clip is not None:
+                self.act_block_clip = params.act_block_clip.to(device=weight.device, dtype=torch.float32).reshape(())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q_a(x * 2^k; m_a): what the folded weight multiplies."""
         if self.act_format is None:
             return x
         return quantize_activation(x, self.act_format, self.act_max_value, self.act_channel_scale,
-                                   (self.act_grid_scale, self.act_grid_inverse))
+                                   (self.act_grid_scale, self.act_grid_inverse), block_clip=self.act_block_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(self.input_rotation(x)), self.weight, self.bias)

@@ -17,7 +17,9 @@ Semantics (every format, every caller):
   absolute maximum (`block_scales`), or from an explicit `block_scale` (a search's choice), then the element
   format is applied as above. Power-of-two scales are
   applied exactly (x * 2^-k, then q * 2^k), so every E8M0 scale from 2^-127 up is reached; a block scale that
-  rounds to zero (E4M3) gives zeros.
+  rounds to zero (E4M3) gives zeros. A clipping multiplier `clip` (a static choice for dynamic scales) derives
+  the scales from clip * amax instead (elements beyond the clipped range saturate); with several block maxima
+  (BlockScaling.maxima, 4/6) each block takes the scale of the lowest squared error.
 
 Standard-grid values have at most M + 1 significant bits (INT: bits - 1), so for every format of up
 to 8 bits they are exact in bfloat16: products of grids are exact, which the search uses to run its
@@ -96,7 +98,7 @@ def check_format(fmt: QuantFormat) -> None:
 
 
 def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
-             block_scale: torch.Tensor | None = None) -> torch.Tensor:
+             block_scale: torch.Tensor | None = None, clip: torch.Tensor | float | None = None) -> torch.Tensor:
     """Fake-quantize x (any shape, float dtype) to fmt with clipping range max_value (broadcastable, > 0).
 
     Returns q(x) = round_to_grid(x * s) * u with s = grid_max / max_value, u = max_value / grid_max; same
@@ -109,14 +111,17 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
     formats (any integer dtype), else the block range top * code * t (float32); max_value is then unused by
     the element quantization. A block_scale with more leading dimensions than x gives one result per leading
     index (candidates [C, ..., blocks] -> [C, ..., last]). None: the data's scales (unchanged behaviour).
+    clip (block-scaled formats only, not with block_scale): a multiplier (> 0) of each block's absolute maximum
+    before its scale is derived, shaped like max_value (per tensor [], per row [..., 1]; more leading dimensions
+    than x give one result per leading index, e.g. candidates [C, 1, 1] for a 2-D x). None: 1, bit for bit.
     """
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
     check_format(fmt)
     if fmt.block is not None:
-        return _quantize_blocks(x, fmt, max_value, block_scale)
-    if block_scale is not None:
-        raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
+        return _quantize_blocks(x, fmt, max_value, block_scale, clip)
+    if block_scale is not None or clip is not None:
+        raise ValueError(f"block_scale and clip need a block-scaled format, got {fmt.name}")
     scale = grid_scale(fmt, max_value, x.device)
     return round_to_grid(x, fmt, scale).mul_(grid_inverse(fmt, max_value, x.device)).to(x.dtype)
 
@@ -133,15 +138,30 @@ def floor_log2(x: torch.Tensor) -> torch.Tensor:
     return torch.frexp(x.float()).exponent - 1
 
 
-def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float
+def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                      blocks: torch.Tensor | None = None, clip: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-power-of-two block scales (NVFP4): (code, t), code = Q_s(amax / (top t)) the block scale in the scale
-    format (float32 values of its grid, saturating), t = max_value / (top * scale top) the float32 tensor scale."""
+    """Non-power-of-two block scales (NVFP4): (code, t), t = max_value / (top * S) the float32 tensor scale (S =
+    `BlockScaling.scale_max`: 448 for NVFP4, 256 for 4/6), code = Q_s(a / (m t)) the block scale in the scale format
+    (float32 values of its grid, saturating), a = amax [..., blocks, 1] (times clip when given: broadcastable to it),
+    m = top; with several block maxima (4/6) the m whose quantized block (blocks [..., blocks, size], needed then)
+    has the lowest squared error (summed in float32; ties: the first listed)."""
     scale_format = fmt.block.scale_format
     top = fmt.standard_max
     tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=amax.device).clamp(min=_TINY)
-    tensor_scale = tensor_scale / (top * scale_format.standard_max)
-    return quantize(amax / (top * tensor_scale), scale_format, scale_format.standard_max), tensor_scale
+    tensor_scale = tensor_scale / (top * fmt.block.scale_max(top))
+    if clip is not None:
+        amax = amax * clip
+    codes = [quantize(amax / (target * tensor_scale), scale_format, scale_format.standard_max)
+             for target in fmt.block.targets(top)]
+    if len(codes) == 1:
+        return codes[0], tensor_scale
+    if blocks is None:
+        raise ValueError(f"{fmt.name} chooses each block's scale by its error: block_scale_codes needs the blocks")
+    errors = torch.stack([(quantize_elements(blocks, fmt, block_range(fmt, code, tensor_scale)) - blocks)
+                          .square_().sum(dim=-1, keepdim=True) for code in codes])
+    codes = torch.stack(torch.broadcast_tensors(*codes))
+    return codes.gather(0, errors.argmin(dim=0, keepdim=True).expand(1, *codes.shape[1:]))[0], tensor_scale
 
 
 def block_range(fmt: QuantFormat, code: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
@@ -149,30 +169,48 @@ def block_range(fmt: QuantFormat, code: torch.Tensor, tensor_scale: torch.Tensor
     return fmt.standard_max * code * tensor_scale
 
 
-def block_scales(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float) -> torch.Tensor:
-    """The scale of each block from its absolute maximum amax [..., blocks, 1] (float32), per formats.py:
+def block_scales(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                 blocks: torch.Tensor | None = None, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """The scale of each block from its absolute maximum amax [..., blocks, 1] (float32), per formats.py, with a
+    = amax, or clip * amax (clip broadcastable to amax):
 
-    power-of-two scales: k = clamp(floor(log2 amax) - emax, -bias_s, emax_s), returned as the int32 exponent k;
-    others: the block range `block_range(fmt, *block_scale_codes(amax, fmt, max_value))` (float32).
+    power-of-two scales: k = clamp(floor(log2 a) - emax, -bias_s, emax_s), returned as the int32 exponent k;
+    others: the block range `block_range(fmt, *block_scale_codes(amax, fmt, max_value, blocks, clip))` (float32;
+    blocks [..., blocks, size] needed with several block maxima).
     """
     if fmt.block.power_of_two:
         scale_format = fmt.block.scale_format
-        exponent = floor_log2(amax) - fmt.max_exponent
+        exponent = floor_log2(amax if clip is None else amax * clip) - fmt.max_exponent
         return exponent.clamp_(-scale_format.standard_bias, scale_format.max_exponent)
-    return block_range(fmt, *block_scale_codes(amax, fmt, max_value))
+    return block_range(fmt, *block_scale_codes(amax, fmt, max_value, blocks, clip))
+
+
+def block_shaped(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | float | None:
+    """A per-tensor [] or per-row [..., 1] value (a range, a clip) shaped for block maxima [..., blocks, 1]: a
+    tensor with dimensions gets a trailing 1 (so [..., 1] stays per row); others unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value.to(device).unsqueeze(-1)
+    return value
 
 
 def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
-                     block_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     block_scale: torch.Tensor | None = None, clip: torch.Tensor | float | None = None
+                     ) -> torch.Tensor:
     size = fmt.block.size
     if x.shape[-1] % size:
         raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {size}")
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
-    if isinstance(max_value, torch.Tensor) and max_value.dim() > 0:
-        max_value = max_value.unsqueeze(-1)  # a per-row range [..., 1] stays per row for the blocks
+    max_value = block_shaped(max_value, x.device)  # a per-row range [..., 1] stays per row for the blocks
+    if clip is not None:
+        if block_scale is not None:
+            raise ValueError("clip multiplies the data's block maxima: it does not combine with explicit block_scale")
+        clip = torch.as_tensor(clip, dtype=torch.float32, device=x.device)
+        if clip.dim() > 0 and clip.shape[-1] != 1:
+            raise ValueError(f"clip {tuple(clip.shape)} must be per tensor or per row [..., 1]")
+        clip = block_shaped(clip, x.device)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     if block_scale is None:
-        scales = block_scales(amax, fmt, max_value)
+        scales = block_scales(amax, fmt, max_value, blocks, clip)
     elif fmt.block.power_of_two:
         scales = block_scale.to(device=x.device, dtype=torch.int32).unsqueeze(-1)
     else:
@@ -214,18 +252,21 @@ def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None) -> b
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,
                         channel_scale: torch.Tensor | None = None,
                         scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        use_kernel: bool | None = None) -> torch.Tensor:
+                        use_kernel: bool | None = None, block_clip: torch.Tensor | None = None) -> torch.Tensor:
     """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in] (float32).
 
-    Equals `quantize(x * channel_scale, fmt, max_value)` bit for bit; one fused kernel on CUDA.
+    Equals `quantize(x * channel_scale, fmt, max_value, clip=block_clip)` bit for bit; one fused kernel on CUDA.
     scales: `activation_scales(fmt, max_value)` computed once by the caller (saves two small kernel launches).
+    block_clip []: a block-scaled format's clipping multiplier of its dynamic block maxima (None: 1).
     """
-    if _use_kernel(x, fmt, use_kernel):
+    if block_clip is not None and fmt.block is None:
+        raise ValueError(f"block_clip needs a block-scaled format, got {fmt.name}")
+    if _use_kernel(x, fmt, use_kernel):  # element formats only (kernels.supports): no block clip reaches a kernel
         scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
         return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
         x = x * channel_scale.to(x.dtype)
-    return quantize(x, fmt, max_value)
+    return quantize(x, fmt, max_value, clip=block_clip)
 
 
 def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,

@@ -103,7 +103,8 @@ def test_decode_of_encode_is_quantize(fmt, ranges, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ranges", ["tensor", "row"])
 @pytest.mark.parametrize("fmt", [NVFP4, MXFP4, parse_format("MXFP8"), parse_format("INT8/b32/e8m0"),
-                                 parse_format("E1M2/b16/e4m3")], ids=lambda f: f.name)
+                                 parse_format("E1M2/b16/e4m3"), parse_format("NVFP4_4OVER6"),
+                                 parse_format("E2M1/b16/e4m3/max6,3,1.5")], ids=lambda f: f.name)
 def test_block_formats_decode_of_encode_is_quantize(fmt, ranges, dtype):
     """Rows of blocks with amax spread over 2^-20 .. 2^20 (MX exponents, E4M3 subnormal and zero block scales)."""
     generator = torch.Generator().manual_seed(fmt.block.size)

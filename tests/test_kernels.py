@@ -47,15 +47,18 @@ import sys, torch
 sys.path.insert(0, {str(SCRIPT.parents[1])!r})
 from quant_layers import kernels
 from quant_layers.formats import parse_format, fp_format
-from quant_layers.quantize import quantize, weight_residuals, grid_candidates
+from quant_layers.quantize import quantize, quantize_activation, weight_residuals, grid_candidates
 w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
 ranges = torch.rand(3, 8) + 0.5
-for name in ("NVFP4", "MXFP4"):
+for name in ("NVFP4", "MXFP4", "NVFP4_4OVER6"):
     fmt = parse_format(name)
     assert kernels.unavailable_reason(w, fmt) is not None
     got = weight_residuals(w, fmt, ranges, torch.float32)
     want = torch.stack([quantize(w, fmt, r.view(-1, 1)) - w for r in ranges])
     assert torch.equal(got, want), name
+    clip, act_range = torch.tensor(0.8), torch.tensor(3.0)
+    got = quantize_activation(w, fmt, act_range, block_clip=clip)
+    assert torch.equal(got, quantize(w, fmt, act_range, clip=clip)), name
     try:
         grid_candidates(w, fmt, torch.ones(2), None, torch.float32)
         raise SystemExit("grid_candidates accepted " + name)

@@ -54,8 +54,8 @@ def test_weight_quantized_once_not_per_forward(monkeypatch):
     calls = []
     for name in ("quantize", "quantize_activation"):
         real = getattr(modules, name)
-        monkeypatch.setattr(modules, name, lambda x, *a, real=real, name=name: calls.append((name, tuple(x.shape)))
-                            or real(x, *a))
+        monkeypatch.setattr(modules, name, lambda x, *a, real=real, name=name, **k: calls.append((name, tuple(x.shape)))
+                            or real(x, *a, **k))
     module(torch.randn(7, 16))
     assert calls == [("quantize_activation", (7, 16))]  # the activation only
     with pytest.raises(RuntimeError):

@@ -216,8 +216,12 @@ def test_block_format_data():
     assert (NVFP4.element, NVFP4.block) == (fp_format(2, 1), BlockScaling(16, E4M3FN, tensor_scale=True))
     assert (MXFP4.element, MXFP4.block) == (fp_format(2, 1), BlockScaling(32, E8M0))
     assert NVFP4.standard_max == 6.0 and fp_format(4, 3).standard_max == 480.0
-    for name in ("NVFP4", "MXFP4", "MXFP8", "E2M1/b64/e8m0", "INT8/b32/e8m0"):
+    for name in ("NVFP4", "MXFP4", "MXFP8", "E2M1/b64/e8m0", "INT8/b32/e8m0", "NVFP4_4OVER6", "E2M1/b16/e4m3/max6,3",
+                 "INT8/b16/e4m3/max127,0.75"):
         assert parse_format(name).name == name
+    for bad in ("E2M1/b16/e4m3/max", "E2M1/b16/e4m3/max6,,4", "E2M1/b16/e4m3/maxe"):
+        with pytest.raises(ValueError):
+            parse_format(bad)
     with pytest.raises(ValueError):
         BlockScaling(0, E8M0)
     with pytest.raises(ValueError):

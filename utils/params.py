@@ -14,6 +14,8 @@ A rounding other than to nearest (GPTQ's, QuantParams.weight_codes [rows, in]) i
 the codes of quant_layers/codes.py, packed two per byte (`pack_nibbles`, low nibble first, [rows, in / 2] uint8)
 for formats of up to 4 bits and an even width, as they are (uint8, int32 above 8 bits) otherwise; the module's
 metadata says which ("weight_codes": "nibbles" or "plain"). Files without it round to nearest.
+A block-scaled activation format's searched clipping multiplier of its dynamic block maxima (QuantParams.
+act_block_clip) is stored as <module>.act_block_clip, [] float32 (> 0); files without it use 1 (unclipped maxima).
 
 A transform's fitted tensor is stored with kind "transform" and the transform's settings (its to_dict), under the
 module it belongs to (SmoothQuant: a norm's migration scales, tensor "<norm>.smooth_scale"; files from before
@@ -132,6 +134,8 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
                 tensors[f"{name}.{field_name}_exponent_bias"] = exponent_bias_from_max(fmt, max_value)
         if p.act_channel_shift is not None:
             tensors[f"{name}.act_channel_shift"] = _plain(p.act_channel_shift, torch.int8)
+        if p.act_block_clip is not None:
+            tensors[f"{name}.act_block_clip"] = _plain(p.act_block_clip, torch.float32)
         if p.weight_block_scale is not None:
             power_of_two = p.weight_format.block.power_of_two
             tensors[f"{name}.weight_block_scale"] = _plain(p.weight_block_scale,
@@ -224,6 +228,7 @@ def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
         kind=kind,
         weight_block_scale=tensors.get(f"{name}.weight_block_scale"),
         weight_codes=_weight_codes(name, info, tensors),
+        act_block_clip=tensors.get(f"{name}.act_block_clip"),
     )
 
 
@@ -328,6 +333,12 @@ def _check_shapes(name: str, p: QuantParams, module: nn.Module) -> None:
         if p.weight_format.block is not None and p.weight_block_scale is None:
             raise ParamFileError(f"module {name!r}: the file's weight codes of {p.weight_format.name} come without "
                                  "their block scales")
+    if p.act_block_clip is not None:
+        clip = p.act_block_clip
+        if p.act_format is None or p.act_format.block is None or clip.dim() != 0 or not clip.is_floating_point() \
+                or not bool(torch.isfinite(clip) & (clip > 0)):
+            raise ParamFileError(f"module {name!r}: the file's activation block clip (shape {tuple(clip.shape)}) is "
+                                 "not one positive number for a block-scaled activation format")
     if (p.weight_format is not None) != (p.weight_max_value is not None) or \
             (p.act_format is not None) != (p.act_max_value is not None):
         raise ParamFileError(f"module {name!r}: the file has a format without its range (or a range without format)")

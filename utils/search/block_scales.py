@@ -8,7 +8,8 @@ Candidates per block, around the max-based scale that `quantize` derives from th
   -codes_below .. +codes_above of the max-based code in the sorted list of the format's non-negative values
   (default 8 below, 4 above: E4M3 has 8 codes per binade, so from about half to about 1.5 times the max-based
   scale), clamped to the list's ends (a clamped duplicate scores the same as its original: argmin keeps the first).
-  The block range of code c is top * c * t (`block_range`).
+  The block range of code c is top * c * t (`block_range`). With several block maxima (4/6) the max-based code is
+  the one the format's rule picks for the block.
 
 Local loss of block j of row o under candidate c: d^T H_j d, d = q(w_oj; c) - w_oj, H_j the [size, size] diagonal
 block of G = Xq^T Xq (`LinearProblem._weight_stats`), batched over candidates x rows x blocks (one einsum per
@@ -67,7 +68,8 @@ class BlockScaleStep:
         """(candidate block scales [C, out, blocks], max-based block scales [out, blocks]), encoded as `quantize`'s
         block_scale, of weight [out, in] (float32) under per-row ranges max_value [out]."""
         out, width = weight.shape
-        amax = weight.abs().reshape(out, width // fmt.block.size, fmt.block.size).amax(-1, keepdim=True)
+        blocks = weight.reshape(out, width // fmt.block.size, fmt.block.size)
+        amax = blocks.abs().amax(-1, keepdim=True)
         row_range = max_value.float().view(-1, 1, 1)
         if fmt.block.power_of_two:
             scale_format = fmt.block.scale_format
@@ -76,7 +78,7 @@ class BlockScaleStep:
             cands = (base.unsqueeze(0) + offsets.view(-1, 1, 1)).clamp_(-scale_format.standard_bias,
                                                                          scale_format.max_exponent)
             return cands, base
-        code, tensor_scale = block_scale_codes(amax, fmt, row_range)
+        code, tensor_scale = block_scale_codes(amax, fmt, row_range, blocks)  # 4/6: the block's own choice
         values = scale_format_values(fmt.block.scale_format).to(weight.device)
         position = torch.searchsorted(values, code.squeeze(-1).contiguous())  # codes are exact values of the list
         offsets = torch.arange(-self.codes_below, self.codes_above + 1, device=weight.device)

@@ -15,6 +15,10 @@ is cheaper:
   + 2 d_n . (R Wq)_n + |R|^2, costing N*in^2 instead of N*in*out per candidate when in < out (e.g. the
   output head); or directly when out <= in. `coarse_rows` gives the strided token subset candidates are
   ranked on first.
+- block-scaled formats (NVFP4, MX, on either side): no per-tensor grid, so the quantized operands come from the
+  reference quantizer (`quantized_inputs`, `quantize`), batched over candidates by a leading dimension of their
+  ranges and block clips, in float32: activation candidates directly (Q_a(X) Wq^T - X W^T); weight candidates by
+  the quadratic form above with G, V, c of Q_a(X), or directly when N < in.
 
 Numerics: quantized operands are standard-grid values times a scale, and grids are exact in bfloat16
 (quant_layers/quantize.py). On CUDA with a bfloat16 model every matrix product of a grid and the
@@ -100,13 +104,16 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ActCandidates:
-    """Activation candidates: per-tensor ranges max_value [C] and integer channel shifts [C, in] or None.
+    """Activation candidates: per-tensor ranges max_value [C], integer channel shifts [C, in] or None, and for a
+    block-scaled format the clipping multipliers of its dynamic block maxima block_clip [C] or None (1).
 
-    Candidate c quantizes X column i with range max_value[c] * 2^-shift[c, i]."""
+    Candidate c quantizes X column i with range max_value[c] * 2^-shift[c, i] (blocks: each block's scale from
+    block_clip[c] * its absolute maximum)."""
 
     fmt: QuantFormat
     max_value: torch.Tensor
     shift: torch.Tensor | None = None
+    block_clip: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.max_value.shape[0]
@@ -117,13 +124,15 @@ class ActCandidates:
     def channel_scale(self) -> torch.Tensor | None:
         return None if self.shift is None else torch.exp2(self.shift.float())
 
-    def select(self, index: torch.Tensor) -> "ActCandidates":
-        return ActCandidates(self.fmt, self.max_value[index], None if self.shift is None else self.shift[index])
+    def select(self, index: torch.Tensor | slice) -> "ActCandidates":
+        return ActCandidates(self.fmt, self.max_value[index], None if self.shift is None else self.shift[index],
+                             None if self.block_clip is None else self.block_clip[index])
 
     @staticmethod
     def of_state(state: QuantParams) -> "ActCandidates":
         shift = None if state.act_channel_shift is None else state.act_channel_shift.view(1, -1)
-        return ActCandidates(state.act_format, state.act_max_value.reshape(1), shift)
+        clip = None if state.act_block_clip is None else state.act_block_clip.reshape(1)
+        return ActCandidates(state.act_format, state.act_max_value.reshape(1), shift, clip)
 
 
 def chunks(total: int, step: int):
@@ -187,6 +196,8 @@ class LinearProblem:
         activation quantizer of `state` fixed."""
         acts = self._stats_acts(state)
         if self.tokens < self.in_features:
+            if fmt.block is not None or acts.fmt.block is not None:
+                return self._reference_weight_losses(fmt, candidates, acts)
             return self._weight_losses_direct(fmt, candidates, acts)
         gram, v, const = self._weight_stats(acts)
         losses = torch.empty(candidates.shape[0], self.out_features, device=self.x.device)
@@ -233,7 +244,7 @@ class LinearProblem:
     def _stats_acts(self, state: QuantParams) -> ActCandidates:
         """The activation quantizer of state as one candidate; the same object for the same quantizer, so
         that `_weight_stats` can keep its statistics."""
-        key = (state.act_format, state.act_max_value, state.act_channel_shift)
+        key = (state.act_format, state.act_max_value, state.act_channel_shift, state.act_block_clip)
         if self._stats_key is None or key[0] != self._stats_key[0] or any(
                 a is not b for a, b in zip(key[1:], self._stats_key[1:])):
             self._stats_key = key
@@ -268,18 +279,14 @@ class LinearProblem:
 
     def _block_weight_stats(self, acts: ActCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`_weight_stats` for a block-scaled activation format (no per-tensor grid): Xq from the reference quantizer
-        (Xq = Q(X * 2^k) * 2^-k with channel shifts k), everything in float32."""
+        (`quantized_inputs`), everything in float32."""
         gram = torch.zeros(self.in_features, self.in_features, device=self.x.device)
         v = torch.zeros(self.out_features, self.in_features, device=self.x.device)
         const = torch.zeros(self.out_features, device=self.x.device)
         weight = self.weight.float()
-        channel_scale = acts.channel_scale()
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
             x32 = xt.float()
-            if channel_scale is None:
-                xq = quantize(x32, acts.fmt, acts.max_value[0])
-            else:
-                xq = quantize(x32 * channel_scale[0], acts.fmt, acts.max_value[0]) / channel_scale[0]
+            xq = self.quantized_inputs(xt, acts)[0]
             gram += xq.T @ xq
             r = (xq - x32) @ weight.T
             for outs in chunks(self.out_features, self.budget.rows(4 * self.in_features)):
@@ -310,6 +317,34 @@ class LinearProblem:
                 losses[c, outs] = ((u @ gram).add_(v[outs], alpha=2) * u).sum(-1) + const[outs]
         return losses.view(residual.shape[:-1])
 
+    def quantized_inputs(self, xt: torch.Tensor, acts: ActCandidates) -> torch.Tensor:
+        """Q_a(xt) [C, n, in] float32 for every candidate by the reference quantizer (any format, a block format's
+        clip), batched by a leading candidate dimension of the ranges; with channel shifts Q(x * 2^k) * 2^-k."""
+        x32 = xt.float()
+        max_value = acts.max_value.float().view(-1, 1, 1)
+        clip = None if acts.block_clip is None else acts.block_clip.float().view(-1, 1, 1)
+        channel_scale = acts.channel_scale()
+        if channel_scale is None:
+            return quantize(x32, acts.fmt, max_value, clip=clip).expand(len(acts), *x32.shape)
+        channel_scale = channel_scale.unsqueeze(1)  # [C, 1, in]
+        return quantize(x32 * channel_scale, acts.fmt, max_value, clip=clip).div_(channel_scale)
+
+    def _reference_weight_losses(self, fmt: QuantFormat, candidates: torch.Tensor, acts: ActCandidates
+                                 ) -> torch.Tensor:
+        """`weight_losses` directly by the reference quantizers (a block-scaled format on either side, N < in): per
+        row, the sum over tokens of (Q_a(X) Q_w(W)^T - X W^T)^2, float32, in candidate x token chunks within the
+        budget (about 16 bytes per weight element and candidate: Q_w(W) and the quantizer's working copies)."""
+        weight = self.weight.float()
+        losses = torch.zeros(candidates.shape[0], self.out_features, device=self.x.device)
+        for cands in chunks(candidates.shape[0], self.budget.rows(16 * self.out_features * self.in_features)):
+            weight_q = quantize(weight, fmt, candidates[cands].unsqueeze(-1)).transpose(1, 2)  # [c, in, out]
+            row_bytes = 4 * (12 * self.in_features + 3 * weight_q.shape[0] * self.out_features)
+            for xt in self._token_chunks(self.x, row_bytes):
+                y = xt.float() @ weight.T
+                xq = self.quantized_inputs(xt, acts)[0]
+                losses[cands] += (xq @ weight_q).sub_(y).square_().sum(dim=1)
+        return losses
+
     def _weight_losses_direct(self, fmt: QuantFormat, candidates: torch.Tensor, acts: ActCandidates
                               ) -> torch.Tensor:
         losses = torch.zeros(candidates.shape[0], self.out_features, device=self.x.device)
@@ -326,10 +361,15 @@ class LinearProblem:
         return losses
 
     def act_losses(self, acts: ActCandidates, weight_format: QuantFormat, weight_max_value: torch.Tensor,
-                   x: torch.Tensor | None = None) -> torch.Tensor:
+                   x: torch.Tensor | None = None, weight_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Loss [C] (summed over x's tokens, not normalized) of activation candidates with the weight
-        quantized to (weight_format, weight_max_value [out]) fixed. x: token rows to use (default all)."""
+        quantized to (weight_format, weight_max_value [out], weight_block_scale: a block format's explicit scales or
+        None) fixed. x: token rows to use (default all)."""
         x = self.x if x is None else x
+        if acts.fmt.block is not None or weight_format.block is not None:
+            return self._reference_act_losses(acts, weight_format, weight_max_value, weight_block_scale, x)
+        if weight_block_scale is not None:
+            raise ValueError(f"weight_block_scale needs a block-scaled weight format, got {weight_format.name}")
         grid, scale = self.weight_grid(weight_format, weight_max_value)
         act_inverse = (1.0 / acts.scale()).view(-1, 1, 1)
         losses = torch.zeros(len(acts), device=self.x.device)
@@ -360,6 +400,22 @@ class LinearProblem:
                     losses[rows] += yq.mul_(output_inverse[rows]).sub_(y).square_().sum((1, 2))
         return losses
 
+    def _reference_act_losses(self, acts: ActCandidates, weight_format: QuantFormat, weight_max_value: torch.Tensor,
+                              weight_block_scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """`act_losses` by the reference quantizers (block-scaled formats), directly: sum over x's tokens of
+        |Q_a(X) Wq^T - X W^T|^2 per candidate, float32, in candidate x token chunks within the budget (about
+        4 (12 in + 3 out) bytes per token and candidate: the quantizer's working copies, the product, its error)."""
+        weight = self.weight.float()
+        weight_q = quantize(weight, weight_format, weight_max_value.view(-1, 1), weight_block_scale).T
+        losses = torch.zeros(len(acts), device=self.x.device)
+        row_bytes = 4 * (12 * self.in_features + 3 * self.out_features)
+        for xt in self._token_chunks(x, row_bytes):
+            y = xt.float() @ weight.T
+            for rows in chunks(len(acts), self.budget.rows(xt.shape[0] * row_bytes)):
+                xq = self.quantized_inputs(xt, acts.select(rows))
+                losses[rows] += (xq @ weight_q).sub_(y).square_().sum((1, 2))
+        return losses
+
     def coarse_rows(self, count: int) -> torch.Tensor | None:
         """A strided subset of about `count` token rows, or None when that is (nearly) all of them."""
         if count <= 0 or self.tokens < 2 * count:
@@ -375,19 +431,16 @@ class LinearProblem:
         return float(self.normalize(losses)[0])
 
     def _reference_loss(self, state: QuantParams) -> torch.Tensor:
-        """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included, the
-        weight's stored codes (`quantized_weight`) and FPQ's channel shifts k (Xq = Q(X 2^k) 2^-k) honoured."""
+        """L (summed) with X and W quantized by the reference quantizer: any format, block-scaled ones included (with
+        the state's block scales, block clip and FPQ's channel shifts k: Xq = Q(X 2^k) 2^-k), the weight's stored codes
+        honoured (`quantized_weight`)."""
         weight = self.weight.float()
         weight_q = quantized_weight(weight, state)
-        channel_scale = ActCandidates.of_state(state).channel_scale()
+        acts = ActCandidates.of_state(state)
         total = torch.zeros((), device=self.x.device)
         for xt in self._token_chunks(self.x, 12 * (self.in_features + self.out_features)):
-            x32 = xt.float()
-            if channel_scale is None:
-                xq = quantize(x32, state.act_format, state.act_max_value)
-            else:
-                xq = quantize(x32 * channel_scale[0], state.act_format, state.act_max_value) / channel_scale[0]
-            total += (xq @ weight_q.T - x32 @ weight.T).square().sum()
+            xq = self.quantized_inputs(xt, acts)[0]
+            total += (xq @ weight_q.T - xt.float() @ weight.T).square().sum()
         return total
 
 

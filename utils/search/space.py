@@ -3,18 +3,24 @@ validation and parameter-file metadata key (utils/run/cli.py and utils/params.py
 
 Candidates are multipliers g_i = a + i (b - a) / n, i = 0..n-1, plus g = 1 (MinMax), of the MinMax range
 (search_space "max": max_value = g * absmax) or, as the original code, of the MinMax exponent bias ("bias").
+For block-scaled formats the range is the tensor's (NVFP4: it sets the float32 tensor scale); MX formats have none
+(`range_formats`). `act_clip_candidates` are multipliers of the dynamic block maxima of block-scaled activations
+(utils/search/act_blocks.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from quant_layers.formats import QuantFormat, exponent_bias_from_max, max_from_exponent_bias
+from quant_layers.formats import QuantFormat, exponent_bias_from_max, formats_of_width, max_from_exponent_bias
 
 TINY = 1e-30  # floor for ranges: an all-zero row or tensor keeps a finite scale
+# Provisional until chosen on held-out perplexity: clipping at 0.7 .. 1 of the block maxima, in steps of 0.05.
+ACT_CLIP_CANDIDATES = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 def knob(default, help: str, legacy=None, flag: bool = True, **argparse_options):
@@ -44,6 +50,10 @@ class SearchSpace:
     gptq_damping: float = knob(0.01, "fraction of the mean diagonal of Xq^T Xq added to it before inverting (GPTQ's "
                                "damping)", legacy=0.01, type=float)
     gptq_block: int = knob(128, "columns GPTQ rounds per lazy-update block", legacy=128, type=int)
+    act_clip_candidates: tuple[float, ...] = knob(
+        ACT_CLIP_CANDIDATES, "multipliers of the dynamic block maxima a block-scaled activation format's clip search "
+        "tries (the current multiplier is always tried too; provisional default)", legacy=list(ACT_CLIP_CANDIDATES),
+        nargs="+", type=float)
 
     def __post_init__(self) -> None:
         if len(self.search_intervals) != 3:
@@ -52,6 +62,10 @@ class SearchSpace:
         if not (0 < low < high) or count < 1 or not float(count).is_integer():
             raise ValueError(f"--search_intervals {low:g} {high:g} {count:g}: need 0 < a < b and an integer n >= 1")
         object.__setattr__(self, "search_intervals", (float(low), float(high), int(count)))
+        clips = tuple(float(c) for c in self.act_clip_candidates)
+        if not clips or not all(math.isfinite(c) and c > 0 for c in clips):
+            raise ValueError(f"--act_clip_candidates takes positive numbers, got {' '.join(map(str, clips)) or 'none'}")
+        object.__setattr__(self, "act_clip_candidates", clips)
         for name, least, meaning in (("search_round", 1, "rounds"), ("act_coarse_tokens", 0, "0 = every token"),
                                      ("act_refine", 1, "candidates re-scored on all tokens"),
                                      ("weight_refine", 0, "0 = every candidate exactly"), ("proxy_rank", 0, ""),
@@ -83,3 +97,13 @@ class SearchSpace:
         if self.search_space == "max":
             return g * absmax
         return max_from_exponent_bias(fmt, g * exponent_bias_from_max(fmt, absmax)).clamp(min=TINY)
+
+
+def range_formats(fmt: QuantFormat) -> tuple[QuantFormat, ...]:
+    """The formats a range search tries from the starting format fmt: every format of its width (LLM-FP4: E3M0,
+    E2M1, E1M2 for FP4); a block-scaled format only itself (its element is part of its definition: NVFP4 is E2M1,
+    and its range is the tensor scale); none for power-of-two block scales (MX), whose ranges come from the data
+    alone (`QuantFormat.has_range`): there is nothing to search."""
+    if fmt.block is not None:
+        return (fmt,) if fmt.has_range else ()
+    return tuple(formats_of_width(fmt.bits, fmt.kind))

@@ -12,10 +12,15 @@ is `fpq_steps`: (ChannelShiftStart, if the config has FPQ's shifts) then `search
 
 starting from MinMax (`minmax_state`), so L never ends above MinMax. New algorithms (GPTQ rounding, block-scale
 search) are further steps: `BlockScaleStep` (utils/search/block_scales.py) chooses the block
-scales of a block-scaled weight format, `GPTQStep` (utils/search/gptq.py) the rounding of the weight under frozen
-scales. The range steps here and BlockScaleStep score the weight rounded to nearest, so a state they change carries
-no weight codes (QuantParams.weight_codes): GPTQ's rounding belongs after them. The losses come from
-`LinearProblem` (utils/search/problem.py).
+scales of a block-scaled weight format, `ActBlockClipStep` (utils/search/act_blocks.py) the clipping multiplier
+of a block-scaled activation format's dynamic block scales, `GPTQStep` (utils/search/gptq.py) the rounding of the
+weight under frozen scales. The range steps here and BlockScaleStep score the weight rounded to nearest, so a state they
+change carries no weight codes (QuantParams.weight_codes): GPTQ's rounding belongs after them. The losses come from `LinearProblem` (utils/search/problem.py).
+
+Block-scaled formats: the range steps search the per-tensor (or per-row) range, which for NVFP4 sets the float32
+tensor scale (the block scales stay the data's own: a weight state's explicit block scales are dropped when its
+range changes); only the starting format is tried (`range_formats`). MX formats ignore the range (power-of-two
+scales from the data): the range steps skip them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from quant_layers.formats import QuantFormat, formats_of_width
+from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantParams
 from utils.search.problem import ActCandidates, LinearProblem, channel_shift
-from utils.search.space import TINY, SearchSpace
+from utils.search.space import TINY, SearchSpace, range_formats
 
 Step = Callable[[LinearProblem, QuantParams], QuantParams]
 
@@ -73,6 +78,8 @@ class WeightRangeStep:
         best = state
         base_absmax = minmax_weight_max(problem, self.per_tensor)
         for fmt in self.formats:
+            if not fmt.has_range:  # MX: the range is unused
+                continue
             candidates = self.space.candidates(fmt, base_absmax)
             if fmt == state.weight_format:
                 candidates = torch.cat([candidates, state.weight_max_value.unsqueeze(0)])
@@ -88,7 +95,8 @@ class WeightRangeStep:
             total = float(problem.normalize(losses[index, rows].sum()))
             if total < best.mse:
                 best = dataclasses.replace(state, weight_format=fmt, weight_max_value=candidates[index, rows],
-                                           mse=total, weight_codes=None)
+                                           weight_block_scale=None, mse=total, weight_codes=None)  # scored with
+                                           # the data's block scales, rounded to nearest
         problem.release_weight_stats()  # not held through the next step, which builds its own
         return best
 
@@ -113,20 +121,23 @@ class WeightRangeStep:
 def _with_current(acts: ActCandidates, state: QuantParams) -> ActCandidates:
     """acts with the state's own activation quantizer appended as the last candidate."""
     current = ActCandidates.of_state(state)
-    shifts = (acts.shift, current.shift)
-    if shifts == (None, None):
-        return ActCandidates(acts.fmt, torch.cat([acts.max_value, current.max_value]))
-    width = (acts.shift if acts.shift is not None else current.shift).shape[1]
-    filled = [s if s is not None else torch.zeros(n, width, dtype=torch.int64, device=acts.max_value.device)
-              for s, n in zip(shifts, (len(acts), 1))]
-    return ActCandidates(acts.fmt, torch.cat([acts.max_value, current.max_value]), torch.cat(filled))
+    device = acts.max_value.device
+    shift = clip = None
+    if (acts.shift, current.shift) != (None, None):
+        width = (acts.shift if acts.shift is not None else current.shift).shape[1]
+        shift = torch.cat([s if s is not None else torch.zeros(n, width, dtype=torch.int64, device=device)
+                           for s, n in ((acts.shift, len(acts)), (current.shift, 1))])
+    if (acts.block_clip, current.block_clip) != (None, None):
+        clip = torch.cat([c.to(device) if c is not None else torch.ones(n, device=device)
+                          for c, n in ((acts.block_clip, len(acts)), (current.block_clip, 1))])
+    return ActCandidates(acts.fmt, torch.cat([acts.max_value, current.max_value.to(device)]), shift, clip)
 
 
 @dataclass(frozen=True)
 class ActRangeStep:
     """Best per-tensor input range (and FPQ's shifts) for every format; keep the best format. With a coarse
     subset (space.act_coarse_tokens), every candidate is ranked on it and the best `act_refine` (and the current
-    state) are scored on all tokens."""
+    state) are scored on all tokens. A block-scaled format keeps the state's block clip."""
 
     formats: tuple[QuantFormat, ...]
     space: SearchSpace
@@ -136,26 +147,34 @@ class ActRangeStep:
         best = state
         coarse = problem.coarse_rows(self.space.act_coarse_tokens)
         weight = (state.weight_format, state.weight_max_value)
+        block_scale = state.weight_block_scale
         for fmt in self.formats:
+            if not fmt.has_range:  # MX: the range is unused
+                continue
             act_max = self.space.candidates(fmt, problem.act_absmax)
             shift = channel_shift(fmt, act_max, problem.channel_absmax) if self.shifts else None
-            acts, current = ActCandidates(fmt, act_max, shift), None
+            clip = None
+            if fmt.block is not None and state.act_block_clip is not None:
+                clip = state.act_block_clip.to(act_max).reshape(1).expand(len(act_max))
+            acts, current = ActCandidates(fmt, act_max, shift, clip), None
             if fmt == state.act_format:
                 acts, current = _with_current(acts, state), len(acts)
             index = torch.arange(len(acts), device=act_max.device)
             if coarse is not None and len(acts) > self.space.act_refine:
-                rough = problem.act_losses(acts, *weight, x=coarse)
+                rough = problem.act_losses(acts, *weight, x=coarse, weight_block_scale=block_scale)
                 index = rough.topk(self.space.act_refine, largest=False).indices
                 if current is not None:
                     index = torch.cat([index, torch.tensor([current], device=index.device)]).unique()
                 index = index.sort().values
-            losses = problem.normalize(problem.act_losses(acts.select(index), *weight))
+            losses = problem.normalize(problem.act_losses(acts.select(index), *weight, weight_block_scale=block_scale))
             pick = int(losses.argmin())
             chosen = int(index[pick])
             if float(losses[pick]) < best.mse and chosen != current:
                 # clones: a view would keep every candidate's shifts [C, in] alive for as long as the result
                 best = dataclasses.replace(state, act_format=fmt, act_max_value=acts.max_value[chosen].clone(),
                                            act_channel_shift=None if acts.shift is None else acts.shift[chosen].clone(),
+                                           act_block_clip=None if acts.block_clip is None
+                                           else acts.block_clip[chosen].clone(),
                                            mse=float(losses[pick]), weight_codes=None)
         return best
 
@@ -173,10 +192,10 @@ def search_linear(problem: LinearProblem, state: QuantParams, steps: Sequence[St
 
 def fpq_steps(weight_format: QuantFormat, act_format: QuantFormat, space: SearchSpace, shifts: bool,
               per_tensor_weight: bool = False) -> tuple[Step, ...]:
-    """LLM-FP4's search over every format of the starting formats' widths (module docstring)."""
-    weight_step = WeightRangeStep(tuple(formats_of_width(weight_format.bits, weight_format.kind)), space,
-                                  per_tensor_weight)
-    act_step = ActRangeStep(tuple(formats_of_width(act_format.bits, act_format.kind)), space, shifts)
+    """LLM-FP4's search over every format of the starting formats' widths (module docstring; a block-scaled format:
+    itself, MX: none, `range_formats`)."""
+    weight_step = WeightRangeStep(range_formats(weight_format), space, per_tensor_weight)
+    act_step = ActRangeStep(range_formats(act_format), space, shifts)
     return (ChannelShiftStart(),) * shifts + (weight_step, act_step) * space.search_round
 
 

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from quant_layers.formats import QuantFormat, formats_of_width
+from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import abs_max, quantize
 from utils.search.problem import Budget, chunks
-from utils.search.space import TINY, SearchSpace
+from utils.search.space import TINY, SearchSpace, range_formats
 
 
 def search_table(weight: torch.Tensor, fmt: QuantFormat, space: SearchSpace | None, budget: Budget) -> QuantParams:
     """Weight-only search for a lookup table [rows, dim] (the token embedding): per-row range minimizing
-    |Q(E) - E|^2 over every format of fmt's width; space None = MinMax. Rows are independent, so the table goes
+    |Q(E) - E|^2 over every format of fmt's width (a block-scaled format: itself; MX: none, `range_formats`);
+    space None = MinMax. Rows are independent, so the table goes
     in row slices within the budget (Qwen's 151936 x 1536 table is 0.9 GiB in float32 per candidate).
 
     Returns QuantParams(format, range [rows], mse=searched MSE, mse_minmax=MinMax MSE, kind="embedding").
     """
-    formats = formats_of_width(fmt.bits, fmt.kind) if space is not None else []
+    formats = list(range_formats(fmt)) if space is not None else []
     rows_per_step = budget.rows(weight.shape[1] * 12)  # float32 row, its quantized copy, their squared difference
     absmax = torch.empty(weight.shape[0], device=weight.device)
     minmax_rows = torch.empty(weight.shape[0], device=weight.device)
