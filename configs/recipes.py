@@ -6,14 +6,18 @@ A recipe is a family and the components it adds, named `<family>_<components>_co
 family   NVFP4  E2M1 in blocks of 16, E4M3 block scales under a float32 tensor scale (NVFP4_BLOCKS)
          MXFP4  E2M1 in blocks of 32, E8M0 block scales (MX_BLOCKS)
          FPQ    the paper's per-channel ExMy search with per-tensor static activations and FPQ's shifts
-search   (block families) each weight block's scale searched against the layer-output error (BlockScaleStep)
+4over6   (NVFP4) each block scaled to 6 or to 4, whichever has the lower error (NVFP4_4OVER6_BLOCKS)
+search   (block families) the paper's search on the block format: the tensor scale (NVFP4; MX scales are powers of
+         two from the data), a static clip of the activations' dynamic block maxima (ActBlockClipStep), then each
+         weight block's scale against the layer-output error (BlockScaleStep)
 gptq     GPTQ's error-compensating rounding under the frozen scales (GPTQStep, --gptq_damping, --gptq_block)
 rot      QuaRot's randomised Hadamard rotation of the residual stream, with the online Hadamard before down_proj
          (ResidualRotation; refused on Gemma3)
 fpends   the output head and the token embedding left in full precision, as other toolkits ship them by default
          (without it, both are quantized: the project's stricter default)
 
-Steps run in the order search, gptq after the family's own range search (FPQ) or MinMax (block families).
+Per family: every combination of search (block families), gptq and rot, NVFP4's 4over6 alone and with all three, and
+each of these with fpends. Steps run in the order listed, after the family's own range search (FPQ) or MinMax.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import dataclasses
 import itertools
 
 from configs import QuantConfig
-from quant_layers.formats import MX_BLOCKS, NVFP4_BLOCKS
+from quant_layers.formats import MX_BLOCKS, NVFP4_4OVER6_BLOCKS, NVFP4_BLOCKS
+from utils.search.act_blocks import ActBlockClipStep
 from utils.search.block_scales import BlockScaleStep
 from utils.search.gptq import GPTQStep
 from utils.search.residual_rotation import ResidualRotation
@@ -34,28 +39,33 @@ FAMILIES = {
                          weight_granularity="per_tensor", block=MX_BLOCKS),
     "FPQ": QuantConfig(name="FPQ", format_kind="fp", search=True, act_channel_shift=True),
 }
-COMPONENTS = {  # name: the change it makes to a config
-    "search": lambda config: dataclasses.replace(config, steps=config.steps + (BlockScaleStep,)),
+COMPONENTS = {  # name: the change it makes to a config, applied in this order
+    "4over6": lambda config: dataclasses.replace(config, block=NVFP4_4OVER6_BLOCKS),
+    "search": lambda config: dataclasses.replace(config, search=not config.block.power_of_two,
+                                                 steps=config.steps + (ActBlockClipStep, BlockScaleStep)),
     "gptq": lambda config: dataclasses.replace(config, steps=config.steps + (GPTQStep,)),
     "rot": lambda config: dataclasses.replace(config, transforms=(ResidualRotation(),) + config.transforms),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
+FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gptq", "rot"), "FPQ": ("gptq", "rot")}
+FAMILY_EXTRAS = {"NVFP4": "4over6"}  # a component tried alone and with all the others
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
-    """The recipe of `family` with `components` (in COMPONENTS order; "search" only for block families)."""
+    """The recipe of `family` with `components` (names of COMPONENTS, applied in COMPONENTS' order)."""
     config = FAMILIES[family]
-    for component in components:
+    ordered = [c for c in COMPONENTS if c in components]
+    for component in ordered:
         config = COMPONENTS[component](config)
-    return dataclasses.replace(config, name=f"{family}_{'_'.join(components)}_config_llama")
+    return dataclasses.replace(config, name=f"{family}_{'_'.join(ordered)}_config_llama")
 
 
-def _component_sets(family: str):
-    own = [c for c in COMPONENTS if c != "search" or FAMILIES[family].block is not None]
-    for count in range(1, len(own) + 1):
-        for components in itertools.combinations(own, count):
-            if components != ("fpends",):
-                yield components
+def _component_sets(family: str) -> list[tuple[str, ...]]:
+    own = FAMILY_COMPONENTS[family]
+    sets = [combo for count in range(1, len(own) + 1) for combo in itertools.combinations(own, count)]
+    if family in FAMILY_EXTRAS:
+        sets += [(FAMILY_EXTRAS[family],), (FAMILY_EXTRAS[family],) + own]
+    return sets + [components + ("fpends",) for components in sets]
 
 
 RECIPES = {config.name: config for config in (recipe(family, components) for family in FAMILIES

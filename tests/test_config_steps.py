@@ -1,21 +1,26 @@
 """A config's further search steps (QuantConfig.steps): built from the run's SearchSpace, run on every Linear after
 the range search (or MinMax), recorded in the parameter file's metadata, replayed by --only_eval."""
 
+import pytest
 import torch
 
 from conftest import make_tiny
 from configs import QBits, QuantConfig, get_config
+from configs.recipes import RECIPES
 from quant_layers.formats import NVFP4_BLOCKS
 from quant_layers.modules import QuantLinear, swap_modules
 from quant_layers.quantize import quantize
 from utils.params import apply_params, load_params, save_params
 from utils.quant_calib import CalibSettings, calibrate, linear_steps
 from utils.search.block_scales import BlockScaleStep
+from utils.search.gptq import GPTQStep
+from utils.search.transforms import TransformError
 from utils.search.space import SearchSpace
 from utils.search.steps import ActRangeStep, WeightRangeStep
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 QBITS = QBits.parse([4, 4, 16, 2, 2, 2])
+W4A4 = QBits.parse([4, 4, 4, 2, 2, 2])
 NVFP4_SEARCHED = QuantConfig(name="steps_test", format_kind="fp", search=False, act_channel_shift=False,
                              weight_granularity="per_tensor", block=NVFP4_BLOCKS, embedding=False,
                              steps=(BlockScaleStep,))
@@ -63,3 +68,61 @@ def test_block_scale_step_in_calibration_lowers_the_error_and_replays(tmp_path):
     apply_params(fresh, load_params(tmp_path / "p.pt")[0])
     with torch.no_grad():
         assert torch.equal(fresh(IDS).logits, calibrated(IDS).logits)
+
+
+def _recipe_model(architecture: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if architecture == "llama":
+        return make_tiny("llama")
+    if architecture == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=4,
+                                              layer_types=["full_attention"])).eval()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_calibrates_and_replays(tmp_path, name):
+    """Each recipe on the tiny llama: every swapped module gets parameters, no Linear ends above MinMax, the steps it
+    lists leave their mark (clips, block scales, codes), and the saved file replays identical logits."""
+    config = get_config(name)
+    assert config is RECIPES[name] and name.split("_")[0] in ("NVFP4", "MXFP4", "FPQ")
+    model = _recipe_model("llama")
+    swapped = swap_modules(model, config.linear, config.lm_head, config.embedding)
+    layers = calibrate(model, IDS, CalibSettings(config, W4A4, SearchSpace((0.5, 1.2, 4), search_round=1)))
+    modules = {n: p for n, p in layers.items() if n in swapped}
+    assert set(modules) == set(swapped)
+    linears = [p for p in modules.values() if p.kind == "linear"]
+    assert all(p.mse <= p.mse_minmax * (1 + 1e-5) for p in linears)
+    if GPTQStep in config.steps:
+        assert any(p.weight_codes is not None for p in linears)
+    if BlockScaleStep in config.steps:
+        assert any(p.weight_block_scale is not None for p in linears)
+    assert ("model.embed_tokens" in layers) == config.embedding
+    save_params(tmp_path / "p.pt", layers, {})
+    fresh = _recipe_model("llama")
+    swap_modules(fresh, config.linear, config.lm_head, config.embedding)
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["NVFP4_4over6_search_gptq_rot_config_llama", "MXFP4_search_gptq_config_llama",
+                                  "FPQ_gptq_rot_fpends_config_llama"])
+def test_full_recipes_on_other_architectures(architecture, name):
+    """Qwen2 and Gemma3 calibrate the recipes; the residual rotation is refused on Gemma3 with one line."""
+    config = get_config(name)
+    model = _recipe_model(architecture)
+    swap_modules(model, config.linear, config.lm_head, config.embedding)
+    settings = CalibSettings(config, W4A4, SearchSpace((0.5, 1.2, 4), search_round=1))
+    if architecture == "gemma3" and config.transforms:
+        with pytest.raises(TransformError, match="does not support gemma3"):
+            calibrate(model, IDS, settings)
+        return
+    calibrate(model, IDS, settings)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
