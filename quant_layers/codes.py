@@ -133,7 +133,7 @@ def _element_codes(grid: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     exponent = (bits >> _FLOAT32_MANTISSA_BITS) - 127
     normal = (exponent << mantissa_bits) | ((bits & (2**_FLOAT32_MANTISSA_BITS - 1))
                                             >> (_FLOAT32_MANTISSA_BITS - mantissa_bits))
-    subnormal = torch.ldexp(magnitude, torch.tensor(mantissa_bits - 1)).to(torch.int32)
+    subnormal = torch.ldexp(magnitude, torch.tensor(mantissa_bits - 1, device=magnitude.device)).to(torch.int32)
     codes = torch.where(exponent >= 1, normal, subnormal)
     if fmt.signed:
         codes |= (grid < 0).to(torch.int32) << (fmt.bits - 1)

@@ -381,3 +381,17 @@ def test_encode_rejects_what_it_cannot_store():
         encode_fpq_weight(torch.ones(2, 4), E2M1, torch.ones(2), torch.tensor([0.5, 0, 0, 0]))
     with pytest.raises(ValueError, match="channel_shift"):
         decode_fpq_weight(encode(torch.ones(2, 4), E2M1, 6.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_frozen_codes_on_cuda_equal_cpu():
+    """encode_frozen on CUDA tensors (a CPU constant once broke it there) gives the CPU codes."""
+    from quant_layers.codes import encode_frozen
+    from quant_layers.quantize import quantize
+
+    fmt = fp_format(2, 1)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    max_value = x.abs().amax(1, keepdim=True)
+    values = quantize(x, fmt, max_value)
+    cpu = encode_frozen(values, fmt, max_value, None)
+    assert torch.equal(encode_frozen(values.cuda(), fmt, max_value.cuda(), None).cpu(), cpu)

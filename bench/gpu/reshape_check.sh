@@ -26,7 +26,7 @@ for model in ${MODELS:-SmolLM2-135M Qwen2.5-Coder-1.5B}; do
   [ "$model" = Qwen2.5-Coder-1.5B ] && args=(--model_args "pretrained=$QWEN,use_accelerate=True")
   mkdir -p "$OUT/$model/reshape_check"
   work=$(cd "$OUT/$model/reshape_check" && pwd)
-  for code in old new; do
+  for code in ${CODES:-old new}; do  # CODES=new: the old run is already there
     src=$PWD; [ $code = old ] && src=$OLD
     # The CPU numerics the new main.py pins, for the old code too (they matter on a CPU run only).
     (cd "$src" && MKL_CBWR=${MKL_CBWR:-COMPATIBLE} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} python3 main.py \

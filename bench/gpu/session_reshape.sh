@@ -29,7 +29,9 @@ setup)
 smol)
   rm -rf $S/old && cp -r .gpu_old $S/old
   source bench/gpu/join_smollm2.sh
-  rm -rf $R && mkdir -p $R && git ls-files -z | xargs -0 cp --parents -t $R
+  # the whole tree as it came (not `git ls-files`: the machine's git index may lag the files sent), without the
+  # carried data; the runs read this copy, so later calls (which replace the tree) never change a running script
+  rm -rf $R && mkdir -p $R && tar --exclude='./.gpu_*' --exclude=./.whl --exclude=./.git -cf - . | tar -xf - -C $R
   (cd $R && PYTHONPATH=/tmp/site:$R python3 -c "from utils.data.models import gguf_to_folder, smollm2_gguf_path
 from utils.data.task_data import build_task_data; print(gguf_to_folder(smollm2_gguf_path()), build_task_data())")
   background SmolLM2-135M 6

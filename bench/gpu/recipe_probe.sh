@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU machine, after bench/gpu/session_reshape.sh PART=setup and PART=smol (SmolLM2 joined, wheels installed): early
+# held-out perplexity of recipes on SmolLM2-135M (16 x 1024 tokens of the Wikipedia excerpt; piqa's first document
+# rides along and is not read), the paper's calibration settings, RECIPES run at once (one process each, so their
+# calibration seconds are upper bounds), each stopped after LIMIT_S seconds. Results in $OUT/<recipe>.json and .log.
+#   RECIPES="NVFP4_gptq NVFP4_search_gptq_rot" LIMIT_S=250 bash bench/gpu/recipe_probe.sh
+# (NVFP4 alone is configs/NVFP4_config_llama.py, the round-to-nearest row: name it NVFP4.)
+source bench/gpu/join_smollm2.sh >/dev/null
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+for name in ${RECIPES:?name the recipes, e.g. NVFP4 NVFP4_gptq}; do
+  (timeout "${LIMIT_S:-250}" python3 main.py --model_args use_accelerate=True --tasks piqa --limit 1 --device cuda \
+     --batch_size 8 --no_cache --num_fewshot 0 --quant_config "${name}_config_llama" --qbits 4 4 4 2 2 2 \
+     --heldout_ppl 16 --search_result_dir "/tmp/scratch/probe/$name" --output_path "$OUT/$name.json" \
+     > "$OUT/$name.log" 2>&1; echo "$name exit $?") &
+done
+wait
+grep -h "held-out perplexity\|calibration finished\|Error" "$OUT"/*.log | cut -c1-160
