@@ -252,7 +252,7 @@ def _pack_group(group: list[str], packed: dict[str, QuantLinear], layers: dict, 
             weight = written
         encoded[name] = encode(weight.float(), fmt, shared_range)
         if not torch.equal(decode(encoded[name]).to(weight.dtype), weight):
-            raise RuntimeError(f"{name}: its weight is not on the {fmt} grid of its range (modified after calibration?)")
+            raise RuntimeError(f"{name}: its weight is not on the {fmt} grid of its range (changed after calibration?)")
     global_scale = None
     if fmt == NVFP4:
         pairs = _code_pairs(list(encoded.values()))
