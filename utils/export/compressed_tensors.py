@@ -23,8 +23,9 @@ The library decodes a weight element as, f its FP4 value:
 so MXFP4 weights decode bit for bit, and NVFP4's do where a float32 gs gives the simulation's products after the
 rounding to bfloat16: gs is the float32 nearest fl32(448 * 6 / max_value) (llm-compressor's value), within
 GLOBAL_SCALE_ULPS ulps, for which every (code, block scale) pair of the tensor decodes to the simulated value. Where
-none does (a tensor scale t with few significant bits puts exact products f c t on bfloat16 ties, which a divisor
-gs, never exactly 1 / t, cannot reach), the report counts the elements, each one bfloat16 ulp away.
+none does, the report counts the elements, each one bfloat16 ulp away: their exact value f c max_value / 2688 is a
+bfloat16 tie, which the simulation's float32 chain reaches (and rounds to even) and the library's quotient c / gs,
+gs never exactly 2688 / max_value there, misses by a float32 ulp.
 
 vLLM fuses q/k/v and gate/up and takes the largest global scale of the parts (an NVFP4 requirement: one global
 scale per fused weight). `share_global_scales` (default) gives every Linear of such a group the group's largest
