@@ -19,7 +19,8 @@ fpends   the output head and the token embedding left in full precision, as othe
          (without it, both are quantized: the project's stricter default)
 
 Per family: every combination of search (block families), gptq and rot, NVFP4's 4over6 and tensor each alone and
-with all three, and each of these with fpends. Steps run in the order listed, after the family's own range search (FPQ) or MinMax.
+with all three, each of these with fpends, and fpends alone (the family's round to nearest, or FPQ, with the head and
+embedding in full precision). Steps run in the order listed, after the family's own range search (FPQ) or MinMax.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
 
 def _component_sets(family: str) -> list[tuple[str, ...]]:
     own = FAMILY_COMPONENTS[family]
-    sets = [combo for count in range(1, len(own) + 1) for combo in itertools.combinations(own, count)]
+    sets = [combo for count in range(len(own) + 1) for combo in itertools.combinations(own, count)]
     for extra in FAMILY_EXTRAS.get(family, ()):
         sets += [(extra,), (extra,) + own]
-    return sets + [components + ("fpends",) for components in sets]
+    return sets[1:] + [components + ("fpends",) for components in sets]  # () + fpends: the family as toolkits ship it
 
 
 RECIPES = {config.name: config for config in (recipe(family, components) for family in FAMILIES
