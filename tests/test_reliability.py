@@ -483,6 +483,24 @@ def test_only_eval_takes_config_and_qbits_from_the_file(files, work):
         _calibrate_only(_fill(BASE + ["--quant_config", "FPQ_config_llama", *ONLY_EVAL, "{param}"], files))
 
 
+def test_only_eval_alone_evaluates_the_quantized_model(files, work, monkeypatch):
+    """main.py with --only_eval --ptq_param_path F and no --quant_config evaluates the file's quantized model (run()
+    evaluated the full-precision model there, with no quantization block)."""
+    import utils.run.pipeline as pipeline
+
+    seen = {}
+
+    def evaluate(model, tokenizer, task_specs, **kwargs):
+        seen["quantized"] = any(getattr(m, "is_quantized", False) for m in model.modules())
+        return {"results": {}}
+
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(pipeline, "results_table", lambda results: "")
+    argv = _fill(BASE + ["--only_eval", "--ptq_param_path", "{param}", "--output_path", "r.json"], files)
+    results = pipeline.run(parse_args(argv))
+    assert seen["quantized"] and results["quantization"]["quant_config"]["name"] == "MinMax_config_llama"
+
+
 # --- determinism -------------------------------------------------------------------------------
 
 

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
                                         trust_remote_code=margs.trust_remote_code, offload=args.offload)
     _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
     quantization = {"quant_config": None}
-    if args.quant_config:
+    if args.quant_config or args.only_eval:  # --only_eval alone takes the config from its parameter file
         quantization = quantize_model(model, tokenizer, info, args)
     if args.offload:
         place_for_eval(model, device)
