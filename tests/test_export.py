@@ -1,6 +1,6 @@
 """Packed checkpoints (utils/export/): a calibrated tiny model exported and loaded back computes the simulated model's
-logits exactly (FPQ with shifts, NVFP4, MXFP4, INT, SmoothQuant, searched block scales; Llama and Qwen2; float32 and
-bfloat16), the sizes on disk match the bits counted by hand, and a truncated, tampered or mismatched export, or a
+logits exactly (FPQ with shifts, NVFP4, MXFP4, INT, SmoothQuant, NVFP4's searched block scales, rotations, a tied
+head left unquantized; Llama and Qwen2; float32 and bfloat16), the sizes on disk match the bits counted by hand, and a truncated, tampered or mismatched export, or a
 target folder that is not this run's, is one line with nothing half-written. main.py: --export_dir after calibration
 and after --only_eval, then --model_args pretrained=DIR gives the calibrated run's results."""
 
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import main
 from configs import QBits, QuantConfig, get_config
 from conftest import make_tiny, one_line_value_error, run_main
-from quant_layers.formats import MX_BLOCKS, NVFP4_BLOCKS
+from quant_layers.formats import NVFP4_BLOCKS
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
 from utils.export import MARKER, WEIGHTS, ExportError, export_packed, load_packed
 from utils.export.write import _file_entries
@@ -29,16 +29,20 @@ from utils.run.cli import parse_args
 from utils.run.fileio import WriteError
 from utils.run.pipeline import quantize_model
 from utils.search.block_scales import BlockScaleStep
+from utils.search.residual_rotation import ResidualRotation
 from utils.search.space import SearchSpace
+from utils.search.transforms import BlockHadamard, SmoothQuant
 
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 W4A4 = QBits.parse([4, 4, 4, 2, 2, 2])
 RUN = {"model": {"fingerprint": "tiny"}, "quant_config": {"name": "test"}, "qbits": [4, 4, 4, 2, 2, 2], "search": {}}
-BLOCK_SEARCH = {name: QuantConfig(name=f"{name}_searched", format_kind="fp", search=False, act_channel_shift=False,
-                                  weight_granularity="per_tensor", block=block, steps=(BlockScaleStep,))
-                for name, block in (("NVFP4", NVFP4_BLOCKS), ("MXFP4", MX_BLOCKS))}
+BLOCK_SEARCH = {"NVFP4": QuantConfig(name="NVFP4_searched", format_kind="fp", search=False, act_channel_shift=False,
+                                     weight_granularity="per_tensor", block=NVFP4_BLOCKS, steps=(BlockScaleStep,))}
 TIED_UNSWAPPED = QuantConfig(name="tied", format_kind="int", search=False, act_channel_shift=False, lm_head=False,
                              embedding=False)
+ROTATED = QuantConfig(name="rotated", format_kind="fp", search=True, act_channel_shift=True,
+                      transforms=(ResidualRotation(seed=3), SmoothQuant(0.5), BlockHadamard(16, ("self_attn.o_proj",))))
+OTHER_CONFIGS = {"tied": TIED_UNSWAPPED, "rotated": ROTATED}
 
 
 def calibrated(architecture: str, config: QuantConfig, dtype: torch.dtype = torch.float32):
@@ -65,11 +69,12 @@ def logits(model) -> torch.Tensor:
     ("llama", "NVFP4_config_llama", torch.float32), ("llama", "MXFP4_config_llama", torch.float32),
     ("qwen2", "MinMax_INT_config_llama", torch.float32), ("qwen2", "SmoothQuant_config_llama", torch.float32),
     ("llama", "MinMax_config_llama", torch.bfloat16), ("llama", "NVFP4", torch.float32),
-    ("qwen2", "MXFP4", torch.float32), ("llama", "tied", torch.float32)])
+    ("llama", "tied", torch.float32), ("llama", "rotated", torch.float32)])
 def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype, tiny_tokenizer, tmp_path):
     """Every quantized weight decodes to the simulated module's weight and the logits are torch.equal; the block
-    configs with a block-scale search export their explicit scales; an unswapped tied head stays one tensor."""
-    config = BLOCK_SEARCH.get(config) or (TIED_UNSWAPPED if config == "tied" else get_config(config))
+    configs with a block-scale search export their explicit scales; an unswapped tied head stays one tensor;
+    rotations' online halves (InputRotation buffers) come back."""
+    config = BLOCK_SEARCH.get(config) or OTHER_CONFIGS.get(config) or get_config(config)
     model, layers = calibrated(architecture, config, dtype)
     export_packed(model, layers, RUN, tmp_path / "export", tiny_tokenizer)
     loaded, tokenizer, marker = load_packed(tmp_path / "export")
@@ -85,6 +90,9 @@ def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype
         assert all(p.weight_block_scale is not None for p in layers.values() if getattr(p, "kind", "") == "linear")
     if config is TIED_UNSWAPPED:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    if config is ROTATED:
+        rotation = loaded.model.layers[1].self_attn.o_proj.input_rotation
+        assert torch.equal(rotation.inner, model.model.layers[1].self_attn.o_proj.input_rotation.inner)
 
 
 def test_sizes_on_disk_are_the_bits_counted_by_hand(tiny_tokenizer, tmp_path):
@@ -184,6 +192,18 @@ def test_bad_tensors_and_unknown_versions_are_one_line(export_dir, tmp_path):
     assert "not an LLM-FP4 export" in _load_error(folder)
     (folder / MARKER).write_text("{ not json")
     assert f"cannot read {folder / MARKER}" in _load_error(folder)
+
+
+@pytest.mark.parametrize("change", [{"dtype": "int4"}, {"swap": {"linear": 1}}, {"plain": "x"}, {"aliases": []},
+                                    {"modules": {"lm_head": {"kind": "linear", "shape": [300]}}}])
+def test_a_malformed_header_is_one_line(export_dir, tmp_path, change):
+    """A header that passes the sha256 check (the marker restamped) but is not this code's layout."""
+    folder = _copy(export_dir, tmp_path)
+    with safe_open(folder / WEIGHTS, "pt") as f:
+        header, tensors = json.loads(f.metadata()["llm_fp4"]), {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, folder / WEIGHTS, {"llm_fp4": json.dumps({**header, **change})})
+    _restamp(folder)
+    assert "its metadata has no valid" in _load_error(folder)
 
 
 def test_loading_reads_no_pickle(export_dir, monkeypatch):

@@ -115,8 +115,8 @@ def weight_from_tensors(name: str, fmt: QuantFormat, shape: tuple[int, int], ran
         codes = unpack_nibbles(_checked(tensors, f"{name}.weight.codes", code_dtype, (rows, columns // 2)))
     else:
         codes = _checked(tensors, f"{name}.weight.codes", code_dtype, shape)
-    if fmt.bits < 8 and codes.numel() and int(codes.max()) >= 2**fmt.bits:
-        raise ExportError(f"{WEIGHTS}: tensor {name + '.weight.codes'!r} holds codes above {fmt.name}'s {fmt.bits} bits")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**fmt.bits):
+        raise ExportError(f"{WEIGHTS}: tensor {name + '.weight.codes'!r} holds codes outside {fmt.name}'s {fmt.bits} bits")
     scales = {field: _checked(tensors, f"{name}.weight.{field}", SCALE_DTYPES[field], field_shape)
               for field, field_shape in expected_scales(fmt, rows, columns, ranges).items()}
     return Encoded(fmt, codes, dtype, **scales)

@@ -63,6 +63,9 @@ def verify_files(directory: str | Path, marker: dict) -> None:
     directory = Path(directory).expanduser()
     for name, entry in marker["files"].items():
         path = directory / name
+        if not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ExportError(f"{directory / MARKER} lists {name!r} oddly (not a file inside the export); it is "
+                              "damaged: export again with --export_dir")
         if not path.is_file():
             raise ExportError(f"{path} is missing from the export; export again with --export_dir")
         if path.stat().st_size != entry.get("bytes"):
@@ -80,13 +83,41 @@ def _read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = json.loads((f.metadata() or {})[HEADER_KEY])
-            _known_version(str(path), header)
+            _known_version(str(path), header if isinstance(header, dict) else {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except ExportError:
         raise
     except Exception as error:  # safetensors raises several types for a truncated or foreign file
         raise ExportError(f"cannot read {path}: {_first_line(error)}; the file is damaged: export again") from None
     return header, tensors
+
+
+def _check_header(path: Path, header: dict) -> None:
+    """The header's structure (layout.py), so that what follows reads plain, typed values."""
+    def strings(values) -> bool:
+        return all(isinstance(v, str) for v in values)
+
+    modules, swap = header.get("modules"), header.get("swap")
+    problems = [
+        (header.get("dtype") not in DTYPES, f"model dtype {header.get('dtype')!r}"),
+        (not isinstance(swap, dict) or set(swap) != {"linear", "lm_head", "embedding"}
+         or not all(isinstance(v, bool) for v in swap.values()), "module swap"),
+        (not isinstance(header.get("plain"), list) or not strings(header["plain"]), "tensor list"),
+        (not isinstance(header.get("aliases"), dict) or not strings([*header["aliases"], *header["aliases"].values()]),
+         "aliases"),
+        (not isinstance(modules, dict) or not all(_module_info_ok(info) for info in modules.values()), "modules"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ExportError(f"{path}: its metadata has no valid {what}; the file is not a packed export of this "
+                              "code: export again")
+
+
+def _module_info_ok(info) -> bool:
+    shape = info.get("shape") if isinstance(info, dict) else None
+    return (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+            and info.get("kind") in ("linear", "embedding") and info.get("ranges", "row") in ("row", "tensor")
+            and all(f in info and isinstance(info[f], (str, type(None))) for f in ("weight_format", "act_format")))
 
 
 @contextlib.contextmanager
@@ -169,10 +200,10 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
         expected = module.weight
     except AttributeError:
         raise ExportError(f"{WEIGHTS} names module {name!r}, which the model of config.json does not have") from None
-    if list(expected.shape) != info.get("shape"):
+    if list(expected.shape) != info["shape"]:
         raise ExportError(f"{WEIGHTS}: module {name!r} is {info.get('shape')}, the model of config.json has "
                           f"{list(expected.shape)}: the files do not belong together")
-    weight_format, act_format = _format(name, info.get("weight_format")), _format(name, info.get("act_format"))
+    weight_format, act_format = _format(name, info["weight_format"]), _format(name, info["act_format"])
     shift = tensors.get(f"{name}.act_channel_shift")
     if shift is not None and (shift.dtype != torch.int8 or tuple(shift.shape) != (expected.shape[1],)):
         raise ExportError(f"{WEIGHTS}: {name + '.act_channel_shift'!r} is not int8 [{expected.shape[1]}]")
@@ -193,7 +224,7 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
         raise ExportError(f"{WEIGHTS}: module {name!r} has an activation format without its float32 range (or the "
                           "reverse)")
     params = QuantParams(weight_format, None, act_format, None if act_max is None else act_max.to(device),
-                         None if shift is None else shift.to(device), kind=info.get("kind", "linear"))
+                         None if shift is None else shift.to(device), kind=info["kind"])
     module.set_quantized(weight, params)
 
 
@@ -203,20 +234,18 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tu
     marker = read_marker(directory)
     verify_files(directory, marker)
     header, tensors = _read_weights(directory / WEIGHTS)
-    dtype = DTYPES.get(header.get("dtype"))
-    if dtype is None or not isinstance(header.get("modules"), dict):
-        raise ExportError(f"{directory / WEIGHTS}: its metadata has no model dtype or modules; export again")
+    _check_header(directory / WEIGHTS, header)
+    dtype = DTYPES[header["dtype"]]
     model = _build(directory, dtype)
-    swap_modules(model, **header.get("swap", {}))
+    swap_modules(model, **header["swap"])
     modules = header["modules"]
-    quantized_keys = {weight_key(name, info.get("kind", "linear")) for name, info in modules.items()
-                      if info.get("weight_format")}
+    quantized_keys = {weight_key(name, info["kind"]) for name, info in modules.items() if info["weight_format"]}
     expected = set(model.state_dict()) - quantized_keys
-    for key in header.get("plain", []):
+    for key in header["plain"]:
         _place(model, key, _tensor(tensors, key))
-    for alias, source in header.get("aliases", {}).items():
+    for alias, source in header["aliases"].items():
         _alias(model, alias, source)
-    missing = sorted(expected - set(header.get("plain", [])) - set(header.get("aliases", {})))
+    missing = sorted(expected - set(header["plain"]) - set(header["aliases"]))
     if missing:
         raise ExportError(f"{WEIGHTS} has no tensor {missing[0]!r} of the model of config.json: the files do not "
                           "belong together")
