@@ -237,6 +237,25 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tu
     _check_header(directory / WEIGHTS, header)
     dtype = DTYPES[header["dtype"]]
     model = _build(directory, dtype)
+    try:
+        _fill(model, header, tensors, dtype, torch.device(device))
+    except ExportError as error:  # the messages name model.safetensors and config.json: say which folder
+        raise ExportError(f"packed export {directory}: {error}") from None
+    tokenizer = None
+    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as error:  # transformers raises many types for a tokenizer it cannot read
+            raise ExportError(f"cannot read the tokenizer in {directory}: {_first_line(error)}") from None
+    return model.eval(), tokenizer, marker
+
+
+def _fill(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+          device: torch.device) -> None:
+    """Swap the modules, place the non-quantized tensors (checked to cover the model), move to device, decode and
+    set every quantized module."""
     swap_modules(model, **header["swap"])
     modules = header["modules"]
     quantized_keys = {weight_key(name, info["kind"]) for name, info in modules.items() if info["weight_format"]}
@@ -251,16 +270,7 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tu
                           "belong together")
     model.to(device)
     for name, info in modules.items():
-        _set_module(model, name, info, tensors, dtype, torch.device(device))
-    tokenizer = None
-    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except Exception as error:  # transformers raises many types for a tokenizer it cannot read
-            raise ExportError(f"cannot read the tokenizer in {directory}: {_first_line(error)}") from None
-    return model.eval(), tokenizer, marker
+        _set_module(model, name, info, tensors, dtype, device)
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
