@@ -238,6 +238,16 @@ def test_target_folders_are_never_overwritten_silently(export_dir, tiny_tokenize
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "empty", "file", "notes"]  # no temporary folders
 
 
+def test_quantizer_state_the_layout_does_not_hold_is_refused(tmp_path):
+    """A QuantLinear buffer the exporter does not know (new activation state) is refused, not silently dropped."""
+    model, layers = calibrated("llama", get_config("MinMax_config_llama"))
+    model.model.layers[0].mlp.up_proj.register_buffer("act_block_clip", torch.ones(4))
+    message = one_line_value_error(lambda: export_packed(model, layers, RUN, tmp_path / "export"))
+    assert "'model.layers.0.mlp.up_proj' has quantization state the export layout does not hold (act_block_clip)" \
+        in message
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_failed_write_leaves_nothing(monkeypatch, tmp_path):
     import utils.export.write as write
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from quant_layers.codes import decode, decode_fpq_weight
 from quant_layers.formats import parse_format
-from quant_layers.modules import QuantParams, swap_modules
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_modules
 from utils.export.layout import (DTYPES, FORMAT, HEADER_KEY, MARKER, VERSION, WEIGHTS, ExportError, dtype_name,
                                  weight_from_tensors, weight_key)
 from utils.run.fileio import sha256_file
@@ -200,6 +200,10 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
         expected = module.weight
     except AttributeError:
         raise ExportError(f"{WEIGHTS} names module {name!r}, which the model of config.json does not have") from None
+    kind = QuantEmbedding if info["kind"] == "embedding" else QuantLinear
+    if not isinstance(module, kind) or (kind is QuantEmbedding and info["act_format"] is not None):
+        raise ExportError(f"{WEIGHTS}: module {name!r} is a {type(module).__name__} of the model, not a quantized "
+                          f"{info['kind']} as the export says: the files do not belong together")
     if list(expected.shape) != info["shape"]:
         raise ExportError(f"{WEIGHTS}: module {name!r} is {info.get('shape')}, the model of config.json has "
                           f"{list(expected.shape)}: the files do not belong together")

@@ -28,6 +28,16 @@ from utils.params import metadata_difference
 from utils.run.fileio import WriteError, current_umask, sha256_file
 
 BF16_BYTES = 2
+# What a module's quantization state may hold for this layout to be complete. Fields whose effect is in the
+# module's weight need nothing (a search that rounds the weight itself leaves grid points under the same scales,
+# which encode_quantized finds again); other new state (a QuantParams field or a QuantLinear buffer) is refused
+# until the layout holds it, so no export silently drops part of a quantizer.
+_WRITTEN_FIELDS = {"weight_format", "weight_max_value", "act_format", "act_max_value", "act_channel_shift",
+                   "weight_block_scale", "kind", "mse", "mse_minmax"}
+_IN_THE_WEIGHT = {"weight_codes"}
+_DERIVED_BUFFERS = {"act_max_value", "act_channel_scale", "act_grid_scale", "act_grid_inverse"}
+_OFFLOADED = ("tensor {name!r} is offloaded (accelerate's device_map put it on disk): the export needs every weight "
+              "in memory; use --offload or more GPU memory instead of disk offload")
 
 
 def module_weight_codes(module: QuantLinear | QuantEmbedding, params: QuantParams) -> Encoded:
@@ -66,9 +76,21 @@ def _quantized(model: nn.Module, layers: dict) -> dict[str, tuple[nn.Module, Qua
     for name, params in layers.items():
         if not isinstance(params, QuantParams):
             continue  # a transform: its effect is in the model's tensors
-        module = model.get_submodule(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
         if not isinstance(module, (QuantLinear, QuantEmbedding)) or not module.is_quantized:
             raise ExportError(f"module {name!r} has parameters but is not a quantized module of this model")
+        if module.weight.device.type == "meta":
+            raise ExportError(_OFFLOADED.format(name=f"{name}.weight"))
+        unknown = [field.name for field in dataclasses.fields(params) if getattr(params, field.name) is not None
+                   and field.name not in _WRITTEN_FIELDS | _IN_THE_WEIGHT]
+        unknown += [buffer for buffer, value in module._buffers.items()
+                    if value is not None and buffer not in _DERIVED_BUFFERS]
+        if unknown:
+            raise ExportError(f"module {name!r} has quantization state the export layout does not hold "
+                              f"({', '.join(unknown)}); extend utils/export before exporting it")
         found[name] = (module, params)
     missing = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.is_quantized
                and n not in found]
@@ -118,8 +140,7 @@ def _plain_tensors(model: nn.Module, replaced: set[str]) -> tuple[dict[str, torc
         if key in replaced:
             continue
         if value.device.type == "meta":
-            raise ExportError(f"tensor {key!r} is offloaded (accelerate's device_map put it on disk): the export "
-                              "needs every weight in memory; calibrate without use_accelerate's disk offload")
+            raise ExportError(_OFFLOADED.format(name=key))
         identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if identity in seen:
             aliases[key] = seen[identity]
@@ -178,11 +199,16 @@ def _place(tmp: Path, directory: Path, run: dict) -> str:
         shutil.rmtree(tmp)
         return "unchanged (byte-identical export of the same run)"
     old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-    os.rename(directory, old / "export")
+    try:
+        os.rename(directory, old / "export")
+    except OSError:
+        old.rmdir()
+        raise
     try:
         os.rename(tmp, directory)
     except OSError:
-        os.rename(old / "export", directory)
+        os.rename(old / "export", directory)  # the previous export back in place
+        old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
     return "replaced the export of the same run"
