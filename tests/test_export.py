@@ -21,7 +21,7 @@ from configs import QBits, QuantConfig, get_config
 from conftest import make_tiny, one_line_value_error, run_main
 from quant_layers.formats import NVFP4_BLOCKS
 from quant_layers.modules import QuantEmbedding, QuantLinear, swap_modules
-from utils.export import MARKER, WEIGHTS, ExportError, export_packed, load_packed
+from utils.export import MARKER, WEIGHTS, export_packed, load_packed
 from utils.export.write import _file_entries
 from utils.data.models import load_model
 from utils.quant_calib import CalibSettings, calibrate

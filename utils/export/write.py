@@ -170,7 +170,7 @@ def check_target(directory: str | Path, run: dict | None) -> None:
     """Before any slow work: ExportError unless `directory` is absent, an empty folder, or an export of the same
     run (model fingerprint, config, qbits, search; utils.params.metadata_difference). run None: any export (what
     can be told before the model is loaded)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"--export_dir {directory} is a file; choose a folder that does not exist yet")
     if not directory.is_dir() or not any(directory.iterdir()):
@@ -232,7 +232,7 @@ def export_packed(model: nn.Module, layers: dict, run: dict, directory: str | Pa
     layers: {module name: QuantParams | TransformParams} as calibration returns them or load_params reads them;
     run: the run metadata to record (utils.params.run_metadata, plus param_file / param_file_sha256).
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     check_target(directory, run)
     quantized = _quantized(model, layers)
     tensors, modules, replaced, quantized_parameters, weight_bytes = _quantized_tensors(quantized)
