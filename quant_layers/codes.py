@@ -152,14 +152,17 @@ def _range_shape(max_value: torch.Tensor, x: torch.Tensor, blocks: bool, name: s
 
 
 def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
-           clip: torch.Tensor | float | None = None) -> Encoded:
-    """Codes and scales of quantize(x, fmt, max_value, clip=clip) (any fmt, layouts in the module docstring).
+           block_scale: torch.Tensor | None = None, clip: torch.Tensor | float | None = None) -> Encoded:
+    """Codes and scales of quantize(x, fmt, max_value, block_scale, clip) (any fmt, layouts in the module docstring).
 
     x: floating point, any shape (block formats: last dimension a multiple of the block size), no NaN except in
     MX blocks (which become NaN blocks); max_value > 0, broadcastable to x without enlarging it (per tensor, per
-    row [..., 1], per column [n]); unused by MX formats; clip: block formats' multiplier of the block maxima, per
-    tensor or per row like max_value (None: 1). Returns codes in x's shape and float32 scales in max_value's shape
-    (block scales [..., n / size]); decode returns x's dtype.
+    row [..., 1], per column [n]); unused by MX formats. block_scale (block formats only): explicit block scales
+    [..., n / size] in quantize's encoding (MX: integer exponents k; NVFP4: float32 block ranges top * code * t,
+    which must be exactly that for an E4M3 code and the t of max_value); None: each block's from its maximum.
+    clip: block formats' multiplier of the block maxima, per tensor or per row like max_value (None: 1; not with
+    block_scale). Returns codes in x's shape and float32 scales in max_value's shape (block scales [..., n / size]);
+    decode returns x's dtype.
     """
     if not x.is_floating_point():
         raise TypeError(f"encode expects a floating-point tensor, got {x.dtype}")
@@ -174,8 +177,12 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
     if clip is not None:
         if fmt.block is None:
             raise ValueError(f"clip needs a block-scaled format, got {fmt.name}")
+        if block_scale is not None:
+            raise ValueError("clip multiplies the data's block maxima: it does not combine with explicit block_scale")
         clip = _range_shape(torch.as_tensor(clip, dtype=torch.float32, device=x.device), x, True, "clip")
     if fmt.block is None:
+        if block_scale is not None:
+            raise ValueError(f"block_scale needs a block-scaled format, got {fmt.name}")
         grid = round_to_grid(x, fmt, grid_scale(fmt, range_value, x.device))
         return Encoded(fmt, _element_codes(grid, fmt), x.dtype, grid_inverse=grid_inverse(fmt, max_value, x.device))
     size, element = fmt.block.size, fmt.element
@@ -183,20 +190,93 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
         raise ValueError(f"{fmt.name} needs the last dimension ({x.shape[-1]}) to be a multiple of {size}")
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
+    if block_scale is not None and tuple(block_scale.shape) != tuple(blocks.shape[:-1]):
+        raise ValueError(f"block_scale {tuple(block_scale.shape)} must have x's blocks' shape {tuple(blocks.shape[:-1])}")
     if mx:  # the int32 exponents k; block values x 2^-k on the element's grid of range standard_max
-        scales = block_scales(amax, fmt, range_value, clip=clip)
+        scales = (block_scales(amax, fmt, range_value, clip=clip) if block_scale is None
+                  else block_scale.to(device=x.device, dtype=torch.int32).unsqueeze(-1))
         shifted = torch.ldexp(blocks, -scales)
         grid = round_to_grid(shifted, element, grid_scale(element, element.standard_max, x.device))
         finite = torch.isfinite(amax)
         codes = _element_codes(grid.masked_fill_(~finite, 0.0), element)
         byte = torch.where(finite, scales + fmt.block.scale_format.standard_bias, E8M0_NAN).to(torch.uint8)
         return Encoded(fmt, codes.reshape(x.shape), x.dtype, block_exponent=byte.squeeze(-1))
-    scale_code, tensor_scale = block_scale_codes(amax, fmt, range_value, blocks, clip)
+    if block_scale is None:
+        scale_code, tensor_scale = block_scale_codes(amax, fmt, range_value, blocks, clip)
+    else:
+        scale_code, tensor_scale = _scale_codes_of_ranges(block_scale.to(x.device).unsqueeze(-1), fmt, range_value)
     scales = block_range(fmt, scale_code, tensor_scale)
     grid = round_to_grid(blocks, element, grid_scale(element, scales, x.device)).masked_fill_(scales == 0, 0.0)
     return Encoded(fmt, _element_codes(grid, element).reshape(x.shape), x.dtype,
                    block_scale=scale_code.squeeze(-1).to(torch.float8_e4m3fn),
                    tensor_scale=tensor_scale.squeeze(-1) if tensor_scale.dim() > 0 else tensor_scale)
+
+
+def _scale_codes_of_ranges(ranges: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code, t) of explicit NVFP4 block ranges R = top * code * t [..., blocks, 1]: the code is R / (top t) rounded
+    in the scale format, as block_scale_codes rounds a block maximum; ValueError unless it gives back R exactly."""
+    ranges = ranges.to(torch.float32)
+    scale_code, tensor_scale = block_scale_codes(ranges, fmt, max_value)
+    if not torch.equal(block_range(fmt, scale_code, tensor_scale), ranges):
+        raise ValueError(f"block_scale is not top * code * t for {fmt.block.scale_format.name} codes under "
+                         "max_value's tensor scale t")
+    return scale_code, tensor_scale
+
+
+def encode_quantized(q: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
+                     block_scale: torch.Tensor | None = None) -> Encoded:
+    """Codes and scales of q = quantize(x, fmt, max_value, block_scale) when only q is at hand (a weight after
+    QuantLinear.set_quant_params): decode of the result equals q (NaN where q is NaN, a zero as +0.0).
+
+    Element formats, explicit block scales and power-of-two block scales: encode(q, ...), since every value
+    of q is a grid point its own scale maps to itself, and an MX block's quantized maximum lies in [4, 6] 2^k
+    (E2M1), giving back its exponent k. NVFP4 block scales taken from the data need not come back: a block whose
+    E4M3 scale is a subnormal can quantize to a smaller maximum (amax / (6 t) = 0.55 2^-9 gets scale 2^-9 and
+    maximum 3 2^-9, whose own scale rounds to 0). Such a block takes the first byte, trying each positive
+    element value g from the largest as its maximum (R = amax_q grid_max / g), that gives it back.
+    ValueError if no byte does (q is not such a quantization).
+    """
+    encoded = encode(q, fmt, max_value, block_scale)
+    if fmt.block is not None and not fmt.block.power_of_two and block_scale is None:
+        encoded = _repair_block_scales(q, encoded, max_value)
+    wrong = ~_same_values(decode(encoded), q)
+    if wrong.any():
+        index = tuple(int(i) for i in wrong.nonzero()[0])
+        raise ValueError(f"{fmt.name}: the tensor is not a quantization to this format and range (element {index}: "
+                         f"{float(q[index])!r} has no code)")
+    return encoded
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a == b, NaN equal to NaN."""
+    return (a == b) | (torch.isnan(a) & torch.isnan(b))
+
+
+def _repair_block_scales(q: torch.Tensor, encoded: Encoded, max_value: torch.Tensor | float) -> Encoded:
+    """encode_quantized's NVFP4 case: blocks that do not decode to q take the first candidate byte that does."""
+    fmt, size = encoded.fmt, encoded.fmt.block.size
+    blocks_shape = (*q.shape[:-1], q.shape[-1] // size, size)
+    wrong = ~_same_values(decode(encoded), q).reshape(blocks_shape).all(-1)
+    if not wrong.any():
+        return encoded
+    codes = encoded.codes.reshape(blocks_shape).clone()
+    scale_bytes = encoded.block_scale.view(torch.uint8).clone()  # float8 has no masked writes
+    max_value = torch.as_tensor(max_value, dtype=torch.float32, device=q.device)
+    range_value = max_value.unsqueeze(-1) if max_value.dim() > 0 else max_value
+    amax = q.to(torch.float32).reshape(blocks_shape).abs().amax(-1, keepdim=True)
+    element = fmt.element
+    table = _code_table(element)
+    for g in table[table > 0].unique().flip(0).tolist():
+        code, tensor_scale = block_scale_codes(amax * (element.grid_max / g), fmt, range_value)
+        candidate = encode(q, fmt, max_value, block_range(fmt, code, tensor_scale).squeeze(-1))
+        fits = wrong & _same_values(decode(candidate), q).reshape(blocks_shape).all(-1)
+        codes[fits] = candidate.codes.reshape(blocks_shape)[fits]
+        scale_bytes[fits] = candidate.block_scale.view(torch.uint8)[fits]
+        wrong &= ~fits
+        if not wrong.any():
+            break
+    return dataclasses.replace(encoded, codes=codes.reshape(q.shape), block_scale=scale_bytes.view(torch.float8_e4m3fn))
 
 
 def decode(encoded: Encoded) -> torch.Tensor:
@@ -348,4 +428,5 @@ def stored_bits(encoded: Encoded) -> int:
 
 
 __all__ = ["E8M0_NAN", "Encoded", "code_dtype", "code_table", "decode", "decode_fpq_weight", "decode_frozen",
-           "encode", "encode_fpq_weight", "encode_frozen", "pack_nibbles", "stored_bits", "unpack_nibbles"]
+           "encode", "encode_fpq_weight", "encode_frozen", "encode_quantized", "pack_nibbles", "stored_bits",
+           "unpack_nibbles"]

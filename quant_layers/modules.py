@@ -125,7 +125,16 @@ class QuantLinear(nn.Module):
         if params.act_channel_shift is not None:
             shift = params.act_channel_shift.to(device=weight.device, dtype=torch.float32)
             weight = (weight.float() * torch.exp2(-shift)).to(weight.dtype)
-            self.act_channel_scale = torch.exp2(shift)
+        self.set_quantized(weight, params)
+
+    def set_quantized(self, weight: torch.Tensor, params: QuantParams) -> None:
+        """Take W_fold [out, in], the weight as set_quant_params computes it (quantized, shifts folded in; e.g. a
+        packed export's decoded codes), and set the formats and activation quantizer of params (its weight range
+        and block scales are not read). May be called once."""
+        if self.is_quantized:
+            raise RuntimeError("quantization parameters are already set on this module")
+        if params.act_channel_shift is not None:
+            self.act_channel_scale = torch.exp2(params.act_channel_shift.to(device=weight.device, dtype=torch.float32))
         # A new Parameter, never an in-place write: a tied embedding must keep its own values.
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_format = params.weight_format
@@ -173,11 +182,15 @@ class QuantEmbedding(nn.Module):
 
     def set_quant_params(self, params: QuantParams) -> None:
         """Quantize the table once with per-row ranges [num_embeddings] (an embedding has no input quantizer)."""
-        if self.is_quantized:
-            raise RuntimeError("quantization parameters are already set on this module")
         if params.act_format is not None or params.weight_format is None:
             raise ValueError("an embedding takes a weight format and range, and no activation quantizer")
-        weight = quantized_weight(self.weight.detach(), params)
+        self.set_quantized(quantized_weight(self.weight.detach(), params), params)
+
+    def set_quantized(self, weight: torch.Tensor, params: QuantParams) -> None:
+        """Take the already quantized table [num_embeddings, dim] (e.g. a packed export's decoded codes) and the
+        weight format of params. May be called once."""
+        if self.is_quantized:
+            raise RuntimeError("quantization parameters are already set on this module")
         self.embedding.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_format = params.weight_format
 

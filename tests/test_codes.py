@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quant_layers.codes import (E8M0_NAN, code_table, decode, decode_fpq_weight, encode, encode_fpq_weight,
-                                pack_nibbles, stored_bits, unpack_nibbles)
+                                encode_quantized, pack_nibbles, stored_bits, unpack_nibbles)
 from quant_layers.formats import (E4M3FN, QuantFormat, formats_of_width, fp_format, int_format,
                                   max_from_exponent_bias, parse_format)
 from quant_layers.modules import QuantLinear, QuantParams
@@ -395,3 +395,51 @@ def test_frozen_codes_on_cuda_equal_cpu():
     values = quantize(x, fmt, max_value)
     cpu = encode_frozen(values, fmt, max_value, None)
     assert torch.equal(encode_frozen(values.cuda(), fmt, max_value.cuda(), None).cpu(), cpu)
+@pytest.mark.parametrize("fmt", [NVFP4, MXFP4], ids=lambda f: f.name)
+def test_explicit_block_scales_decode_to_quantize_with_them(fmt):
+    """encode(x, fmt, m, block_scale) = quantize(x, fmt, m, block_scale) for scales other than the data's (a block-
+    scale search's choice: MX exponents one step off, NVFP4 ranges of the E4M3 codes one below and above)."""
+    from quant_layers.quantize import block_range, block_scale_codes, block_scales
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 4 * fmt.block.size, generator=generator)  # 4 blocks per row
+    max_value = x.abs().amax(1, keepdim=True)
+    amax = x.reshape(4, -1, fmt.block.size).abs().amax(-1, keepdim=True)
+    if fmt.block.power_of_two:
+        scales = block_scales(amax, fmt, max_value.unsqueeze(-1)).squeeze(-1) + torch.tensor([-1, 0, 1, 2])
+    else:
+        code, t = block_scale_codes(amax, fmt, max_value.unsqueeze(-1))
+        nudged = (code * torch.tensor([0.875, 1.0, 1.125, 0.5]).view(1, -1, 1)).to(torch.float8_e4m3fn).float()
+        scales = block_range(fmt, nudged, t).squeeze(-1)
+    q = quantize(x, fmt, max_value, scales)
+    assert not torch.equal(q, quantize(x, fmt, max_value))
+    assert torch.equal(decode(encode(x, fmt, max_value, scales)), q)
+    assert torch.equal(decode(encode_quantized(q, fmt, max_value, scales)), q)
+    if not fmt.block.power_of_two:
+        with pytest.raises(ValueError, match="top \\* code \\* t"):
+            encode(x, fmt, max_value, scales * 1.01)
+
+
+def test_nvfp4_scales_come_back_from_the_quantized_tensor():
+    """Only q = quantize(x) is at hand (a model's weight). A block with amax / (6 t) = 0.55 2^-9 gets the E4M3
+    subnormal scale 2^-9 and quantizes to maximum 3 2^-9, whose own scale 0.5 2^-9 rounds (ties to even) to 0:
+    encode(q) loses it, encode_quantized finds 2^-9 again. MX exponents come back from q's own maxima (blocks that
+    quantize to all zeros aside)."""
+    x = torch.zeros(2, 32)
+    x[0, 0], x[0, 16] = 6 * 0.55 * 2**-9, 2688.0  # t = 2688 / (6 * 448) = 1
+    x[1] = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    max_value = torch.tensor([[2688.0], [3.0]])
+    q = quantize(x, NVFP4, max_value)
+    assert q[0, 0] == 3 * 2**-9
+    assert not torch.equal(decode(encode(q, NVFP4, max_value)), q)
+    encoded = encode_quantized(q, NVFP4, max_value)
+    assert torch.equal(decode(encoded), q) and encoded.block_scale[0, 0].float() == 2**-9
+    assert torch.equal(encoded.block_scale[1], encode(x, NVFP4, max_value).block_scale[1])
+    spread = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)) * torch.logspace(-40, 30, 8).view(-1, 1)
+    q = quantize(spread, MXFP4, 1.0)
+    encoded = encode_quantized(q, MXFP4, 1.0)
+    nonzero = q.reshape(8, 2, 32).abs().amax(-1) > 0  # an all-zero block decodes to zeros under any exponent
+    assert torch.equal(decode(encoded), q) and not nonzero.all()
+    assert torch.equal(encoded.block_exponent[nonzero], encode(spread, MXFP4, 1.0).block_exponent[nonzero])
+    with pytest.raises(ValueError, match="has no code"):
+        encode_quantized(torch.tensor([[0.7]]), E2M1, torch.tensor([[6.0]]))

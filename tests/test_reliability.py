@@ -166,6 +166,10 @@ CASES = {
                                     "--search_result_dir: cannot write to", "pass a writable folder"),
     "output_path_folder_is_a_file": (["--output_path", "{blocker}/out.json"], "--output_path: cannot write to",
                                      "pass a writable folder"),
+    "export_dir_without_config": (["--export_dir", "exp"], "--export_dir writes a quantized model", "--quant_config"),
+    "export_dir_is_a_file": ([*MINMAX, "--export_dir", "{blocker}"], "is a file", "choose a folder"),
+    "export_dir_holds_other_files": ([*MINMAX, "--export_dir", "{root}"], "holds no LLM-FP4 export",
+                                     "choose a new folder or empty it"),
     "nan_inf_in_activations": (["--model_args", "pretrained={overflow}", *MINMAX],
                                "in the input of model.layers.0.mlp.down_proj during calibration",
                                "dtype=float32"),
@@ -481,6 +485,24 @@ def test_only_eval_takes_config_and_qbits_from_the_file(files, work):
     assert quantization["quant_config"]["name"] == "MinMax_config_llama" and quantization["qbits"] == [4, 4, 4, 2, 2, 2]
     with pytest.raises(ParamFileError, match="made with --quant_config MinMax_config_llama, not FPQ_config_llama"):
         _calibrate_only(_fill(BASE + ["--quant_config", "FPQ_config_llama", *ONLY_EVAL, "{param}"], files))
+
+
+def test_only_eval_alone_evaluates_the_quantized_model(files, work, monkeypatch):
+    """main.py with --only_eval --ptq_param_path F and no --quant_config evaluates the file's quantized model (run()
+    evaluated the full-precision model there, with no quantization block)."""
+    import utils.run.pipeline as pipeline
+
+    seen = {}
+
+    def evaluate(model, tokenizer, task_specs, **kwargs):
+        seen["quantized"] = any(getattr(m, "is_quantized", False) for m in model.modules())
+        return {"results": {}}
+
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(pipeline, "results_table", lambda results: "")
+    argv = _fill(BASE + ["--only_eval", "--ptq_param_path", "{param}", "--output_path", "r.json"], files)
+    results = pipeline.run(parse_args(argv))
+    assert seen["quantized"] and results["quantization"]["quant_config"]["name"] == "MinMax_config_llama"
 
 
 # --- determinism -------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="hf-causal-experimental",
                    help="lm-eval model type; hf-causal-experimental is an alias of lm-eval 0.4's 'hf'")
     p.add_argument("--model_args", default="",
-                   help="pretrained=PATH|HUB_ID|FILE.gguf (empty: the embedded SmolLM2-135M-Instruct), "
+                   help="pretrained=PATH|HUB_ID|FILE.gguf|EXPORT_DIR (empty: the embedded SmolLM2-135M-Instruct; "
+                        "a folder written by --export_dir is evaluated as it is, with no --quant_config), "
                         "use_accelerate=True (device_map=auto), dtype=auto|float32|bfloat16|float16, "
                         "trust_remote_code=False, revision=main")
     p.add_argument("--tasks", default=PAPER_TASKS, help="comma-separated lm-eval task names")
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter file written by a calibration run; with --only_eval its --quant_config and --qbits "
                         "are used where the command gives none")
     p.add_argument("--search_result_dir", default="search_result", help="where calibration writes parameter files")
+    p.add_argument("--export_dir", default=None, metavar="DIR",
+                   help="after calibration (or with --only_eval, from the parameter file) write the quantized model "
+                        "as a packed checkpoint to DIR: model.safetensors (4-bit codes two per byte, scales, shifts "
+                        "and the non-quantized tensors), config.json, the tokenizer and llm_fp4_export.json; "
+                        "evaluate it with --model_args pretrained=DIR. A non-empty DIR is refused unless it holds an "
+                        "export of the same run")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibration from its checkpoint (<file>.partial.pt), or reuse the "
                         "finished file; an error if the checkpoint was made for another run. Without it a matching "
@@ -182,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--ptq_param_path is read only with --only_eval")
     if args.plot and args.quant_config is None and not args.only_eval:
         raise UsageError("--plot draws a parameter file: use it with --quant_config or --only_eval")
+    if args.export_dir is not None and args.quant_config is None and not args.only_eval:
+        raise UsageError("--export_dir writes a quantized model: use it with --quant_config or with --only_eval "
+                         "--ptq_param_path FILE")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

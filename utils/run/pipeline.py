@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import QuantConfig, get_config
+from configs import QBits, QuantConfig, get_config
 from quant_layers.modules import swap_modules
+from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
+from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
                           run_metadata, save_params, saved_run)
@@ -79,11 +81,13 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
     return run_metadata(model, config, args.qbits, args.space, calibration)
 
 
-def _load_quantized(model, path: Path, metadata: dict, loaded: tuple | None = None) -> None:
+def _load_quantized(model, path: Path, metadata: dict, loaded: tuple | None = None) -> dict:
+    """Check and apply a parameter file; returns its layers."""
     layers, saved = loaded or load_params(path)
     check_param_metadata(path, saved, metadata)
     apply_params(model, layers)
     _log(f"loaded {len(layers)} quantized modules from {path}")
+    return layers
 
 
 def _open_checkpoint(target: Path, metadata: dict, resume: bool) -> Checkpoint:
@@ -151,8 +155,9 @@ def _save_final(path: Path, layers: dict, metadata: dict, checkpoint: Checkpoint
 
 
 def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: QuantConfig, metadata: dict
-                        ) -> tuple[Path, dict]:
-    """Calibrate (resuming from a matching checkpoint) and write the parameter file; returns (path, timing)."""
+                        ) -> tuple[Path, dict, dict]:
+    """Calibrate (resuming from a matching checkpoint) and write the parameter file; returns (path, timing,
+    layers)."""
     path = param_file_path(args.search_result_dir, config, args.qbits, args.space)
     calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
                            source=args.calib_data)
@@ -160,8 +165,8 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
     difference = _finished_difference(path, metadata)
     if args.resume and not checkpoint_path(path).exists() and difference is None:
         _log(f"--resume: calibration already finished in {path}; using it")
-        _load_quantized(model, path, metadata)
-        return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}
+        layers = _load_quantized(model, path, metadata)
+        return path, {"calib_seconds": None, "resumed_from_block": None, "reused_finished_file": True}, layers
     if path.exists() and difference is not None:  # the paper's file name does not name the model: never replace
         raise ParamFileError(f"{path} holds another run's parameters ({difference}); calibrate into another folder "
                              "with --search_result_dir DIR, or move that file away")
@@ -175,7 +180,8 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
     calib_seconds = time.perf_counter() - started
     _save_final(path, layers, metadata, checkpoint)
     peaks = {f"cuda:{gpu}": torch.cuda.max_memory_allocated(gpu) for gpu in gpus} or None
-    return path, {"calib_seconds": calib_seconds, "resumed_from_block": resumed_from, "calib_peak_gpu_bytes": peaks}
+    timing = {"calib_seconds": calib_seconds, "resumed_from_block": resumed_from, "calib_peak_gpu_bytes": peaks}
+    return path, timing, layers
 
 
 def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) -> dict:
@@ -192,19 +198,85 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     swap_modules(model, linear=config.linear, lm_head=config.lm_head, embedding=config.embedding)
     metadata = search_metadata(args, config, info)
     if args.only_eval:
-        _load_quantized(model, path, metadata, loaded)
+        layers = _load_quantized(model, path, metadata, loaded)
+        recorded = {key: value for key, value in loaded[1].items() if key != "modules"}  # the file's own run
+        if args.export_dir:
+            check_target(args.export_dir, recorded)
         timing = {"calib_seconds": None}
     else:
-        path, timing = _calibrate_and_save(model, tokenizer, args, config, metadata)
-    return {**metadata, "param_file": str(path), "param_file_sha256": sha256_file(path), **timing,
-            "only_eval": args.only_eval}
+        if args.export_dir:
+            check_target(args.export_dir, metadata)  # before calibrating: never after an hour's work
+        path, timing, layers = _calibrate_and_save(model, tokenizer, args, config, metadata)
+        recorded = metadata
+    param_file = {"param_file": str(path), "param_file_sha256": sha256_file(path)}
+    quantization = {**metadata, **param_file, **timing, "only_eval": args.only_eval}
+    if args.export_dir:
+        quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
+    return quantization
+
+
+def export_model(model, tokenizer, layers: dict, run: dict, directory: str) -> dict:
+    """Write the packed export and say its size against bfloat16; returns the results' quantization.export."""
+    report = export_packed(model, layers, run, directory, tokenizer)
+    size = report["size"]
+    weights = size["quantized_weight_bits_per_parameter"]
+    _log(f"export {directory}: {report['placed']}; model.safetensors {size['model_file_bytes']:,} bytes = "
+         f"{size['bits_per_parameter']:.3f} bits per parameter over {size['parameters']:,} parameters (bf16: 16, "
+         f"{size['bf16_bytes']:,} bytes; {size['ratio_to_bf16']:.3f} of it), quantized weights "
+         + (f"{weights:.3f} bits per parameter over {size['quantized_parameters']:,}" if weights else "none")
+         + f"; folder {size['directory_bytes']:,} bytes")
+    return {"dir": str(directory), "placed": report["placed"], "files": report["files"], "size": size}
+
+
+def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int | None
+                         ) -> tuple[object, object, ModelInfo, dict]:
+    """--model_args pretrained=DIR where DIR is a packed export: (model, tokenizer, info, quantization block).
+    The export is the quantized model: flags that calibrate, load parameters or choose another config are refused."""
+    margs = args.model_args
+    directory = Path(margs.pretrained).expanduser()
+    for flag in ("only_eval", "resume", "export_dir", "plot", "offload", "sequential"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag}: pretrained={directory} is a packed export, already quantized; evaluate it "
+                             f"without --{flag}")
+    marker = read_marker(directory)
+    try:
+        run_info = marker["run"]
+        name, qbits = run_info["quant_config"]["name"], QBits.parse(run_info["qbits"])
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{directory / MARKER} does not say which config and qbits made it; export again") from None
+    if args.quant_config not in (None, name) or args.qbits not in (None, qbits):
+        given = " ".join(filter(None, [args.quant_config, args.qbits and args.qbits.tag()]))
+        raise UsageError(f"{directory} is an export of {name} {qbits.tag()}, not {given}: drop --quant_config and "
+                         "--qbits (the export carries its own)")
+    if margs.dtype not in ("auto", marker.get("dtype")):
+        raise UsageError(f"--model_args dtype={margs.dtype}: {directory} was exported in {marker.get('dtype')}, "
+                         "which its log-likelihoods are defined in; use dtype=auto")
+    dispatch = margs.use_accelerate and local_rank is None and device.startswith("cuda")
+    model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device)
+    if dispatch:
+        place_for_eval(model, device)
+    if tokenizer is None:
+        raise UsageError(f"{directory} holds no tokenizer files; export again from a run that loads one")
+    args.quant_config, args.qbits = name, qbits  # the results file's default name
+    model_sha256 = marker["files"][WEIGHTS]["sha256"]
+    info = ModelInfo(source=str(directory), kind="packed_export", fingerprint=model_sha256,
+                     architecture=type(model).__name__, num_layers=len(decoder_layers(model)), tied_embeddings=False,
+                     dtype=str(marker.get("dtype")))
+    _log(f"loaded packed export {directory} ({name} {qbits.tag()}; {len(marker['files'])} files verified by "
+         "sha256): no calibration, no parameter file")
+    packed = {"dir": str(directory), "model_sha256": model_sha256,
+              "size": marker.get("size"), "calibrated_model": run_info.get("model")}
+    return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed}
 
 
 def check_outputs_writable(args: argparse.Namespace) -> None:
     """Fail in one line, before any slow work, if the parameter file or results cannot be written."""
     folders = [("--output_path", Path(args.output_path).parent if args.output_path else Path("results"))]
-    if args.quant_config and not args.only_eval:
+    if args.quant_config and not args.only_eval and not is_packed_export(args.model_args.pretrained):
         folders.append(("--search_result_dir", Path(args.search_result_dir) / args.quant_config))
+    if args.export_dir:
+        folders.append(("--export_dir", Path(args.export_dir).expanduser().parent))
+        check_target(args.export_dir, None)  # a file, or a folder holding something else; the run: once loaded
     for flag, folder in folders:
         reason = unwritable_reason(folder)
         if reason:
@@ -221,9 +293,11 @@ def default_output_path(args: argparse.Namespace) -> Path:
 def data_parallel_device(args: argparse.Namespace, device: str, local_rank: int) -> str:
     """Under `accelerate launch` / torchrun each process evaluates a whole model on its own GPU (cuda:LOCAL_RANK)
     or the CPU; calibration is not split over processes."""
-    if args.quant_config and not args.only_eval:
+    if (args.quant_config and not args.only_eval and not is_packed_export(args.model_args.pretrained)
+            or args.export_dir):
         raise UsageError(f"{data_parallel_processes()} processes (accelerate launch / torchrun) split evaluation only: "
-                         "calibrate in one process first, then evaluate its file with --only_eval --ptq_param_path")
+                         "calibrate (and export) in one process first, then evaluate its file with --only_eval "
+                         "--ptq_param_path or its export with --model_args pretrained=DIR")
     return f"cuda:{local_rank}" if device.startswith("cuda") else device
 
 
@@ -238,13 +312,16 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     task_specs = get_task_specs(args.tasks)
     margs = args.model_args
-    model, tokenizer, info = load_model(margs.pretrained, device=device, dtype=margs.dtype,
-                                        use_accelerate=margs.use_accelerate and local_rank is None,
-                                        trust_remote_code=margs.trust_remote_code, offload=args.offload)
-    _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
-    quantization = {"quant_config": None}
-    if args.quant_config:
-        quantization = quantize_model(model, tokenizer, info, args)
+    if is_packed_export(margs.pretrained):
+        model, tokenizer, info, quantization = load_export_for_eval(args, device, local_rank)
+    else:
+        model, tokenizer, info = load_model(margs.pretrained, device=device, dtype=margs.dtype,
+                                            use_accelerate=margs.use_accelerate and local_rank is None,
+                                            trust_remote_code=margs.trust_remote_code, offload=args.offload)
+        _log(f"model: {info.source} ({info.architecture}, {info.num_layers} layers, {info.dtype}) on {device}")
+        quantization = {"quant_config": None}
+        if args.quant_config or args.only_eval:  # --only_eval alone takes the config from its parameter file
+            quantization = quantize_model(model, tokenizer, info, args)
     if args.offload:
         place_for_eval(model, device)
     if args.heldout_ppl:
