@@ -116,7 +116,7 @@ def test_data_parallel_evaluation_equals_one_process(tiny_llama_dir, calib_text_
     assert two["quantization"]["eval_processes"] == 2 and one["quantization"]["eval_processes"] == 1
     refused = _torchrun(2, common + ["--calib_size", "2", "--calib_data", calib_text_file], tmp_path)
     assert refused.returncode != 0
-    assert "split evaluation only: calibrate in one process first" in refused.stderr
+    assert "split evaluation only: calibrate (and export) in one process first" in refused.stderr
     assert "utils/run/pipeline.py" not in refused.stderr  # torchrun prints its own traceback, none comes from ours
 
 
