@@ -203,3 +203,30 @@ def test_code_fingerprint_follows_the_code_only(tmp_path):
     search = copy / "utils" / "search" / "space.py"
     search.write_text(search.read_text().replace("TINY = 1e-30", "TINY = 1e-31", 1))
     assert code_fingerprint(copy) != code_fingerprint(ROOT)
+
+
+def test_layer_figure_of_a_block_recipe(tmp_path):
+    """A block-scaled file: the baseline is round to nearest, the middle panel shows each Linear's activation clip
+    (1 where none was saved) and its weight's rounding (GPTQ codes, searched block scales, round to nearest)."""
+    from quant_layers.formats import BLOCK_ALIASES
+    from quant_layers.modules import QuantParams
+    from utils.params import save_params
+    from utils.report.plots import layer_figure, layer_table
+
+    nvfp4 = BLOCK_ALIASES["NVFP4"]
+    scales = torch.full((2, 1), 6 * 448 * (6.0 / (6 * 448)))
+    layers = {
+        "a": QuantParams(nvfp4, torch.tensor([6.0, 6.0]), nvfp4, torch.tensor(2.0), mse=0.1, mse_minmax=0.2),
+        "b": QuantParams(nvfp4, torch.tensor([6.0, 6.0]), nvfp4, torch.tensor(2.0), mse=0.1, mse_minmax=0.2,
+                         act_block_clip=torch.tensor(0.8), weight_block_scale=scales),
+        "c": QuantParams(nvfp4, torch.tensor([6.0, 6.0]), nvfp4, torch.tensor(2.0), mse=0.1, mse_minmax=0.2,
+                         weight_block_scale=scales, weight_codes=torch.zeros(2, 16, dtype=torch.uint8)),
+    }
+    path = tmp_path / "p.pt"
+    save_params(path, layers, {"note": "test"})
+    rows = layer_table(path)
+    assert [r["act_block_clip"] for r in rows] == pytest.approx([1.0, 0.8, 1.0])
+    assert [r["weight_rounding"] for r in rows] == ["round to nearest", "searched block scales", "GPTQ codes"]
+    fig = layer_figure(path)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["round to nearest", "searched"]
+    assert fig.axes[1].get_ylabel() == "clip (x block max)"

@@ -1,5 +1,7 @@
 """Per-layer figures of a saved parameter file: which formats the search chose, the exponent biases, and
-each Linear's output MSE against MinMax.
+each Linear's output MSE against MinMax. For block-scaled files (NVFP4, MX recipes) the baseline is round to nearest
+and the middle panel shows what the recipe chose instead of the (fixed) format: the static clip of the activations'
+dynamic block maxima, and whether a Linear's weight carries a rounding of its own (GPTQ) or searched block scales.
 
     python -m utils.report.plots search_result/FPQ_config_llama/W4A4E4_...pt [--out layers.png]
 
@@ -51,6 +53,10 @@ def layer_table(path: str | Path) -> list[dict]:
             "act_bias": float(exponent_bias_from_max(p.act_format, p.act_max_value.float())),
             "mse": p.mse,
             "mse_minmax": p.mse_minmax,
+            "blocks": p.weight_format.block is not None,
+            "act_block_clip": 1.0 if p.act_block_clip is None else float(p.act_block_clip),
+            "weight_rounding": "GPTQ codes" if p.weight_codes is not None else
+            "searched block scales" if p.weight_block_scale is not None else "round to nearest",
         })
     return rows
 
@@ -79,7 +85,8 @@ def x_ticks(rows: list[dict]) -> tuple[list[int], list[str], str]:
 
 
 def layer_figure(path: str | Path):
-    """The three-panel matplotlib Figure of `layer_table(path)`: output MSE, formats, exponent biases per Linear."""
+    """The three-panel matplotlib Figure of `layer_table(path)`: output MSE, formats (block-scaled files: the
+    activation clip and the weight's rounding), exponent biases per Linear."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,18 +97,31 @@ def layer_figure(path: str | Path):
         raise ParamFileError(f"{path} has no Linear with both weight and activation quantized: nothing to plot")
     index = range(len(rows))
     fig, axes = plt.subplots(3, 1, figsize=(max(8.0, len(rows) * 0.06), 9), sharex=True)
-    axes[0].semilogy(index, [r["mse_minmax"] for r in rows], ".", label="MinMax", color="tab:gray")
+    blocks = all(r["blocks"] for r in rows)
+    baseline = "round to nearest" if blocks else "MinMax"
+    axes[0].semilogy(index, [r["mse_minmax"] for r in rows], ".", label=baseline, color="tab:gray")
     axes[0].semilogy(index, [r["mse"] for r in rows], ".", label="searched", color="tab:blue")
     axes[0].set_ylabel("output MSE")
-    names = sorted({r["weight_format"] for r in rows} | {r["act_format"] for r in rows})
-    level = {n: i for i, n in enumerate(names)}
-    axes[1].plot(index, [level[r["weight_format"]] + 0.1 for r in rows], "s", ms=3, label="weight")
-    axes[1].plot(index, [level[r["act_format"]] - 0.1 for r in rows], "o", ms=3, label="activation")
-    axes[1].set_yticks(range(len(names)), names)
-    axes[1].set_ylabel("format")
+    if blocks:
+        kinds = ["round to nearest", "searched block scales", "GPTQ codes"]
+        axes[1].plot(index, [r["act_block_clip"] for r in rows], "o", ms=3, label="activation block clip")
+        axes[1].set_ylabel("clip (x block max)")
+        twin = axes[1].twinx()
+        twin.plot(index, [kinds.index(r["weight_rounding"]) for r in rows], "s", ms=2, color="tab:green",
+                  label="weight rounding")
+        twin.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        twin.set_ylim(-0.5, len(kinds) - 0.5)
+        twin.legend(loc="lower left", fontsize=8, framealpha=0.7)
+    else:
+        names = sorted({r["weight_format"] for r in rows} | {r["act_format"] for r in rows})
+        level = {n: i for i, n in enumerate(names)}
+        axes[1].plot(index, [level[r["weight_format"]] + 0.1 for r in rows], "s", ms=3, label="weight")
+        axes[1].plot(index, [level[r["act_format"]] - 0.1 for r in rows], "o", ms=3, label="activation")
+        axes[1].set_yticks(range(len(names)), names)
+        axes[1].set_ylabel("format")
     axes[2].plot(index, [r["weight_bias"] for r in rows], "s", ms=3, label="weight (median over rows)")
     axes[2].plot(index, [r["act_bias"] for r in rows], "o", ms=3, label="activation (per tensor)")
-    axes[2].set_ylabel("exponent bias")
+    axes[2].set_ylabel("tensor-range exponent bias" if blocks else "exponent bias")
     positions, labels, title = x_ticks(rows)
     axes[2].set_xticks(positions, labels, fontsize=7)
     axes[2].set_xticks(index, minor=True)
