@@ -109,3 +109,29 @@ def calib_text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text("\n\n".join(CORPUS * 5))
     return path
+
+
+def calibrate_and_replay(config, qbits, space, tmp_path, ids=None) -> dict:
+    """Calibrate make_tiny("llama") (swapped as config says) under config, save the parameters, apply them to a
+    fresh copy and assert its logits equal the calibrated model's; returns the layers."""
+    import torch
+
+    from quant_layers.modules import swap_modules
+    from utils.params import apply_params, load_params, save_params
+    from utils.quant_calib import CalibSettings, calibrate
+
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0)) if ids is None else ids
+
+    def model():
+        tiny = make_tiny("llama")
+        swap_modules(tiny, config.linear, config.lm_head, config.embedding)
+        return tiny
+
+    calibrated = model()
+    layers = calibrate(calibrated, ids, CalibSettings(config, qbits, space))
+    save_params(tmp_path / "replay.pt", layers, {})
+    fresh = model()
+    apply_params(fresh, load_params(tmp_path / "replay.pt")[0])
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, calibrated(ids).logits)
+    return layers

@@ -328,28 +328,12 @@ def test_block_scale_step_on_four_over_six():
 def test_clip_step_as_a_config_step_calibrates_and_replays(tmp_path):
     """ActBlockClipStep built by calibration from a config's steps (from_space): clips are found and saved, and the
     parameter file rebuilds the same model."""
-    from conftest import make_tiny
-    from quant_layers.modules import swap_modules
-    from utils.quant_calib import CalibSettings, calibrate
+    from conftest import calibrate_and_replay
 
     config = QuantConfig(name="clip_test", format_kind="fp", search=False, act_channel_shift=False,
                          weight_granularity="per_tensor", block=NVFP4_BLOCKS, embedding=False,
                          steps=(ActBlockClipStep,))
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-
-    def model():
-        tiny = make_tiny("llama")
-        swap_modules(tiny, embedding=False)
-        return tiny
-
-    calibrated = model()
-    settings = CalibSettings(config, QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace(act_coarse_tokens=0))
-    layers = calibrate(calibrated, ids, settings)
+    layers = calibrate_and_replay(config, QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace(act_coarse_tokens=0), tmp_path)
     linears = [p for p in layers.values() if getattr(p, "kind", None) == "linear"]
     assert all(p.mse <= p.mse_minmax for p in linears)
     assert any(p.act_block_clip is not None and float(p.act_block_clip) < 1 for p in linears)
-    save_params(tmp_path / "p.pt", layers, {})
-    fresh = model()
-    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, calibrated(ids).logits)

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from configs import QBits, QuantConfig
-from conftest import make_tiny
+from conftest import calibrate_and_replay
 from quant_layers.codes import Encoded, decode_fpq_weight, decode_frozen, encode, encode_frozen
 from quant_layers.formats import BLOCK_ALIASES, NVFP4_BLOCKS, exponent_bias_from_max, fp_format, int_format
 from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale
-from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_modules
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from quant_layers.quantize import grid_inverse, quantize
 from utils.params import ParamFileError, apply_params, load_params, save_params
-from utils.quant_calib import CalibSettings, calibrate
 from utils.search.block_scales import BlockScaleStep
 from utils.search.gptq import GPTQStep
 from utils.search.problem import Budget, LinearProblem, channel_shift
@@ -322,20 +321,7 @@ def test_step_in_calibration_lowers_the_error_and_replays(tmp_path, block):
     config = QuantConfig(name="gptq_test", format_kind="fp", search=block is None, act_channel_shift=block is None,
                          weight_granularity="per_channel" if block is None else "per_tensor", block=block,
                          embedding=False, steps=(GPTQStep,))
-    settings = CalibSettings(config, QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace((0.5, 1.2, 4), search_round=1))
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-
-    def model():
-        net = make_tiny("llama")
-        swap_modules(net, embedding=False)
-        return net
-
-    calibrated = model()
-    layers = calibrate(calibrated, ids, settings)
+    layers = calibrate_and_replay(config, QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace((0.5, 1.2, 4), search_round=1),
+                                  tmp_path)
     linears = [p for p in layers.values() if getattr(p, "kind", None) == "linear"]
     assert linears and all(p.weight_codes is not None and p.mse <= p.mse_minmax for p in linears)
-    save_params(tmp_path / "p.pt", layers, {})
-    fresh = model()
-    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, calibrated(ids).logits)
