@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU machine, after bench/gpu/session_reshape.sh PART=setup and PART=smol (SmolLM2 joined, wheels installed): early
+# GPU machine, after bench/gpu/session.sh PART=setup and PART=smol (SmolLM2 joined, wheels installed): early
 # held-out perplexity of recipes on SmolLM2-135M (16 x 1024 tokens of the Wikipedia excerpt; piqa's first document
 # rides along and is not read), the paper's calibration settings, RECIPES run at once (one process each, so their
 # calibration seconds are upper bounds), each stopped after LIMIT_S seconds. Results in $OUT/<recipe>.json and .log.

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# GPU machine, one session: issue 19's acceptance (bench/gpu/reshape_check.sh) on both models, and the NVFP4 /
-# MXFP4 rows again (the block-format fixes may change them), run in the background while Qwen's GGUF arrives.
+# GPU machine, one session: table rows of both models (bench/gpu/table_rows.sh; ROWS, default the NVFP4 / MXFP4
+# reference rows) and, with RESHAPE=1, issue 19's acceptance (bench/gpu/reshape_check.sh, old code in .gpu_old), run
+# in the background while Qwen's GGUF arrives. Issue 19's run (2026-12-06): RESHAPE=1 with the default rows.
 #   PART=setup (carry .whl .gpu_a): wheels, first SmolLM2 piece, GPU name and versions
-#   PART=smol  (carry .gpu_b .gpu_old): the old code kept in /tmp/scratch/old, join SmolLM2 (and unpack the task
-#        data), copy this tree to /tmp/scratch/repo, start in its own process session the SmolLM2 reshape check
-#        and, beside it, SmolLM2's NVFP4 and MXFP4 rows (bench/gpu/table_rows.sh, WAVE=6) and the Triton kernels
-#        against their references on CUDA ($S/kernel_check.log)
+#   PART=smol  (carry .gpu_b, and .gpu_old with RESHAPE=1): the old code kept in /tmp/scratch/old, join SmolLM2
+#        (and unpack the task data), copy this tree to /tmp/scratch/repo, start in its own process session SmolLM2's
+#        ROWS (WAVE=6) and, beside them, the reshape check (RESHAPE=1) and the Triton kernels against their
+#        references on CUDA ($S/kernel_check.log)
 #   then the 19 calls of bench/gpu/qwen_transfer.sh (each prints the background logs' last lines)
-#   PART=qwen  (no carry): start Qwen's reshape check and beside it its NVFP4 and MXFP4 rows (WAVE=7;
-#        ROWS_TOO=0: the check alone)
+#   PART=qwen  (no carry): start Qwen's ROWS (WAVE=7) and beside them its reshape check (RESHAPE=1);
+#        ROWS=none: the check alone
 #   PART=wait  (no carry): wait up to LIMIT_S for both, then return results as $OUT/r19.tar.gz
 set -uo pipefail
 S=/tmp/scratch R=/tmp/scratch/repo
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
-background() {  # $1: model, $2: wave number of its rows (none with ROWS_TOO=0); log $S/<model>.log, marker $S/<model>.done
-  local rows="MODEL=$1 WAVE=$2 ROWS='NVFP4 MXFP4' LIMIT_S=7200 OUT=$S/rows$2 bash bench/gpu/table_rows.sh | tail -5"
-  [ "${ROWS_TOO:-1}" = 1 ] || rows=true
-  (cd $R && setsid bash -c "($rows) & OLD=$S/old OUT=$S/r19 MODELS=$1 bash bench/gpu/reshape_check.sh
-    echo reshape_check exit \$?; wait; touch $S/$1.done" > $S/$1.log 2>&1 < /dev/null &)
+ROWS=${ROWS:-NVFP4 MXFP4}
+background() {  # $1: model, $2: wave number of its rows; log $S/<model>.log, marker $S/<model>.done
+  local rows="MODEL=$1 WAVE=$2 ROWS='$ROWS' LIMIT_S=7200 OUT=$S/rows$2 bash bench/gpu/table_rows.sh | tail -5"
+  local check="OLD=$S/old OUT=$S/r19 MODELS=$1 bash bench/gpu/reshape_check.sh; echo reshape_check exit \$?"
+  [ "$ROWS" != none ] || rows=true
+  [ "${RESHAPE:-0}" = 1 ] || check=true
+  (cd $R && setsid bash -c "($rows) & $check; wait; touch $S/$1.done" > $S/$1.log 2>&1 < /dev/null &)
 }
 case "${PART:?set PART=setup, smol, qwen or wait}" in
 setup)
@@ -27,7 +30,7 @@ setup)
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   ;;
 smol)
-  rm -rf $S/old && cp -r .gpu_old $S/old
+  [ "${RESHAPE:-0}" = 1 ] && rm -rf $S/old && cp -r .gpu_old $S/old
   source bench/gpu/join_smollm2.sh
   # the whole tree as it came (not `git ls-files`: the machine's git index may lag the files sent), without the
   # carried data; the runs read this copy, so later calls (which replace the tree) never change a running script
