@@ -203,11 +203,35 @@ def test_step_never_increases_the_loss_and_helps_on_correlated_inputs(fmt):
 
 
 def test_step_keeps_the_state_without_a_cholesky_factor(monkeypatch):
+    """Negative definite G: no damping up to 100x makes a factor; the state comes back with a warning."""
     problem, _, _ = _linear_problem(0)
     start = minmax_state(problem, E2M1, E4M3)
     gram, v, c = problem.weight_stats(start)
     monkeypatch.setattr(problem, "weight_stats", lambda state: (-gram, v, c))  # negative definite
-    assert GPTQStep()(problem, start) is start
+    with pytest.warns(UserWarning, match="no Cholesky factor up to damping 1"):
+        assert GPTQStep()(problem, start) is start
+
+
+def test_step_raises_the_damping_where_h_has_no_factor(monkeypatch):
+    """G with a negative direction that 1% damping does not lift but 10% does: the step rounds with the larger
+    damping, equal to GPTQ run directly at 10x damping on the same G."""
+    problem, _, _ = _linear_problem(0)
+    start = minmax_state(problem, E2M1, E4M3)
+    gram, v, c = problem.weight_stats(start)
+    gram = gram.float()
+    indefinite = gram - 0.05 * gram.diagonal().mean() * torch.eye(gram.shape[0])  # lambda_min < 0 by 0.05 mean diag
+    monkeypatch.setattr(problem, "weight_stats", lambda state: (indefinite, v, c))
+    with pytest.raises(torch.linalg.LinAlgError):
+        gptq_round(problem.weight.float(), indefinite, frozen_quantizer(E2M1, start.weight_max_value.view(-1, 1)),
+                   0.01, 128, activation_order(indefinite))
+    expected = gptq_round(problem.weight.float(), indefinite,
+                          frozen_quantizer(E2M1, start.weight_max_value.view(-1, 1)), 0.1, 128,
+                          activation_order(indefinite))
+    rounded = GPTQStep()(problem, dataclasses.replace(start, mse=float("inf")))
+    assert rounded.weight_codes is not None
+    values = decode_frozen(rounded.weight_codes, E2M1, start.weight_max_value.view(-1, 1), None)
+    kept = (values == expected).all(dim=1)
+    assert kept.any()  # rows where GPTQ lowered the exact loss carry the 10x-damped rounding
 
 
 @pytest.mark.parametrize("fmt", [E2M1, NVFP4], ids=lambda f: f.name)

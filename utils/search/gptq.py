@@ -11,14 +11,16 @@ against the layer's output error with the quantized input; the math is in quant_
 4. Store the result as codes (QuantParams.weight_codes, `encode_frozen`) with the frozen block scales, recompute the
    loss (`LinearProblem.loss`, the reference quantizer) and return the given state where it is not above it.
 
-A state without a weight format is returned unchanged, and so is one whose damped H has no Cholesky factor (the
-damping too small for a badly rounded G, e.g. G in bfloat16 on a GPU).
+A state without a weight format is returned unchanged. Where the damped H has no Cholesky factor (the damping too
+small for a badly rounded G, e.g. G in bfloat16 on a GPU) the damping is raised tenfold, twice (DAMPING_RETRIES);
+if H still has none the state is returned unchanged, with a warning naming the Linear's shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,8 @@ from quant_layers.modules import QuantParams
 from quant_layers.quantize import quantize
 from utils.search.problem import LinearProblem
 from utils.search.space import SearchSpace
+
+DAMPING_RETRIES = (1.0, 10.0, 100.0)  # multipliers of the damping tried in turn while H + lambda I has no factor
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,19 @@ class GPTQStep:
             current = decode_frozen(state.weight_codes.to(weight.device), fmt, max_value, block_scale)
         gram = problem.weight_stats(state)[0].float()
         order = activation_order(gram) if self.act_order else None
-        try:
-            rounded = gptq_round(weight, gram, frozen_quantizer(fmt, max_value, block_scale), self.damping,
-                                 self.block_size, order)
-        except torch.linalg.LinAlgError:
+        rounded = None
+        for factor in DAMPING_RETRIES:
+            try:
+                rounded = gptq_round(weight, gram, frozen_quantizer(fmt, max_value, block_scale),
+                                     self.damping * factor, self.block_size, order)
+                break
+            except torch.linalg.LinAlgError:
+                continue
+        if rounded is None:
             problem.release_weight_stats()
+            warnings.warn(f"GPTQ: Xq^T Xq of a {problem.out_features} x {problem.in_features} Linear has no Cholesky "
+                          f"factor up to damping {self.damping * DAMPING_RETRIES[-1]:g}; it keeps its rounding",
+                          stacklevel=2)
             return state
         better = problem.row_losses(rounded - weight, state) < problem.row_losses(current - weight, state)
         values = torch.where(better.view(-1, 1), rounded, current)
