@@ -95,6 +95,14 @@ class AttentionPolicy:
                 raise AttentionQuantError(f"{flag} {block.name}: blocks of {block.block.size} do not tile the "
                                           f"attention head dimension {head_dim}")
 
+    def tag(self) -> str:
+        """'KV-E2M1-per_channel-per_token_Q-E2M1_P-UE3M1': the parameter file name's part (no '/')."""
+        parts = []
+        if self.kv_format:
+            parts.append(f"KV-{self.kv_format}-{self.key_granularity}-{self.value_granularity}")
+        parts += [f"{letter}-{name}" for letter, name in (("Q", self.q_format), ("P", self.p_format)) if name]
+        return "_".join(parts).replace("/", "-")
+
     def to_dict(self) -> dict:
         return {"kv_format": self.kv_format, "key_granularity": self.key_granularity,
                 "value_granularity": self.value_granularity, "q_format": self.q_format, "p_format": self.p_format}

@@ -103,11 +103,13 @@ _LEGACY_KINDS = {"smooth": {"name": "smoothquant"}}  # files from before transfo
 _TENSOR_NAMES = {name: cls.tensor_name for name, cls in {**TRANSFORMS, **MODEL_TRANSFORMS}.items()}
 
 
-def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace) -> Path:
-    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt (the paper's naming)."""
+def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace,
+                    attention_tag: str = "") -> Path:
+    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt (the paper's naming); with
+    attention quantization its tag (AttentionPolicy.tag) follows the qbits: W4A4E4_KV-E2M1-per_channel-..."""
     low, high, count = space.search_intervals
-    name = (f"{qbits.tag()}_search_round{space.search_round}_search_intervals({float(low)!r},{float(high)!r},"
-            f"{int(count)}).pt")
+    name = (f"{qbits.tag()}{'_' + attention_tag if attention_tag else ''}_search_round{space.search_round}"
+            f"_search_intervals({float(low)!r},{float(high)!r},{int(count)}).pt")
     return Path(root) / config.name / name
 
 
@@ -485,3 +487,13 @@ def saved_run(path: str | Path, metadata: dict) -> tuple[QuantConfig, QBits]:
     except (KeyError, TypeError, ValueError) as error:
         raise ParamFileError(f"{path} does not say which --quant_config and --qbits made it ({error}); "
                              "pass them on the command line") from None
+
+
+def saved_attention(path: str | Path, metadata: dict):
+    """The AttentionPolicy a parameter file's metadata records (None: attention in full precision)."""
+    from configs.attention import AttentionPolicy
+
+    try:
+        return AttentionPolicy.from_dict(metadata.get("attention"))
+    except (TypeError, ValueError) as error:
+        raise ParamFileError(f"{path} records attention quantization this code cannot read ({error})") from None
