@@ -116,7 +116,8 @@ class AttentionPolicy:
         kv = None if self.kv_format is None else {
             "format": self.kv_format, "key_granularity": self.key_granularity,
             "value_granularity": self.value_granularity,
-            "ranges": {part: "dynamic" if g == DYNAMIC else "static" for part, g in
+            "ranges": {part: ("dynamic" if g == DYNAMIC else "static") if self.formats["kv"].has_range else
+                       "block scales from the data" for part, g in
                        (("key", self.key_granularity), ("value", self.value_granularity))}}
         attention = None if not (self.q_format or self.p_format) else {
             "query_format": self.q_format, "query_granularity": DYNAMIC if self.q_format else None,
