@@ -270,3 +270,10 @@ def test_main_records_and_replays_attention_settings(tiny_llama_dir, calib_text_
         assert block["attention"] == {"query_format": None, "query_granularity": None, "probs_format": "UE3M1",
                                       "probs_range": 1.0}
     assert torch.equal(*logits)
+
+
+def test_unsigned_format_names_read_back_and_p_grid():
+    fmt = parse_format("UE3M1")
+    assert (fmt.name, fmt.signed, fmt.bits, fmt.exponent_bits) == ("UE3M1", False, 4, 3)
+    grid = torch.unique(quantize(torch.linspace(0, 1, 20001), fmt, 1.0))
+    assert len(grid) == 16 and grid[0] == 0 and grid[-1] == 1 and torch.isclose(grid[1], torch.tensor(1 / 192))
