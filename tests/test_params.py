@@ -230,3 +230,18 @@ def test_layer_figure_of_a_block_recipe(tmp_path):
     fig = layer_figure(path)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["round to nearest", "searched"]
     assert fig.axes[1].get_ylabel() == "clip (x block max)"
+
+
+def test_layer_table_skips_transform_entries(tmp_path):
+    """A file holding a transform's tensors (SmoothQuant's migration scales) next to the Linears: the table lists
+    the Linears only."""
+    from configs import QBits, get_config
+    from conftest import calibrate_and_replay
+    from utils.params import TransformParams, load_params
+    from utils.report.plots import layer_table
+
+    calibrate_and_replay(get_config("SmoothQuant_config_llama"), QBits.parse([4, 4, 16, 2, 2, 2]), None, tmp_path)
+    layers, _ = load_params(tmp_path / "replay.pt")
+    assert any(isinstance(p, TransformParams) for p in layers.values())
+    rows = layer_table(tmp_path / "replay.pt")
+    assert len(rows) == sum(getattr(p, "kind", None) == "linear" for p in layers.values()) > 0

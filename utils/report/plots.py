@@ -40,7 +40,7 @@ def layer_table(path: str | Path) -> list[dict]:
     layers, _ = load_params(path)
     rows = []
     for name, p in layers.items():
-        if p.kind != "linear" or p.weight_format is None or p.act_format is None:
+        if getattr(p, "kind", None) != "linear" or p.weight_format is None or p.act_format is None:
             continue
         block, module = block_and_module(name)
         rows.append({
