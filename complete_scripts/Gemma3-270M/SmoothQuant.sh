@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# SmoothQuant (alpha 0.5) INT W4A4 with a 16-bit embedding on Gemma3-270M, the paper's settings (env.sh).
+source "$(dirname "$0")/env.sh"
+python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
+--tasks "$TASKS" --device "$DEVICE" --batch_size "$BATCH_SIZE" \
+--no_cache --num_fewshot 0 --quant_config 'SmoothQuant_config_llama' --qbits 4 4 16 2 2 2 --calib_size 32 --search_result_dir search_result/Gemma3-270M --search_round 3 \
+--search_intervals 0.01 1.2 100 --heldout_ppl 16 --output_path "$OUT/SmoothQuant.json"
