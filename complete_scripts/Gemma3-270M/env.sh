@@ -4,6 +4,8 @@
 #   BATCH_SIZE  lm-eval batch size (default auto, as the paper; a number makes rows comparable run to run)
 #   DEVICE      cuda (default) or cpu;  OUT  results folder (default docs/results/Gemma3-270M)
 # Parameter files go under search_result/Gemma3-270M/ (--search_result_dir), apart from the other models'.
+# No ablation rows and no residual rotation (refused on Gemma3): complete_scripts/table.sh Gemma3-270M needs ROWS
+# (e.g. "full_precision MinMax_INT MinMax_FP SmoothQuant FPQ_baseline FPQ FPQ_only_eval NVFP4 MXFP4"; see the folder).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODEL_ADDR=${MODEL_ADDR:-${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}/models/gemma-3-270m-q4_k_m.gguf}
