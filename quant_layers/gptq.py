@@ -37,8 +37,9 @@ def max_based_block_scale(weight: torch.Tensor, fmt: QuantFormat, max_value: tor
     top * code * t otherwise; max_value: the per-row range [rows] or [rows, 1] (unused by MX)."""
     size = fmt.block.size
     rows, width = weight.shape
-    amax = weight.float().reshape(rows, width // size, size).abs().amax(-1, keepdim=True)
-    return block_scales(amax, fmt, max_value.float().reshape(-1, 1, 1)).squeeze(-1)
+    blocks = weight.float().reshape(rows, width // size, size)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    return block_scales(amax, fmt, max_value.float().reshape(-1, 1, 1), blocks).squeeze(-1)  # 4/6 needs the blocks
 
 
 def frozen_quantizer(fmt: QuantFormat, max_value: torch.Tensor, block_scale: torch.Tensor | None = None

@@ -24,8 +24,8 @@ from utils.search.space import SearchSpace
 from utils.search.steps import ActRangeStep, WeightRangeStep, minmax_state
 
 E2M1, E3M0, E4M3, INT4 = fp_format(2, 1), fp_format(3, 0), fp_format(4, 3), int_format(4)
-NVFP4, MXFP4 = BLOCK_ALIASES["NVFP4"], BLOCK_ALIASES["MXFP4"]
-FORMATS = [E2M1, E3M0, INT4, NVFP4, MXFP4]
+NVFP4, MXFP4, NVFP4_4OVER6 = BLOCK_ALIASES["NVFP4"], BLOCK_ALIASES["MXFP4"], BLOCK_ALIASES["NVFP4_4OVER6"]
+FORMATS = [E2M1, E3M0, INT4, NVFP4, MXFP4, NVFP4_4OVER6]
 ROWS, WIDTH = 6, 64
 
 
