@@ -6,11 +6,9 @@
 # components move perplexity. One results JSON per recipe in docs/results/SmolLM2-135M/recipes_heldout_cpu/.
 # RECIPES="NVFP4 NVFP4_search" runs only those (a name is a --quant_config without _config_llama).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/cpu_probe_settings.sh"
 OUT=docs/results/SmolLM2-135M/recipes_heldout_cpu
 mkdir -p $OUT
-common=(--tasks piqa --limit 20 --device cpu --batch_size 8 --heldout_ppl 8 --calib_size 4 --calib_seqlen 512
-        --search_round 1 --search_intervals 0.3 1.2 9)
 for name in ${RECIPES:-NVFP4 NVFP4_search NVFP4_gptq NVFP4_rot NVFP4_search_gptq_rot NVFP4_4over6 NVFP4_tensor \
              NVFP4_4over6_search_gptq_rot MXFP4 MXFP4_search MXFP4_gptq MXFP4_rot MXFP4_search_gptq_rot FPQ \
              FPQ_gptq FPQ_rot FPQ_gptq_rot}; do

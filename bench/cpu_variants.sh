@@ -7,11 +7,9 @@
 # (bench/compare_layer_mse.py; the 36-candidate grid holds the 9-candidate one).
 # VARIANTS="FPQ FPQ_candidates36" runs only those.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/cpu_probe_settings.sh"
 OUT=docs/results/SmolLM2-135M/variants_heldout_cpu
 mkdir -p $OUT
-common=(--tasks piqa --limit 20 --device cpu --batch_size 8 --heldout_ppl 8 --calib_size 4 --calib_seqlen 512
-        --search_round 1 --search_intervals 0.3 1.2 9)
 run() {
   local name=$1; shift
   [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $name "* ]] || return 0
