@@ -48,7 +48,8 @@ def main() -> None:
                        "--batch_size", "1", "--quant_config", config, "--calib_size", "1", "--calib_seqlen", "64",
                        "--search_round", "1", "--search_intervals", "0.5", "1.2", "4",
                        "--search_result_dir", str(out / "params"), "--output_path", str(out / "run.json"),
-                       "--export_dir", str(out / "export")] + (["--model_args", args.model_args] if args.model_args else [])
+                       "--export_dir", str(out / "export")]
+            command += ["--model_args", args.model_args] if args.model_args else []
             subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             weights = (out / "export" / "model.safetensors").stat().st_size
             rows[config] = {"model_safetensors_bytes": weights, "ratio_to_bf16": weights / reference,

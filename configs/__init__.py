@@ -2,7 +2,8 @@
 
 Each of the paper's named policies is one small module of this package holding `CONFIG = QuantConfig(...)`; the
 `--quant_config` name is the module name. The recipes beyond the paper are built from components in
-configs/recipes.py (`RECIPES`, named `<family>_<components>_config_llama`). Bit widths and starting exponent bits come from `--qbits`.
+configs/recipes.py (`RECIPES`, named `<family>_<components>_config_llama`). Bit widths and starting exponent
+bits come from `--qbits`.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     if block_scale is not None and tuple(block_scale.shape) != tuple(blocks.shape[:-1]):
-        raise ValueError(f"block_scale {tuple(block_scale.shape)} must have x's blocks' shape {tuple(blocks.shape[:-1])}")
+        raise ValueError(f"block_scale {tuple(block_scale.shape)} must have x's blocks' shape "
+                         f"{tuple(blocks.shape[:-1])}")
     if mx:  # the int32 exponents k; block values x 2^-k on the element's grid of range standard_max
         scales = (block_scales(amax, fmt, range_value, clip=clip) if block_scale is None
                   else block_scale.to(device=x.device, dtype=torch.int32).unsqueeze(-1))

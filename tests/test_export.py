@@ -1,7 +1,8 @@
 """Packed checkpoints (utils/export/): a calibrated tiny model exported and loaded back computes the simulated model's
 logits exactly (FPQ with shifts, NVFP4, MXFP4, INT, SmoothQuant, NVFP4's searched block scales, rotations, a tied
-head left unquantized; Llama and Qwen2; float32 and bfloat16), the sizes on disk match the bits counted by hand, and a truncated, tampered or mismatched export, or a
-target folder that is not this run's, is one line with nothing half-written. main.py: --export_dir after calibration
+head left unquantized; Llama and Qwen2; float32 and bfloat16), the sizes on disk match the bits counted by hand,
+and a truncated, tampered or mismatched export, or a target folder that is not this run's, is one line with nothing
+half-written. main.py: --export_dir after calibration
 and after --only_eval, then --model_args pretrained=DIR gives the calibrated run's results."""
 
 from __future__ import annotations

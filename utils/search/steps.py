@@ -14,8 +14,9 @@ starting from MinMax (`minmax_state`), so L never ends above MinMax. New algorit
 search) are further steps: `BlockScaleStep` (utils/search/block_scales.py) chooses the block
 scales of a block-scaled weight format, `ActBlockClipStep` (utils/search/act_blocks.py) the clipping multiplier
 of a block-scaled activation format's dynamic block scales, `GPTQStep` (utils/search/gptq.py) the rounding of the
-weight under frozen scales. The range steps here and BlockScaleStep score the weight rounded to nearest, so a state they
-change carries no weight codes (QuantParams.weight_codes): GPTQ's rounding belongs after them. The losses come from `LinearProblem` (utils/search/problem.py).
+weight under frozen scales. The range steps here and BlockScaleStep score the weight rounded to nearest, so a state
+they change carries no weight codes (QuantParams.weight_codes): GPTQ's rounding belongs after them. The losses come
+from `LinearProblem` (utils/search/problem.py).
 
 Block-scaled formats: the range steps search the per-tensor (or per-row) range, which for NVFP4 sets the float32
 tensor scale (the block scales stay the data's own: a weight state's explicit block scales are dropped when its
@@ -95,8 +96,8 @@ class WeightRangeStep:
             total = float(problem.normalize(losses[index, rows].sum()))
             if total < best.mse:
                 best = dataclasses.replace(state, weight_format=fmt, weight_max_value=candidates[index, rows],
-                                           weight_block_scale=None, mse=total, weight_codes=None)  # scored with
-                                           # the data's block scales, rounded to nearest
+                                           # scored with the data's block scales, rounded to nearest:
+                                           weight_block_scale=None, mse=total, weight_codes=None)
         problem.release_weight_stats()  # not held through the next step, which builds its own
         return best
 
