@@ -11,7 +11,8 @@ search   (block families) the paper's search on the block format: a static clip 
          maxima (ActBlockClipStep), then each weight block's scale against the layer-output error (BlockScaleStep)
 tensor   (NVFP4) the paper's range search on the float32 tensor scales of weights and activations (the range steps;
          MX scales are powers of two from the data and have none). Not in `search`: on a random 1536 x 576 Linear
-         it lowered the output error by 0.1% at 3.5x the cost of the other two steps together (CPU).
+         it lowered the output error by 0.12% in 34 s, where the clip, block-scale and GPTQ steps together took 10 s
+         and lowered it by 25% (bench/step_costs.py, 2-core CPU; bench/results/step_costs_cpu.json).
 gptq     GPTQ's error-compensating rounding under the frozen scales (GPTQStep, --gptq_damping, --gptq_block)
 rot      QuaRot's randomised Hadamard rotation of the residual stream, with the online Hadamard before down_proj
          (ResidualRotation; refused on Gemma3)
