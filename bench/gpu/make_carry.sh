@@ -3,8 +3,9 @@
 # may take with the working tree. Needs the registries (PyPI); run from the project checkout.
 #   .whl/      lm-eval, datasets, gguf and their small dependencies as cp312 wheels (../shared/tools/gpu-wheels.sh)
 #   .gpu_a/    the first 48,234,496 bytes of the SmolLM2 GGUF
-#   .gpu_b/    the rest of it, its sha256, the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt)
-#   .gpu_t/    the task data and exllamav2 wheel alone (Qwen's setup call)
+#   .gpu_b/    the rest of it and its sha256
+#   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
+#              tracked tree (9 MB) plus .whl and .gpu_a, or .gpu_a and .gpu_t, passes 64 MiB
 #   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF in 19 pieces of 58 MiB (bench/gpu/qwen_transfer.sh, one per call)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -16,9 +17,8 @@ mkdir -p .gpu_a .gpu_b .gpu_t
 head -c 48234496 "$smollm2" > .gpu_a/gguf.part1
 tail -c +48234497 "$smollm2" > .gpu_b/gguf.part2
 sha256sum "$smollm2" | cut -d' ' -f1 > .gpu_b/gguf.sha256
-tar -C "$cache" -cJf .gpu_b/tasks.tar.xz tasks
-python3 -m pip download -q --no-deps exllamav2==0.3.2 -d .gpu_b
-cp .gpu_b/tasks.tar.xz .gpu_b/exllamav2-*.whl .gpu_t/
+tar -C "$cache" -cJf .gpu_t/tasks.tar.xz tasks
+python3 -m pip download -q --no-deps exllamav2==0.3.2 -d .gpu_t
 qwen=$cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 bash complete_scripts/Qwen2.5-Coder-1.5B/fetch_model.sh "$qwen"
 pieces=$(mktemp -d)

@@ -2,7 +2,9 @@
 # GPU machine, one session: table rows of both models (bench/gpu/table_rows.sh; ROWS, default the NVFP4 / MXFP4
 # reference rows) and, with RESHAPE=1, issue 19's acceptance (bench/gpu/reshape_check.sh, old code in .gpu_old), run
 # in the background while Qwen's GGUF arrives. Issue 19's run (2026-12-06): RESHAPE=1 with the default rows.
-#   PART=setup (carry .whl .gpu_a): wheels, first SmolLM2 piece, GPU name and versions
+#   PART=setup (carry .whl): wheels, GPU name and versions
+#   PART=stage (carry .gpu_a, then again carrying .gpu_t): copy the carried files to /tmp/scratch (the first SmolLM2
+#        piece; the task data and the exllamav2 wheel), one folder a call since the tree plus both passes 64 MiB
 #   PART=smol  (carry .gpu_b, and .gpu_old with RESHAPE=1): the old code kept in /tmp/scratch/old, join SmolLM2
 #        (and unpack the task data), copy this tree to /tmp/scratch/repo, start in its own process session SmolLM2's
 #        ROWS (WAVE=6) and, beside them, the reshape check (RESHAPE=1) and the Triton kernels against their
@@ -22,12 +24,15 @@ background() {  # $1: model, $2: wave number of its rows; log $S/<model>.log, ma
   [ "${RESHAPE:-0}" = 1 ] || check=true
   (cd $R && setsid bash -c "($rows) & $check; wait; touch $S/$1.done" > $S/$1.log 2>&1 < /dev/null &)
 }
-case "${PART:?set PART=setup, smol, qwen or wait}" in
+case "${PART:?set PART=setup, stage, smol, qwen or wait}" in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  mkdir -p $S/r19 $S/rows6 $S/rows7 && cp .gpu_a/gguf.part1 $S/
+  mkdir -p $S/r19 $S/rows6 $S/rows7
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  ;;
+stage)
+  mkdir -p $S && for folder in .gpu_a .gpu_t; do [ -d $folder ] && cp $folder/* $S/; done; ls -l $S
   ;;
 smol)
   [ "${RESHAPE:-0}" = 1 ] && rm -rf $S/old && cp -r .gpu_old $S/old
