@@ -6,7 +6,7 @@
 #   .gpu_b/    the rest of it and its sha256
 #   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
 #              tracked tree (9 MB) plus .whl and .gpu_a, or .gpu_a and .gpu_t, passes 64 MiB
-#   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF in 19 pieces of 58 MiB (bench/gpu/qwen_transfer.sh, one per call)
+#   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF in 21 pieces of 52 MiB (bench/gpu/qwen_transfer.sh, one per call)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache=${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}
@@ -22,7 +22,7 @@ python3 -m pip download -q --no-deps exllamav2==0.3.2 -d .gpu_t
 qwen=$cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 bash complete_scripts/Qwen2.5-Coder-1.5B/fetch_model.sh "$qwen"
 pieces=$(mktemp -d)
-split -b 58M -d -a 2 "$qwen" "$pieces/qwen.part"
+split -b 52M -d -a 2 "$qwen" "$pieces/qwen.part"
 for piece in "$pieces"/qwen.part*; do
   folder=.gpu_q${piece##*part}
   mkdir -p "$folder" && mv "$piece" "$folder/"

@@ -10,7 +10,7 @@
 # $OUT/wave<N>.partial.tar.gz before: the machine returns only a few files and drops names with parentheses.
 #   MODEL=SmolLM2-135M (default): the first call of a machine carries .gpu_b, right after a call that carried
 #     .whl .gpu_a and installed the wheels (bench/gpu/perf.sh PART=setup); later calls carry nothing.
-#   MODEL=Qwen2.5-Coder-1.5B: after a call carrying .whl .gpu_t (PART=setup_qwen) and the 19 calls of
+#   MODEL=Qwen2.5-Coder-1.5B: after a call carrying .whl .gpu_t (PART=setup_qwen) and the 21 calls of
 #     bench/gpu/qwen_transfer.sh that join /tmp/scratch/qwen.gguf; carry nothing.
 #   WAVE=1: full precision, plain lm-eval, MinMax FP, sequential calibration
 #   WAVE=2: the paper's quantized rows and the NVFP4 / MXFP4 references
