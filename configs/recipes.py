@@ -19,8 +19,8 @@ rot      QuaRot's randomised Hadamard rotation of the residual stream, with the 
 fpends   the output head and the token embedding left in full precision, as other toolkits ship them by default
          (without it, both are quantized: the project's stricter default)
 
-Per family: every combination of search (block families), gptq and rot, NVFP4's 4over6 and tensor each alone and
-with all three, each of these with fpends, and fpends alone (the family's round to nearest, or FPQ, with the head and
+Per family: every combination of search (block families), gptq and rot, each also with NVFP4's 4over6 or tensor,
+each of these with fpends, and fpends alone (the family's round to nearest, or FPQ, with the head and
 embedding in full precision). Steps run in the order listed, after the family's own range search (FPQ) or MinMax.
 """
 
@@ -52,7 +52,7 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
 FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gptq", "rot"), "FPQ": ("gptq", "rot")}
-FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # components tried alone and with all the others
+FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combination of the family's own
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
@@ -66,9 +66,8 @@ def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
 
 def _component_sets(family: str) -> list[tuple[str, ...]]:
     own = FAMILY_COMPONENTS[family]
-    sets = [combo for count in range(len(own) + 1) for combo in itertools.combinations(own, count)]
-    for extra in FAMILY_EXTRAS.get(family, ()):
-        sets += [(extra,), (extra,) + own]
+    base = [combo for count in range(len(own) + 1) for combo in itertools.combinations(own, count)]
+    sets = base + [(extra,) + combo for extra in FAMILY_EXTRAS.get(family, ()) for combo in base]
     return sets[1:] + [components + ("fpends",) for components in sets]  # () + fpends: the family as toolkits ship it
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import ROOT
 from utils.report.compare import comparison_table, main
 
@@ -41,6 +43,27 @@ def test_results_report_informative_tasks_and_averages():
     results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
     assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
     assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
+
+
+def test_results_report_gap_closed_and_probe_runs(tmp_path):
+    """The share of a gap is (value - reference) / (full - reference); a log without its JSON still gives its held-out
+    perplexity and calibration seconds, a JSON takes precedence over its own log, an unfinished log gives nothing."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    assert results_report.gap_closed(40.0, 30.0, 50.0) == 50.0
+    assert results_report.gap_closed(-27.6, -36.43, -19.82) == pytest.approx(100 * 8.83 / 16.61)
+    assert results_report.gap_closed(1.0, 2.0, 2.0) is None and results_report.gap_closed(None, 1.0, 2.0) is None
+    (tmp_path / "A_gptq.log").write_text("calibration finished in 97.5 s\nheld-out perplexity (16 x 1024 tokens of "
+                                         "x (sha256 ab)): 31.691\nRunning loglikelihood requests: 15%")
+    (tmp_path / "B.log").write_text("calibrating blocks: 23/30")
+    (tmp_path / "C.log").write_text("held-out perplexity (t): 99.0")
+    (tmp_path / "C.json").write_text(json.dumps({"quantization": {"calib_seconds": 5.0,
+                                                                  "heldout_perplexity": {"perplexity": 12.5}}}))
+    runs = {r["recipe"]: (r["ppl"], r["calib_seconds"]) for r in results_report.probe_runs(tmp_path)}
+    assert runs == {"A_gptq": (31.691, 97.5), "C": (12.5, 5.0)}
 
 
 def test_runs_of_one_config_get_titles_that_say_what_differs(tmp_path):
