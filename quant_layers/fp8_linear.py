@@ -122,7 +122,7 @@ def quantize_activation_fp8(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tens
         raise RuntimeError(f"use_kernel=True, but the Triton kernel cannot run here: {reason}")
     if reason:
         return quantize_activation_fp8_reference(x, fmt, scale, channel_scale)
-    return kernels.fake_quantize(x, fmt, scale, scale, channel_scale, kernels.CODES, dtype=FP8)[0]
+    return kernels.fake_quantize(x, fmt, scale, scale, channel_scale, kernels.CODES, dtype=torch.uint8)[0].view(FP8)
 
 
 def scaled_mm_reason(a_codes: torch.Tensor, w_codes: torch.Tensor) -> str | None:

@@ -14,7 +14,8 @@ Every step is the reference's float32 operation in the reference's order (roundi
 1.5 * 2^23 trick; dividing by a power of two is multiplying by its exact reciprocal), so FAKE and GRID
 equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may be one fused
 multiply-subtract on the GPU. CODES stores the standard-grid values themselves, as FP8 E4M3 for the FP8 GEMM
-(quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing). tests/kernel_check.py checks all three under Triton's interpreter on CPU
+(quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing), written as their bytes
+into a uint8 tensor (`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller). tests/kernel_check.py checks all three under Triton's interpreter on CPU
 (in the test suite) and compiled on CUDA. The entry points of quantize.py choose between a kernel and its
 reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
 tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
@@ -112,8 +113,8 @@ if triton is not None:
             result = grid
         elif MODE == 2:
             result = grid * inverse - x_in
-        elif MODE == 3:
-            result = grid
+        elif MODE == 3:  # E4M3 bytes of g (exact); NaN stays NaN (the interpreter's cast saturates it to 384)
+            result = tl.where(grid != grid, 0x7F, grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
         else:
             result = grid * inverse
         if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand
