@@ -16,7 +16,7 @@ only by float32 rounding: the sum's order and the two scale multiplications. Per
 
 (each side a sum of `in` products with at most `in` + 3 roundings of 2^-24 relative). In a bfloat16 model the
 simulation rounds Q_a and W_fold to bfloat16 before multiplying (2^-9 relative each), which this path does not:
-the bound is then 2^-7 (|Q_a| @ |W_fold|^T + |b|), the operands' and the output's roundings.
+the bound is then (2^-7 + (2 in + 8) 2^-24) (|Q_a| @ |W_fold|^T + |b|), the operands' and the output's roundings.
 
 `fp8_weight` gives W and u_w from a weight's codes (codes.py), `quantize_activation_fp8` gives A (one fused Triton
 kernel, kernels.CODES, or its PyTorch twin `quantize_activation_fp8_reference`, equal bit for bit), `fp8_gemm` the

@@ -13,10 +13,11 @@ read in [rows, channels] tiles, so per-row scales and per-channel multipliers ar
 Every step is the reference's float32 operation in the reference's order (rounding is the exact
 1.5 * 2^23 trick; dividing by a power of two is multiplying by its exact reciprocal), so FAKE and GRID
 equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may be one fused
-multiply-subtract on the GPU. CODES stores the standard-grid values themselves, as FP8 E4M3 for the FP8 GEMM
-(quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing), written as their bytes
-into a uint8 tensor (`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller). tests/kernel_check.py checks all three under Triton's interpreter on CPU
-(in the test suite) and compiled on CUDA. The entry points of quantize.py choose between a kernel and its
+multiply-subtract on the GPU. tests/kernel_check.py checks all three under Triton's interpreter on CPU
+(in the test suite) and compiled on CUDA. CODES writes the E4M3 bytes of the standard-grid values for the FP8 GEMM
+(quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing) into a uint8 tensor
+(`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller); tests/test_fp8_linear.py
+checks it under the interpreter, bench/fp8_gemm.py on CUDA before it times anything. The entry points of quantize.py choose between a kernel and its
 reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
 tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
 """
