@@ -27,6 +27,8 @@ Block-scaled formats (NVFP4, MX) have no per-tensor grid and are refused (`fp8_f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -39,9 +41,10 @@ FP8 = torch.float8_e4m3fn
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt's FP8 GEMM: the inner and output dimensions are multiples of 16
 
 
+@functools.lru_cache(maxsize=None)  # asked on every forward
 def fp8_format_error(fmt: QuantFormat) -> str | None:
     """Why fmt's standard-grid values are not all exact FP8 E4M3 numbers (block scaling, a value with too many
-    significant bits or beyond 448), or None (E2M1, E1M2, E3M0, INT4: their codes are E4M3 codes times nothing)."""
+    significant bits or beyond 448), or None (E2M1, E1M2, E3M0, INT4: their grid values are E4M3 numbers)."""
     if fmt.block is not None:
         return (f"{fmt.name} is block-scaled: FP8 execution takes element formats (per-tensor activation and per-row "
                 "weight ranges); Hopper has no block-scaled FP8 GEMM")

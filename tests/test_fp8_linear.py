@@ -297,3 +297,38 @@ def test_main_fp8_execution_equals_simulated_results(tiny_llama_dir, calib_text_
                        calib_text_file, cwd=tmp_path)
     assert refused.returncode == 2 and "block-scaled" in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --execution fp8: NVFP4_config_llama")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores: a CUDA GPU of compute capability 8.9+")
+def test_on_cuda_kernel_scaled_mm_and_model():
+    """On the GPU: the compiled kernel's bytes equal the reference's, torch._scaled_mm (row-wise for bfloat16, per
+    tensor for float32) is within the float64 bound, and a calibrated tiny Llama's logits (float32; the head's 300
+    outputs take the float32 GEMM, the rest _scaled_mm) are within 1e-5 of the simulated ones'."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(70, 1100, generator=g).to("cuda", torch.bfloat16)
+    shift = torch.exp2(torch.randint(0, 4, (1100,), generator=g).float()).cuda()
+    for fmt in EXACT:
+        scale = torch.tensor([1.7], device="cuda")
+        got = quantize_activation_fp8(x, fmt, scale, shift, use_kernel=True)
+        assert torch.equal(got.view(torch.uint8), quantize_activation_fp8_reference(x, fmt, scale, shift).view(
+            torch.uint8)), fmt
+    a = (torch.randint(-12, 13, (64, 256), generator=g).float()).to("cuda", torch.float8_e4m3fn)
+    w = torch.ldexp(torch.randint(-6, 7, (128, 256), generator=g) * 0.5, -torch.randint(0, 4, (256,), generator=g))
+    w = w.to("cuda", torch.float8_e4m3fn)
+    u_a, u_w = torch.tensor([0.37], device="cuda"), (torch.rand(128, generator=g) + 0.1).cuda()
+    for out_dtype in (torch.bfloat16, torch.float32):
+        bias = torch.randn(128, generator=g).to("cuda", out_dtype)
+        exact = (a.double() @ w.double().t()) * u_a.double() * u_w.double() + bias.double()
+        size = (a.double().abs() @ w.double().abs().t()) * u_a.double() * u_w.double() + bias.double().abs()
+        bound = (2 * 256 + 8) * 2.0**-24 * size + (2.0**-8 * exact.abs() if out_dtype == torch.bfloat16 else 0)
+        y = fp8_gemm(a, w, u_a, u_w, bias, out_dtype, use_scaled_mm=None)
+        assert bool(((y.double() - exact).abs() <= bound).all()), out_dtype
+    model, layers = calibrated("llama", "FPQ_config_llama")
+    model.cuda()
+    fp8 = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(IDS.cuda()).logits
+        use_fp8_execution(fp8, layers)
+        got = fp8(IDS.cuda()).logits
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
