@@ -224,11 +224,13 @@ def calibrated(architecture: str, config_name: str, qbits=(4, 4, 4, 2, 2, 2), dt
 
 
 @pytest.mark.parametrize("architecture, config", [("llama", "FPQ_config_llama"), ("qwen2", "FPQ_config_llama"),
-                                                  ("llama", "MinMax_INT_config_llama")])
+                                                  ("llama", "MinMax_INT_config_llama"),
+                                                  ("llama", "FPQ_gptq_rot_config_llama")])
 def test_calibrated_model_logits_within_float32_rounding(architecture, config):
-    """A calibrated tiny model (FPQ: searched formats and shifts; Qwen2's q/k/v biases; INT4) on FP8 codes: every
-    quantized Linear converted, logits within 1e-5 of the simulated ones' largest magnitude (float32 rounding
-    through two blocks and the head; measured 3.6e-7 on Llama FPQ)."""
+    """A calibrated tiny model (FPQ: searched formats and shifts; Qwen2's q/k/v biases; INT4; GPTQ's rounding with
+    QuaRot's online Hadamard before down_proj) on FP8 codes: every quantized Linear converted, logits within 1e-5 of
+    the simulated ones' largest magnitude (float32 rounding through two blocks and the head; measured 3.6e-7 on
+    Llama FPQ)."""
     model, layers = calibrated(architecture, config)
     fp8 = copy.deepcopy(model)
     with torch.no_grad():

@@ -44,7 +44,7 @@ def fp8_config_error(config: QuantConfig, qbits: QBits) -> str | None:
     weight, act, _ = qbits.formats(config)
     if weight is None or act is None:
         return f"--qbits {qbits.tag()}: FP8 execution needs quantized weights and activations (no 16 bits)"
-    for fmt in {*range_formats(weight), *range_formats(act)} if config.search else {weight, act}:
+    for fmt in (weight, act, *(range_formats(weight) + range_formats(act) if config.search else ())):
         error = fp8_format_error(fmt)
         if error:
             return f"{config.name} {qbits.tag()}: {error}"
