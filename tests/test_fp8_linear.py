@@ -159,6 +159,7 @@ def test_scaled_mm_and_reference_gemm_against_float64(out_dtype, with_bias):
     that plus one bfloat16 rounding (2^-8 relative) of the output."""
     g = torch.Generator().manual_seed(4)
     a = (torch.randint(-6, 7, (20, 48), generator=g) * 0.5).to(torch.float8_e4m3fn)  # E2M1-like codes
+    a[:, 0] = 1.0  # a column of ones: the check of a wrong weight code below
     w = torch.ldexp(torch.randint(-6, 7, (32, 48), generator=g) * 0.5, -torch.randint(0, 4, (48,), generator=g))
     w = w.to(torch.float8_e4m3fn)
     u_a, u_w = torch.tensor([0.37]), torch.rand(32, generator=g) + 0.1
@@ -172,19 +173,21 @@ def test_scaled_mm_and_reference_gemm_against_float64(out_dtype, with_bias):
         y = fp8_gemm(a, w, u_a, u_w, bias, out_dtype, use_scaled_mm=use_scaled_mm)
         assert y.dtype == out_dtype and y.shape == (20, 32)
         assert bool(((y.double() - exact).abs() <= bound).all()), use_scaled_mm
-    if out_dtype == torch.float32:  # the bound sees one wrong weight code (|6 - w| >= 3 against a column of ones)
-        a[:, 0] = 1.0
+    if out_dtype == torch.float32:  # the bound sees one wrong weight code (|6 - w| >= 3 times a column of ones)
         wrong = w.float()
         wrong[0, 0] = 6.0
-        exact_a = (a.double() @ w.double().t()) * u_a.double() * u_w.double()
-        y = fp8_gemm_reference(a, wrong.to(torch.float8_e4m3fn), u_a, u_w, None, torch.float32)
-        assert float((y.double() - exact_a)[:, 0].abs().min()) > float(bound[:, 0].max())
+        y = fp8_gemm_reference(a, wrong.to(torch.float8_e4m3fn), u_a, u_w, bias, torch.float32)
+        assert float((y.double() - exact)[:, 0].abs().min()) > float(bound[:, 0].max())
 
 
 def quantized_linear(dtype: torch.dtype, fmt, bias: bool, seed: int = 5) -> tuple[QuantLinear, QuantParams]:
     """A QuantLinear 96 -> 40 with per-row ranges, a per-tensor input range and shifts k in 0..3."""
     g = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(96, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=g) * 0.1)
+        if bias:
+            linear.bias.copy_(torch.randn(40, generator=g))
     module = QuantLinear(linear.to(dtype))
     row_max = module.weight.detach().float().abs().amax(1) * 0.9
     shift = torch.randint(0, 4 if fmt.kind == "fp" else 1, (96,), generator=g).float()
