@@ -233,13 +233,25 @@ def test_calibrated_model_logits_within_float32_rounding(architecture, config):
     """A calibrated tiny model (FPQ: searched formats and shifts; Qwen2's q/k/v biases; INT4; GPTQ's rounding with
     QuaRot's online Hadamard before down_proj) on FP8 codes: every quantized Linear converted, logits within 1e-5 of
     the simulated ones' largest magnitude (float32 rounding through two blocks and the head; measured 3.6e-7 on
-    Llama FPQ)."""
+    Llama FPQ). On the simulated model's own inputs, every Linear's activation codes times u_a are its quantized
+    input bit for bit."""
     model, layers = calibrated(architecture, config)
     fp8 = copy.deepcopy(model)
+    checked = []
+
+    def same_codes(module, inputs):
+        x = module.input_rotation(inputs[0])
+        codes = quantize_activation_fp8(x, module.act_format, module.act_grid_scale, module.act_channel_scale)
+        checked.append(torch.equal((codes.float() * module.act_grid_inverse).to(x.dtype), module.quantize_input(x)))
+
+    hooks = [m.register_forward_pre_hook(same_codes) for m in model.modules() if isinstance(m, QuantLinear)]
     with torch.no_grad():
         want = model(IDS).logits
         use_fp8_execution(fp8, layers)
         got = fp8(IDS).logits
+    for hook in hooks:
+        hook.remove()
+    assert checked == [True] * 15
     converted = [m for m in fp8.modules() if isinstance(m, QuantLinear) and m.executor is not None]
     assert len(converted) == 15 and all(m.weight is None for m in converted)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
