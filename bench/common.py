@@ -52,6 +52,17 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code_fingerprint": code_fingerprint()}
 
 
+def git_commit() -> str | None:
+    """The short commit of the code that ran, or None outside a git checkout (the GPU machine's copy)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 def write_result(name: str, value: float, unit: str, target: str, met: bool, shapes: dict, extra: dict | None = None,
                  folder: Path | None = None, env: dict | None = None) -> Path:
     """<results folder>/<name>.json with the keys the performance issue asks for, and print one line.

@@ -4,7 +4,7 @@ weight proxy built on it (`residual_proxy`, at the end of this file).
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
     y = clamp(x * k[c, i] * s[c, r], +-grid_max),   g = round_to_grid(y)  (ties to even)
-    out[c, r, i] = g * u[c, r]  (FAKE),  g / k[c, i]  (GRID)  or  g * u[c, r] - x  (RESIDUAL)
+    out[c, r, i] = g * u[c, r]  (FAKE),  g / k[c, i]  (GRID),  g * u[c, r] - x  (RESIDUAL)  or  g  (CODES)
 
 with k an optional table of per-channel powers of two, s one scale per candidate, or per candidate and
 row (weights), and u = max_value / grid_max the reference's inverse scale (quantize.py). The tensor is
@@ -14,7 +14,10 @@ Every step is the reference's float32 operation in the reference's order (roundi
 1.5 * 2^23 trick; dividing by a power of two is multiplying by its exact reciprocal), so FAKE and GRID
 equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may be one fused
 multiply-subtract on the GPU. tests/kernel_check.py checks all three under Triton's interpreter on CPU
-(in the test suite) and compiled on CUDA. The entry points of quantize.py choose between a kernel and its
+(in the test suite) and compiled on CUDA. CODES writes the E4M3 bytes of the standard-grid values for the FP8 GEMM
+(quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing) into a uint8 tensor
+(`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller); tests/test_fp8_linear.py
+checks it under the interpreter, bench/fp8_gemm.py on CUDA before it times anything. The entry points of quantize.py choose between a kernel and its
 reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
 tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
 """
@@ -34,7 +37,7 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch reference is used
     triton = None
 
-FAKE, GRID, RESIDUAL = 0, 1, 2  # output modes
+FAKE, GRID, RESIDUAL, CODES = 0, 1, 2, 3  # output modes
 
 
 def _interpreted() -> bool:
@@ -111,6 +114,8 @@ if triton is not None:
             result = grid
         elif MODE == 2:
             result = grid * inverse - x_in
+        elif MODE == 3:  # E4M3 bytes of g (exact); NaN stays NaN (the interpreter's cast saturates it to 384)
+            result = tl.where(grid != grid, 0x7F, grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
         else:
             result = grid * inverse
         if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from configs import CONFIG_FILES, QBits, get_config
 from configs.attention import AttentionPolicy
 from quant_layers.attention import GRANULARITIES
+from utils.execution import EXECUTIONS
 from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the non-quantized tensors), config.json, the tokenizer and llm_fp4_export.json; "
                         "evaluate it with --model_args pretrained=DIR. A non-empty DIR is refused unless it holds an "
                         "export of the same run")
+    p.add_argument("--execution", default="simulated", choices=list(EXECUTIONS),
+                   help="how evaluation computes the quantized Linears: "
+                        + "; ".join(f"{name}: {execution.help}" for name, execution in EXECUTIONS.items()))
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibration from its checkpoint (<file>.partial.pt), or reuse the "
                         "finished file; an error if the checkpoint was made for another run. Without it a matching "
@@ -218,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None and args.quant_config is None and not args.only_eval:
         raise UsageError("--export_dir writes a quantized model: use it with --quant_config or with --only_eval "
                          "--ptq_param_path FILE")
+    if args.execution != "simulated" and args.quant_config is None and not args.only_eval:
+        raise UsageError(f"--execution {args.execution} computes quantized Linears: add --quant_config NAME, or "
+                         "--only_eval --ptq_param_path FILE")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

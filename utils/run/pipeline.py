@@ -18,6 +18,7 @@ from utils.attention import prepare as prepare_attention
 from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
+from utils.execution import EXECUTIONS, ExecutionError, use_execution
 from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
@@ -214,6 +215,9 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     else:
         if args.export_dir:
             check_target(args.export_dir, metadata)  # before calibrating: never after an hour's work
+        config_error = EXECUTIONS[args.execution].config_error
+        if config_error and (error := config_error(config, args.qbits)):
+            raise ExecutionError(f"--execution {args.execution}: {error}")
         path, timing, layers = _calibrate_and_save(model, tokenizer, args, config, metadata)
         recorded = metadata
     param_file = {"param_file": str(path), "param_file_sha256": sha256_file(path)}
@@ -221,6 +225,10 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
                     **(args.attention or AttentionPolicy()).results()}
     if args.export_dir:
         quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
+    quantization["execution"] = args.execution
+    line = use_execution(model, args.execution, layers)  # after the export, which reads the float weights
+    if line:
+        _log(line)
     return quantization
 
 
@@ -247,6 +255,9 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
         if getattr(args, flag):
             raise UsageError(f"--{flag}: pretrained={directory} is a packed export, already quantized; evaluate it "
                              f"without --{flag}")
+    if args.execution != "simulated":
+        raise UsageError(f"--execution {args.execution}: packed exports are evaluated simulated for now; evaluate the "
+                         "parameter file they were made from with --only_eval --ptq_param_path FILE")
     marker = read_marker(directory)
     try:
         run_info = marker["run"]
