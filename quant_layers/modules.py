@@ -90,7 +90,8 @@ class InputRotation(nn.Module):
 
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear with static weight and input-activation fake quantization; `input_rotation` (off
-    unless a rotation transform sets it) rotates the input first."""
+    unless a rotation transform sets it) rotates the input first; `executor` (None unless utils/execution.py sets
+    it) multiplies the quantized input in place of F.linear with the float weight."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -106,6 +107,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_grid_inverse", None)  # act_max_value / grid_max
         self.register_buffer("act_block_clip", None)  # [] float32, block-scaled act formats (None: 1)
         self.input_rotation = InputRotation()
+        # Optional: a module computing F.linear(x_q, W_fold, bias) another way from (x_q, bias), x_q the quantized
+        # input, e.g. from packed weights (utils/execution.py sets it and drops the float weight).
+        self.executor: nn.Module | None = None
 
     @property
     def is_quantized(self) -> bool:
@@ -153,7 +157,10 @@ class QuantLinear(nn.Module):
                                    (self.act_grid_scale, self.act_grid_inverse), block_clip=self.act_block_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(self.input_rotation(x)), self.weight, self.bias)
+        x = self.quantize_input(self.input_rotation(x))
+        if self.executor is not None:
+            return self.executor(x, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
