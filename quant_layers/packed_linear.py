@@ -165,11 +165,12 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
 
 
 def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-                  use_kernel: bool | None = None) -> torch.Tensor:
+                  use_kernel: bool | None = None, tile: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for x [..., K] and a packed W [N, K]: [..., N] in x's dtype (module docstring).
 
     use_kernel: None runs the Triton kernel where it can run, else the reference; True demands the kernel
-    (RuntimeError with the reason where it cannot); False runs `packed_matmul_reference`.
+    (RuntimeError with the reason where it cannot); False runs `packed_matmul_reference`. tile: one of TILES (or
+    another (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)) to launch instead of the autotuned one.
     """
     n, k = weight.shape
     if x.shape[-1] != k:
@@ -181,7 +182,7 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
         raise RuntimeError(f"use_kernel=True, but the packed GEMM kernel cannot run here: {reason}")
     if use_kernel is False or reason:
         return packed_matmul_reference(x, weight, bias)
-    return _launch(x, weight, bias)
+    return _launch(x, weight, bias, tile)
 
 
 class PackedLinear(nn.Module):
@@ -213,7 +214,7 @@ class PackedLinear(nn.Module):
 TILES = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
          (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
          (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
-INTERPRETER_TILE = (16, 32, 64, 4, 1)  # the autotuner needs a GPU; uneven cuts of the tests' shapes
+INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)
 GROUP_M = 8  # programs along M that share weight tiles in L2 (grouped launch order)
 
 if triton is not None:
@@ -300,8 +301,8 @@ def m_bucket(rows: int) -> int:
 
 
 def _launch(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,
-            tile: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
-    """The kernel on x [..., K]; tile: one of TILES instead of the autotuned one (bench/packed_gemm.py)."""
+            tile: tuple[int, int, int, int, int] | None) -> torch.Tensor:
+    """The kernel on x [..., K] (packed_matmul's arguments)."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

@@ -13,6 +13,7 @@ float32 sums a few ulps apart can round to neighbouring bfloat16 numbers).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny, one_line_value_error
+from conftest import make_tiny, one_line_value_error, run_main
 from configs import QBits, get_config
 from quant_layers.codes import encode
 from quant_layers.formats import parse_format
 from quant_layers.modules import QuantLinear, swap_modules
-from quant_layers.packed_linear import INTERPRETER_TILE, PackedWeight, packed_matmul, packed_matmul_reference
+from quant_layers.packed_linear import TILES, PackedWeight, packed_matmul, packed_matmul_reference
 from utils.execution import EXECUTIONS, use_execution
 from utils.export.write import module_weight_codes
 from utils.quant_calib import CalibSettings, calibrate
@@ -34,6 +35,7 @@ from utils.quant_calib import CalibSettings, calibrate
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_interpreter's subprocess")
 FORMATS = ("NVFP4", "MXFP4", "NVFP4_4OVER6")
+SMALL_TILE = (16, 32, 64, 4, 1)  # cuts the shapes below unevenly
 FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP FP4 (E2M1) magnitudes of codes 0..7; code + 8 is the negative
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 W4A4 = QBits.parse([4, 4, 4, 2, 2, 2])
@@ -109,16 +111,15 @@ def test_reference_decodes_the_bytes_exactly(fmt_name, per_row):
 @pytest.mark.parametrize("fmt_name", FORMATS)
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (37, 70, 160), (16, 32, 64), (5, 33, 224)])
 def test_interpreted_kernel_equals_the_reference(fmt_name, m, n, k):
-    """Shapes cut unevenly by the interpreter's tile (16, 32, 64): K not a multiple of BLOCK_K, M = 1, N odd;
-    float32 and bfloat16 inputs, with and without bias, per-tensor and per-row tensor scales."""
-    assert INTERPRETER_TILE[:3] == (16, 32, 64)
+    """Shapes cut unevenly by the tile (16, 32, 64): K not a multiple of BLOCK_K, M = 1, N odd; float32 and bfloat16
+    inputs, with and without bias, per-tensor and per-row tensor scales."""
     g = torch.Generator().manual_seed(m * n + k)
     for dtype in (torch.float32, torch.bfloat16):
         for per_row in (False, True):
             packed, _ = packed_weight(fmt_name, n, k, dtype, seed=k, per_row=per_row)
             x = (torch.randn(m, k, generator=g) * 3).to(dtype)
             for bias in (None, torch.randn(n, generator=g).to(dtype)):
-                got = packed_matmul(x, packed, bias, use_kernel=True)
+                got = packed_matmul(x, packed, bias, use_kernel=True, tile=SMALL_TILE)
                 want = packed_matmul_reference(x, packed, bias)
                 assert got.dtype == want.dtype == dtype and got.shape == (m, n)
                 tolerance = gemm_tolerance(x, packed, want)
@@ -142,6 +143,20 @@ def test_interpreted_kernel_decodes_the_weight_bit_for_bit(fmt_name):
         if packed.tensor_scale is not None:
             want = want * packed.tensor_scale.view(-1, 1)
         assert torch.equal(got, want)
+
+
+@interpreted
+@pytest.mark.parametrize("fmt_name", ["NVFP4", "MXFP4"])
+def test_interpreted_every_tile_of_the_autotuned_set(fmt_name):
+    """Whichever tile the GPU's autotuner keeps gives the reference's result (tiles cut the shape unevenly)."""
+    packed, _ = packed_weight(fmt_name, 150, 288, torch.bfloat16, per_row=True)
+    x = torch.randn(70, 288, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bias = torch.randn(150, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = packed_matmul_reference(x, packed, bias)
+    tolerance = gemm_tolerance(x, packed, want)
+    for tile in TILES:
+        got = packed_matmul(x, packed, bias, use_kernel=True, tile=tile)
+        assert bool(((got.double() - want.double()).abs() <= tolerance).all()), tile
 
 
 @interpreted
@@ -259,3 +274,29 @@ def test_ineligible_modules_are_one_error_before_any_change():
     assert "no quantized Linear" in one_line_value_error(lambda: use_execution(make_tiny("llama"), "packed", None))
     assert "unknown execution" in one_line_value_error(lambda: use_execution(model, "int3", None))
     assert set(EXECUTIONS) >= {"packed"}
+
+
+def test_main_evaluates_with_packed_execution(tiny_llama_dir, calib_text_file, tmp_path):
+    """main.py --execution packed (the kernel under the interpreter) after calibrating NVFP4 and exporting (the results
+    record the packed weights' bytes), then on that export (--model_args pretrained=DIR): the same packed model, to
+    the last bit. A config the execution does not take is refused before calibrating."""
+    pytest.importorskip("triton", reason="Triton is not installed (requirements.txt installs it on Linux)")
+    common = ["--tasks", "piqa", "--device", "cpu", "--batch_size", "4", "--limit", "4", "--execution", "packed"]
+    runs = {}
+    for name, flags in (("calibrated", ["--model_args", f"pretrained={tiny_llama_dir}", "--quant_config",
+                                        "NVFP4_config_llama", "--calib_size", "2", "--calib_seqlen", "48",
+                                        "--calib_data", calib_text_file, "--export_dir", tmp_path / "exp"]),
+                        ("export", ["--model_args", f"pretrained={tmp_path / 'exp'}"])):
+        done = run_main(*common, *flags, "--output_path", tmp_path / f"{name}.json", cwd=tmp_path,
+                        env={"TRITON_INTERPRET": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "--execution packed: 15 Linears" in done.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    execution = runs["calibrated"]["quantization"]["execution"]
+    assert execution["execution"] == "packed" and execution["modules"] == 7 * 2 + 1
+    assert execution["weight_bytes"] <= 0.3 * execution["bf16_weight_bytes"]
+    assert runs["export"]["quantization"]["execution"] == execution
+    assert runs["export"]["results"] == runs["calibrated"]["results"]
+    refused = run_main(*common, "--model_args", f"pretrained={tiny_llama_dir}", "--quant_config", "FPQ_config_llama",
+                       cwd=tmp_path)
+    assert refused.returncode == 2 and "cannot run this way" in refused.stderr and refused.stderr.count("\n") == 1

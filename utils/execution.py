@@ -5,9 +5,10 @@ execution replaces that product: every quantized QuantLinear gets an `executor` 
 input and the bias) built from its weight's codes and scales, and its float weight is dropped, so the weight's
 memory is the executor's. The input quantizer is untouched: activations are quantized exactly as in the simulation.
 
-EXECUTIONS maps each name of `--execution` to an `Execution`: its help line, `reason(module)` (why a module cannot
-run this way, or None) and `build(module, encoded)` (the executor, from the module and its weight's `Encoded`: codes,
-scales, FPQ shifts; quant_layers/codes.py). A new way to execute is one entry here.
+EXECUTIONS maps each name of `--execution` to an `Execution`: its help line, `reason(weight_format, act_format)` (why
+a Linear of these formats cannot run this way, or None) and `build(module, encoded)` (the executor, from the module and
+its weight's `Encoded`: codes, scales, FPQ shifts; quant_layers/codes.py). A new way to execute is one entry here;
+`--execution` (utils/run/cli.py) takes its choices and help from this dict.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from quant_layers.codes import Encoded
+from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantLinear
 from quant_layers.packed_linear import PackedLinear, PackedWeight, packable_reason
 
@@ -28,11 +30,11 @@ SIMULATED = "simulated"
 
 @dataclass(frozen=True)
 class Execution:
-    """One way to execute quantized Linears: help (the flag's text), reason(module) -> why not or None,
-    build(module, encoded) -> the executor module."""
+    """One way to execute quantized Linears: help (the flag's text), reason(weight_format, act_format) -> why a
+    Linear of these formats cannot run this way or None, build(module, encoded) -> the executor module."""
 
     help: str
-    reason: Callable[[QuantLinear], str | None]
+    reason: Callable[[QuantFormat | None, QuantFormat | None], str | None]
     build: Callable[[QuantLinear, Encoded], nn.Module]
 
 
@@ -40,7 +42,7 @@ EXECUTIONS = {
     "packed": Execution(
         help="NVFP4 / MXFP4 weights kept as 4-bit codes and block scales (about 0.28x bf16 bytes), decoded to bfloat16 "
              "inside a Triton GEMM kernel (quant_layers/packed_linear.py)",
-        reason=lambda module: packable_reason(module.weight_format),
+        reason=lambda weight_format, act_format: packable_reason(weight_format),
         build=lambda module, encoded: PackedLinear(PackedWeight.from_encoded(encoded, module.weight))),
 }
 CHOICES = (SIMULATED, *EXECUTIONS)
@@ -78,7 +80,7 @@ def use_execution(model: nn.Module, name: str, weight_codes: Callable[[str, Quan
     for module_name, module in modules.items():
         if module.executor is not None:
             raise ValueError(f"--execution {name}: module {module_name!r} already has an executor")
-        reason = execution.reason(module)
+        reason = execution.reason(module.weight_format, module.act_format)
         if reason:
             raise ValueError(f"--execution {name}: module {module_name!r} cannot run this way: {reason}")
     weight_bytes = bf16_bytes = 0

@@ -18,7 +18,9 @@ from utils.attention import prepare as prepare_attention
 from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
-from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
+from utils.execution import SIMULATED, use_execution
+from utils.export import (MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed,
+                          module_weight_codes, read_marker)
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
                           run_metadata, save_params, saved_attention, saved_run)
@@ -221,7 +223,25 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
                     **(args.attention or AttentionPolicy()).results()}
     if args.export_dir:
         quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
+    if args.execution != SIMULATED:
+        quantization["execution"] = execute(model, args.execution,
+                                            lambda name, module: module_weight_codes(module, layers[name]))
     return quantization
+
+
+def execute(model, name: str, weight_codes) -> dict:
+    """use_execution (utils/execution.py) with its refusal as a UsageError; logs the weights' bytes against bf16."""
+    try:
+        summary = use_execution(model, name, weight_codes)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _log_execution(summary)
+    return summary
+
+
+def _log_execution(summary: dict) -> None:
+    _log(f"--execution {summary['execution']}: {summary['modules']} Linears, weights {summary['weight_bytes']:,} bytes "
+         f"= {summary['weight_bytes'] / summary['bf16_weight_bytes']:.3f} of bf16's {summary['bf16_weight_bytes']:,}")
 
 
 def export_model(model, tokenizer, layers: dict, run: dict, directory: str) -> dict:
@@ -261,7 +281,11 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
         raise UsageError(f"--model_args dtype={margs.dtype}: {directory} was exported in {marker.get('dtype')}, "
                          "which its log-likelihoods are defined in; use dtype=auto")
     dispatch = margs.use_accelerate and local_rank is None and device.startswith("cuda")
-    model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device)
+    if dispatch and args.execution != SIMULATED:
+        raise UsageError(f"--execution {args.execution}: load the export on one device (drop use_accelerate=True)")
+    model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device, args.execution)
+    if "execution" in marker:
+        _log_execution(marker["execution"])
     if dispatch:
         place_for_eval(model, device)
     if tokenizer is None:
@@ -275,7 +299,9 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
          "sha256): no calibration, no parameter file")
     packed = {"dir": str(directory), "model_sha256": model_sha256,
               "size": marker.get("size"), "calibrated_model": run_info.get("model")}
-    return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed}
+    executed = {"execution": marker["execution"]} if "execution" in marker else {}
+    return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed,
+                                    **executed}
 
 
 def check_outputs_writable(args: argparse.Namespace) -> None:
