@@ -31,6 +31,7 @@ from quant_layers.packed_linear import TILES, PackedWeight, packed_matmul, packe
 from utils.execution import EXECUTIONS, use_execution
 from utils.export.write import module_weight_codes
 from utils.quant_calib import CalibSettings, calibrate
+from utils.search.space import SearchSpace
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_under_the_interpreter's subprocess")
@@ -201,7 +202,7 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def calibrated(architecture: str, config_name: str, dtype: torch.dtype):
-    """(model, layers) of make_tiny in dtype, swapped and calibrated with config_name (MinMax: no search)."""
+    """(model, layers) of make_tiny in dtype, swapped and calibrated with config_name (searches: 3 candidates)."""
     from transformers import AutoModelForCausalLM
 
     model = make_tiny(architecture)
@@ -210,8 +211,9 @@ def calibrated(architecture: str, config_name: str, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(model.config, dtype=dtype).eval()
         model.load_state_dict(state)
     config = get_config(config_name)
+    space = SearchSpace((0.5, 1.2, 3), search_round=1) if config.uses_search_space else None
     swap_modules(model, config.linear, config.lm_head, config.embedding)
-    return model, calibrate(model, IDS, CalibSettings(config, W4A4, None))
+    return model, calibrate(model, IDS, CalibSettings(config, W4A4, space))
 
 
 def packed_model(model, layers):
@@ -227,10 +229,14 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("architecture, config_name, dtype, largest, mean", [
     ("llama", "NVFP4_config_llama", torch.float32, 1e-4, 1e-6), ("qwen2", "MXFP4_config_llama", torch.float32, 1e-4, 1e-6),
     ("llama", "MXFP4_config_llama", torch.bfloat16, 0.02, 1e-3), ("qwen2", "NVFP4_config_llama", torch.bfloat16, 0.3,
-                                                                  0.03)])
+                                                                  0.03),
+    ("llama", "NVFP4_4over6_config_llama", torch.float32, 1e-4, 1e-6),
+    ("qwen2", "NVFP4_tensor_search_gptq_rot_config_llama", torch.float32, 1e-4, 1e-6),
+    ("llama", "MXFP4_search_gptq_config_llama", torch.float32, 1e-4, 1e-6)])
 def test_interpreted_packed_model_computes_the_simulated_logits(architecture, config_name, dtype, largest, mean):
     """Logits of the packed model (every Linear and the head through the kernel) against the simulated model's, on
-    logits of magnitude ~1. MXFP4 weights are the simulated ones bit for bit, so only the summation order differs
+    logits of magnitude ~1; the recipes' searched block and tensor scales, GPTQ's codes, rotations (the online
+    Hadamard before down_proj stays in the QuantLinear) and Four Over Six run packed too. MXFP4 weights are the simulated ones bit for bit, so only the summation order differs
     (measured: equal). NVFP4 in float32 differs by the simulated weight's float32 roundings too (measured: 4e-7). A
     bfloat16 NVFP4 model's simulated weights are f s t rounded to bfloat16 (up to 2^-9 relative) where the kernel
     multiplies the exact f s and applies t in float32: the inputs of later layers differ by about that much, and
