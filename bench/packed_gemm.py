@@ -65,7 +65,8 @@ def gemm_rows(fmt_name: str) -> list[dict]:
             bound = (2 * k * 2.0**-24 * (check.float().abs() @ packed.unit_scaled(torch.float32).abs().T)
                      * (1.0 if packed.tensor_scale is None else packed.tensor_scale) + want.float().abs() * 2.0**-8)
             if not bool(((got.float() - want.float()).abs() <= bound + 1e-30).all()):
-                raise ValueError(f"{model_name} {linear} [{n}, {k}]: the packed kernel leaves the reference's tolerance")
+                raise ValueError(f"{model_name} {linear} [{n}, {k}]: the packed kernel leaves the reference's "
+                                 "tolerance")
             for m in TOKENS:
                 x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
                 packed_ms = do_bench(lambda: packed_matmul(x, packed, use_kernel=True))
@@ -110,7 +111,7 @@ def tune_kernels(model, tokens: int) -> int:
         for module in shapes.values():
             for m in buckets:
                 x = torch.randn(m, module.in_features, device="cuda", dtype=torch.bfloat16)
-                module.executor(x, module.bias)
+                module.executor(module, x)
     synchronize()
     return len(shapes)
 
@@ -126,8 +127,7 @@ def whole_model(pretrained: str, config_name: str, limit: int, batch_size: str) 
     from configs import QBits, get_config
     from quant_layers.modules import swap_modules
     from utils.data.models import load_model
-    from utils.execution import use_execution
-    from utils.export import module_weight_codes
+    from utils.execution import executed_weight_bytes, layer_codes, use_execution
     from utils.quant_calib import CalibSettings, calibrate
 
     model, tokenizer, info = load_model(pretrained, device="cuda", dtype="bfloat16")
@@ -140,7 +140,8 @@ def whole_model(pretrained: str, config_name: str, limit: int, batch_size: str) 
     bf16_bytes = linear_weight_bytes(model)
     synchronize()
     before = torch.cuda.memory_allocated()
-    summary = use_execution(model, "packed", lambda name, module: module_weight_codes(module, layers[name]))
+    print(use_execution(model, "packed", layer_codes(layers)), flush=True)
+    summary = executed_weight_bytes(model)
     synchronize()
     packed_bytes = bf16_bytes - (before - torch.cuda.memory_allocated())
     tuned = tune_kernels(model, 16384)

@@ -90,8 +90,9 @@ class InputRotation(nn.Module):
 
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear with static weight and input-activation fake quantization; `input_rotation` (off
-    unless a rotation transform sets it) rotates the input first; `executor` (None unless utils/execution.py sets
-    it) multiplies the quantized input in place of F.linear with the float weight."""
+    unless a rotation transform sets it) rotates the input first. `executor` (None: the simulated forward, the
+    reference) is a module that computes the layer from its quantized state in another way, called as
+    executor(self, x) on the rotated input (quant_layers/fp8_linear.py's FP8Linear; utils/execution.py sets it)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -107,9 +108,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_grid_inverse", None)  # act_max_value / grid_max
         self.register_buffer("act_block_clip", None)  # [] float32, block-scaled act formats (None: 1)
         self.input_rotation = InputRotation()
-        # Optional: a module computing F.linear(x_q, W_fold, bias) another way from (x_q, bias), x_q the quantized
-        # input, e.g. from packed weights (utils/execution.py sets it and drops the float weight).
-        self.executor: nn.Module | None = None
+        self.executor: nn.Module | None = None  # executor(self, x) computes forward instead (utils/execution.py)
 
     @property
     def is_quantized(self) -> bool:
@@ -157,10 +156,10 @@ class QuantLinear(nn.Module):
                                    (self.act_grid_scale, self.act_grid_inverse), block_clip=self.act_block_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantize_input(self.input_rotation(x))
-        if self.executor is not None:
-            return self.executor(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        x = self.input_rotation(x)
+        if self.executor is not None:  # the same quantized layer computed another way, e.g. on FP8 codes
+            return self.executor(self, x)
+        return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -27,8 +27,8 @@ float32, then to the model's dtype), which the kernel never rounds: it multiplie
 `packed_matmul_reference` (the project's `decode` of the whole weight with t = 1, a float32 matmul, then t and the
 bias), which tests/test_packed_linear.py compares it with. `PackedWeight.from_encoded` builds the packed tensors from
 a weight's codes (codes.encode / utils/export) and checks they decode to the simulated weight bit for bit;
-`PackedLinear` is the module a QuantLinear's `executor` holds. Activations are not touched: the QuantLinear quantizes
-its input as in the simulation and hands the result to the executor.
+`PackedLinear` is the module a QuantLinear's `executor` holds. Activations are not touched: it quantizes the input
+with the QuantLinear's own quantizer, as in the simulation, and multiplies the result.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class PackedWeight:
         if reason:
             raise ValueError(f"cannot pack this weight: {reason}")
         if encoded.codes.dim() != 2 or encoded.channel_shift is not None:
-            raise ValueError(f"cannot pack this weight: a plain [N, K] weight is packed, got {tuple(encoded.codes.shape)}"
+            raise ValueError("cannot pack this weight: a plain [N, K] weight is packed, got "
+                             f"{tuple(encoded.codes.shape)}"
                              + (" with FPQ channel shifts" if encoded.channel_shift is not None else ""))
         rows = encoded.codes.shape[0]
         if fmt.block.power_of_two:
@@ -186,9 +187,9 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    """A QuantLinear's executor for packed weights: forward(x_q, bias) = packed_matmul(x_q, weight, bias), x_q the
-    input the QuantLinear has already quantized. Buffers `codes`, `block_scale`, `tensor_scale` (the PackedWeight's,
-    moved and saved with the model)."""
+    """The executor of one QuantLinear with a packed weight (modules.py: its forward calls executor(module, x) on the
+    rotated input): packed_matmul(module.quantize_input(x), weight, module.bias), the input quantized as simulated.
+    Buffers `codes`, `block_scale`, `tensor_scale` (the PackedWeight's, moved and saved with the model)."""
 
     def __init__(self, weight: PackedWeight) -> None:
         super().__init__()
@@ -201,8 +202,8 @@ class PackedLinear(nn.Module):
     def weight(self) -> PackedWeight:
         return PackedWeight(self.fmt, self.codes, self.block_scale, self.tensor_scale, self.dtype)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return packed_matmul(x, self.weight, bias)
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return packed_matmul(module.quantize_input(x), self.weight, module.bias)
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

@@ -28,8 +28,7 @@ from quant_layers.codes import encode
 from quant_layers.formats import parse_format
 from quant_layers.modules import QuantLinear, swap_modules
 from quant_layers.packed_linear import TILES, PackedWeight, packed_matmul, packed_matmul_reference
-from utils.execution import EXECUTIONS, use_execution
-from utils.export.write import module_weight_codes
+from utils.execution import EXECUTIONS, executed_weight_bytes, layer_codes, use_execution
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search.space import SearchSpace
 
@@ -216,8 +215,11 @@ def calibrated(architecture: str, config_name: str, dtype: torch.dtype):
     return model, calibrate(model, IDS, CalibSettings(config, W4A4, space))
 
 
-def packed_model(model, layers):
-    return use_execution(model, "packed", lambda name, module: module_weight_codes(module, layers[name]))
+def packed_model(model, layers) -> dict:
+    """Convert to packed execution; returns executed_weight_bytes."""
+    line = use_execution(model, "packed", layer_codes(layers))
+    assert line.startswith("packed execution: ")
+    return executed_weight_bytes(model)
 
 
 def logits(model) -> torch.Tensor:
@@ -227,7 +229,8 @@ def logits(model) -> torch.Tensor:
 
 @interpreted
 @pytest.mark.parametrize("architecture, config_name, dtype, largest, mean", [
-    ("llama", "NVFP4_config_llama", torch.float32, 1e-4, 1e-6), ("qwen2", "MXFP4_config_llama", torch.float32, 1e-4, 1e-6),
+    ("llama", "NVFP4_config_llama", torch.float32, 1e-4, 1e-6),
+    ("qwen2", "MXFP4_config_llama", torch.float32, 1e-4, 1e-6),
     ("llama", "MXFP4_config_llama", torch.bfloat16, 0.02, 1e-3), ("qwen2", "NVFP4_config_llama", torch.bfloat16, 0.3,
                                                                   0.03),
     ("llama", "NVFP4_4over6_config_llama", torch.float32, 1e-4, 1e-6),
@@ -236,12 +239,13 @@ def logits(model) -> torch.Tensor:
 def test_interpreted_packed_model_computes_the_simulated_logits(architecture, config_name, dtype, largest, mean):
     """Logits of the packed model (every Linear and the head through the kernel) against the simulated model's, on
     logits of magnitude ~1; the recipes' searched block and tensor scales, GPTQ's codes, rotations (the online
-    Hadamard before down_proj stays in the QuantLinear) and Four Over Six run packed too. MXFP4 weights are the simulated ones bit for bit, so only the summation order differs
-    (measured: equal). NVFP4 in float32 differs by the simulated weight's float32 roundings too (measured: 4e-7). A
-    bfloat16 NVFP4 model's simulated weights are f s t rounded to bfloat16 (up to 2^-9 relative) where the kernel
-    multiplies the exact f s and applies t in float32: the inputs of later layers differ by about that much, and
-    where that moves a 4-bit activation across a rounding boundary the flipped code moves everything after it
-    (measured on this model: largest 0.09, mean 0.014; the tolerance leaves room for other CPUs' orders)."""
+    Hadamard before down_proj stays in the QuantLinear) and Four Over Six run packed too. MXFP4 weights are the
+    simulated ones bit for bit, so only the summation order differs (measured: equal). NVFP4 in float32 differs by
+    the simulated weight's float32 roundings too (measured: 4e-7). A bfloat16 NVFP4 model's simulated weights are
+    f s t rounded to bfloat16 (up to 2^-9 relative) where the kernel multiplies the exact f s and applies t in
+    float32: the inputs of later layers differ by about that much, and where that moves a 4-bit activation across a
+    rounding boundary the flipped code moves everything after it (measured on this model: largest 0.09, mean 0.014;
+    the tolerance leaves room for other CPUs' summation orders)."""
     model, layers = calibrated(architecture, config_name, dtype)
     simulated = logits(model)
     summary = packed_model(model, layers)
@@ -275,11 +279,10 @@ def test_ineligible_modules_are_one_error_before_any_change():
     """FPQ's E2M1 per-row weights cannot be packed: one line naming the first module, nothing converted."""
     model, layers = calibrated("llama", "FPQ_config_llama", torch.float32)
     message = one_line_value_error(lambda: packed_model(model, layers))
-    assert "--execution packed" in message and "not E2M1 in blocks" in message
+    assert message.startswith("--execution packed: model.layers.0.") and "not E2M1 in blocks" in message
     assert all(m.executor is None and m.weight is not None for m in model.modules() if isinstance(m, QuantLinear))
     assert "no quantized Linear" in one_line_value_error(lambda: use_execution(make_tiny("llama"), "packed", None))
-    assert "unknown execution" in one_line_value_error(lambda: use_execution(model, "int3", None))
-    assert set(EXECUTIONS) >= {"packed"}
+    assert set(EXECUTIONS) >= {"simulated", "packed"} and use_execution(model, "simulated", None) is None
 
 
 def test_main_evaluates_with_packed_execution(tiny_llama_dir, calib_text_file, tmp_path):
@@ -296,13 +299,17 @@ def test_main_evaluates_with_packed_execution(tiny_llama_dir, calib_text_file, t
         done = run_main(*common, *flags, "--output_path", tmp_path / f"{name}.json", cwd=tmp_path,
                         env={"TRITON_INTERPRET": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "--execution packed: 15 Linears" in done.stderr
+        assert "packed execution: 15 Linears" in done.stderr
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    execution = runs["calibrated"]["quantization"]["execution"]
-    assert execution["execution"] == "packed" and execution["modules"] == 7 * 2 + 1
-    assert execution["weight_bytes"] <= 0.3 * execution["bf16_weight_bytes"]
-    assert runs["export"]["quantization"]["execution"] == execution
+    quantization = runs["calibrated"]["quantization"]
+    executed = quantization["executed_weights"]
+    assert quantization["execution"] == "packed" and executed["modules"] == 7 * 2 + 1
+    assert executed["weight_bytes"] <= 0.3 * executed["bf16_weight_bytes"]
+    assert runs["export"]["quantization"]["execution"] == "packed"
+    assert runs["export"]["quantization"]["executed_weights"] == executed
     assert runs["export"]["results"] == runs["calibrated"]["results"]
     refused = run_main(*common, "--model_args", f"pretrained={tiny_llama_dir}", "--quant_config", "FPQ_config_llama",
                        cwd=tmp_path)
-    assert refused.returncode == 2 and "cannot run this way" in refused.stderr and refused.stderr.count("\n") == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "calibrating" not in refused.stderr
+    assert last.startswith("error: --execution packed: FPQ_config_llama W4A4E4: E2M1 is not E2M1 in blocks")

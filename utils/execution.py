@@ -1,96 +1,125 @@
-"""Executing a quantized model's Linears other than by simulation (`--execution`).
+"""How the quantized Linears of a ready model are executed (--execution): the simulated forward, the reference, or
+an executor that computes the same quantized layer another way (QuantLinear.executor, quant_layers/modules.py).
 
-The simulated QuantLinear computes F.linear(Q_a(x), W_fold, bias) with W_fold stored in the model's dtype. An
-execution replaces that product: every quantized QuantLinear gets an `executor` (a module called with the quantized
-input and the bias) built from its weight's codes and scales, and its float weight is dropped, so the weight's
-memory is the executor's. The input quantizer is untouched: activations are quantized exactly as in the simulation.
+`EXECUTIONS` maps each name to its `Execution`: the flag's help, the function that converts a quantized model in
+place, and the check of a config before calibrating. A conversion takes `weight_codes(name, module) -> Encoded`,
+the weight of each quantized QuantLinear as codes and scales (quant_layers/codes.py): `layer_codes(layers)` gives it
+from the layers' QuantParams (as calibration returns them or utils/params.py loads them), a packed export from its
+file's tensors (utils/export/load.py); it returns one line saying what it did. A new executor is one entry here and
+one module in quant_layers/.
 
-EXECUTIONS maps each name of `--execution` to an `Execution`: its help line, `reason(weight_format, act_format)` (why
-a Linear of these formats cannot run this way, or None) and `build(module, encoded)` (the executor, from the module and
-its weight's `Encoded`: codes, scales, FPQ shifts; quant_layers/codes.py). A new way to execute is one entry here;
-`--execution` (utils/run/cli.py) takes its choices and help from this dict.
+packed (quant_layers/packed_linear.py): every quantized QuantLinear gets a PackedLinear holding its NVFP4 / MXFP4
+weight as 4-bit codes and block scales, decoded to bfloat16 inside a Triton GEMM, and its float weight is dropped
+(4.5 or 4.25 bits per weight on the device instead of 16 in bfloat16).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from configs import QBits, QuantConfig
 from quant_layers.codes import Encoded
-from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantLinear
 from quant_layers.packed_linear import PackedLinear, PackedWeight, packable_reason
+from quant_layers.packed_linear import unavailable_reason as gemm_unavailable_reason
+from utils.export.write import module_weight_codes
 
-SIMULATED = "simulated"
+WeightCodes = Callable[[str, QuantLinear], Encoded]
+
+
+class ExecutionError(ValueError):
+    """A model or config that an execution mode cannot run: one line."""
 
 
 @dataclass(frozen=True)
 class Execution:
-    """One way to execute quantized Linears: help (the flag's text), reason(weight_format, act_format) -> why a
-    Linear of these formats cannot run this way or None, build(module, encoded) -> the executor module."""
+    """help: the --execution choice's meaning; convert(model, weight_codes) -> a line of what it did (None: nothing to
+    do); config_error(config, qbits) -> why a calibration under config cannot be executed so, or None (checked
+    before calibrating)."""
 
     help: str
-    reason: Callable[[QuantFormat | None, QuantFormat | None], str | None]
-    build: Callable[[QuantLinear, Encoded], nn.Module]
+    convert: Callable[[nn.Module, WeightCodes], str] | None = None
+    config_error: Callable[[QuantConfig, QBits], str | None] | None = None
+
+
+def layer_codes(layers: dict) -> WeightCodes:
+    """weight_codes from {module name: QuantParams}: utils/export/write.py's module_weight_codes (codes that decode to
+    the module's weight bit for bit, FPQ shifts included)."""
+    def weight_codes(name: str, module: QuantLinear) -> Encoded:
+        if name not in layers:
+            raise ValueError("no quantization parameters")
+        return module_weight_codes(module, layers[name])
+
+    return weight_codes
+
+
+def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, QuantLinear) and module.is_quantized}
+
+
+def packed_config_error(config: QuantConfig, qbits: QBits) -> str | None:
+    """Why the Linears calibrated under config and qbits may not run packed: weights that are not E2M1 in NVFP4 /
+    MXFP4 blocks (packable_reason), 16-bit weights included."""
+    reason = packable_reason(qbits.formats(config)[0])
+    return f"{config.name} {qbits.tag()}: {reason}" if reason else None
+
+
+def use_packed_execution(model: nn.Module, weight_codes: WeightCodes) -> str:
+    """Give every quantized QuantLinear of model its PackedLinear and drop its float weight. Every module's format is
+    checked before any changes (an ExecutionError names the first that cannot run packed); the executors are then
+    built one at a time, so memory never holds two copies of the weights. Returns a line: how many Linears, their
+    weights' bytes against bfloat16's, and where the GEMM is not the Triton kernel, why."""
+    modules = quantized_linears(model)
+    if not modules:
+        raise ExecutionError("--execution packed: the model has no quantized Linear")
+    for name, module in modules.items():
+        reason = packable_reason(module.weight_format)
+        if reason:
+            raise ExecutionError(f"--execution packed: {name}: {reason}")
+    packed_bytes, reasons = 0, set()
+    for name, module in modules.items():
+        try:
+            weight = PackedWeight.from_encoded(weight_codes(name, module), module.weight)
+        except ValueError as error:
+            raise ExecutionError(f"--execution packed: {name}: {error}") from None
+        module.executor = PackedLinear(weight.to(module.weight.device))
+        module.weight = None  # the packed codes replace it
+        packed_bytes += weight.nbytes
+        reasons.add(gemm_unavailable_reason(weight.codes.new_empty((1, 1), dtype=weight.dtype)))
+    bf16_bytes = sum(2 * m.in_features * m.out_features for m in modules.values())
+    where = "the Triton kernel" if reasons == {None} else (
+        "the float32 reference GEMM where the kernel cannot run: " + "; ".join(sorted(filter(None, reasons))))
+    ratio = packed_bytes / bf16_bytes
+    return (f"packed execution: {len(modules)} Linears, weights {packed_bytes:,} bytes = {ratio:.3f} of bf16's "
+            f"{bf16_bytes:,}, {where}")
 
 
 EXECUTIONS = {
-    "packed": Execution(
-        help="NVFP4 / MXFP4 weights kept as 4-bit codes and block scales (about 0.28x bf16 bytes), decoded to bfloat16 "
-             "inside a Triton GEMM kernel (quant_layers/packed_linear.py)",
-        reason=lambda weight_format, act_format: packable_reason(weight_format),
-        build=lambda module, encoded: PackedLinear(PackedWeight.from_encoded(encoded, module.weight))),
+    "simulated": Execution("the reference: fake-quantized float weights and activations, a float GEMM"),
+    "packed": Execution("NVFP4 / MXFP4 weights as 4-bit codes and block scales (0.28 / 0.27 of bf16's bytes), decoded "
+                        "to bfloat16 inside a Triton GEMM (CUDA; the float32 reference GEMM elsewhere), inputs "
+                        "quantized as simulated (docs/deployment.md)", use_packed_execution, packed_config_error),
 }
-CHOICES = (SIMULATED, *EXECUTIONS)
 
 
-def execution_help() -> str:
-    """The --execution flag's help, from EXECUTIONS."""
-    ways = "; ".join(f"{name}: {execution.help}" for name, execution in EXECUTIONS.items())
-    return (f"how quantized Linears compute: {SIMULATED} (float weights on the quantized grid, F.linear); {ways}. "
-            "Activations are quantized as simulated either way")
-
-
-def _on(encoded: Encoded, device: torch.device) -> Encoded:
-    tensors = {f.name: getattr(encoded, f.name).to(device) for f in dataclasses.fields(encoded)
-               if isinstance(getattr(encoded, f.name), torch.Tensor)}
-    return dataclasses.replace(encoded, **tensors)
-
-
-def use_execution(model: nn.Module, name: str, weight_codes: Callable[[str, QuantLinear], Encoded]) -> dict:
-    """Give every quantized QuantLinear of model the executor of execution `name` and drop its float weight.
-
-    weight_codes(module name, module) -> the module's weight as an Encoded (utils/export/write.py's
-    module_weight_codes for a calibrated model, the file's tensors for a packed export). Every module is checked
-    before any is changed: ValueError (one line) naming the first that cannot run this way. Returns {"execution":
-    name, "modules": how many, "weight_bytes": the executors' buffer bytes, "bf16_weight_bytes": 2 bytes per weight}.
-    """
-    if name == SIMULATED:
-        return {"execution": SIMULATED}
-    if name not in EXECUTIONS:
-        raise ValueError(f"unknown execution {name!r}; choose one of {', '.join(CHOICES)}")
+def use_execution(model: nn.Module, name: str, weight_codes: WeightCodes) -> str | None:
+    """Convert model to execution `name` (EXECUTIONS); returns its line, None for the simulated forward."""
     execution = EXECUTIONS[name]
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.is_quantized}
-    if not modules:
-        raise ValueError(f"--execution {name}: the model has no quantized Linear; add --quant_config")
-    for module_name, module in modules.items():
-        if module.executor is not None:
-            raise ValueError(f"--execution {name}: module {module_name!r} already has an executor")
-        reason = execution.reason(module.weight_format, module.act_format)
-        if reason:
-            raise ValueError(f"--execution {name}: module {module_name!r} cannot run this way: {reason}")
-    weight_bytes = bf16_bytes = 0
-    for module_name, module in modules.items():
-        try:
-            executor = execution.build(module, _on(weight_codes(module_name, module), module.weight.device))
-        except ValueError as error:
-            raise ValueError(f"--execution {name}: module {module_name!r}: {error}") from None
-        bf16_bytes += 2 * module.weight.numel()
-        weight_bytes += sum(b.numel() * b.element_size() for b in executor.buffers())
-        module.executor = executor
-        module.weight = None  # the float weight goes (freed once nothing else holds it)
-    return {"execution": name, "modules": len(modules), "weight_bytes": weight_bytes, "bf16_weight_bytes": bf16_bytes}
+    return execution.convert(model, weight_codes) if execution.convert else None
+
+
+def executed_weight_bytes(model: nn.Module) -> dict:
+    """{"modules", "weight_bytes" (the executors' buffers), "bf16_weight_bytes" (2 per weight)} of the QuantLinears
+    that have an executor: what the results JSON records."""
+    executed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.executor is not None]
+    return {"modules": len(executed),
+            "weight_bytes": sum(b.numel() * b.element_size() for m in executed for b in m.executor.buffers()),
+            "bf16_weight_bytes": sum(2 * m.in_features * m.out_features for m in executed)}
+
+
+__all__ = ["EXECUTIONS", "Execution", "ExecutionError", "executed_weight_bytes", "layer_codes", "use_execution",
+           "use_packed_execution"]

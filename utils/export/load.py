@@ -25,7 +25,6 @@ from quant_layers.formats import parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_modules
 from utils.export.layout import (DTYPES, FORMAT, HEADER_KEY, MARKER, VERSION, WEIGHTS, ExportError, dtype_name,
                                  weight_from_tensors, weight_key)
-from utils.execution import SIMULATED, use_execution
 from utils.run.fileio import sha256_file
 
 
@@ -194,6 +193,13 @@ def _format(name: str, value) -> object:
         raise ExportError(f"{WEIGHTS}: module {name!r}: {error}") from None
 
 
+def _on(encoded: Encoded, device: torch.device) -> Encoded:
+    """encoded with every tensor on device."""
+    return dataclasses.replace(encoded, **{field.name: getattr(encoded, field.name).to(device)
+                                           for field in dataclasses.fields(encoded)
+                                           if isinstance(getattr(encoded, field.name), torch.Tensor)})
+
+
 def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> Encoded | None:
     """Decode one quantized module's weight and set it with its activation quantizer; returns the weight's Encoded
@@ -220,13 +226,11 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
     else:
         encoded = weight_from_tensors(name, weight_format, tuple(expected.shape), info.get("ranges", "row"), dtype,
                                       tensors)
-        on_device = {field.name: getattr(encoded, field.name).to(device) for field in dataclasses.fields(encoded)
-                     if isinstance(getattr(encoded, field.name), torch.Tensor)}
         if shift is not None:
             encoded = dataclasses.replace(encoded, channel_shift=shift)
-            weight = decode_fpq_weight(dataclasses.replace(encoded, **on_device, channel_shift=shift.to(device)))
+            weight = decode_fpq_weight(_on(encoded, device))
         else:
-            weight = decode(dataclasses.replace(encoded, **on_device))
+            weight = decode(_on(encoded, device))
     act_max = tensors.get(f"{name}.act_max_value")
     if (act_format is None) != (act_max is None) or (act_max is not None and (act_max.dtype != torch.float32
                                                                                or act_max.numel() != 1)):
@@ -244,11 +248,11 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
     return encoded
 
 
-def load_packed(directory: str | Path, device: str | torch.device = "cpu", execution: str = SIMULATED
+def load_packed(directory: str | Path, device: str | torch.device = "cpu", execution: str = "simulated"
                 ) -> tuple[nn.Module, object, dict]:
     """(model in eval mode on `device` in the export's dtype, tokenizer or None, marker) of a packed export.
-    execution: `simulated`, or a name of utils.execution's EXECUTIONS whose executors are then built from the file's
-    codes (the marker gets use_execution's summary under "execution")."""
+    execution: a name of utils.execution's EXECUTIONS, converted from the file's codes (the marker then holds the
+    conversion's line under "execution"; ExecutionError for a module it cannot take)."""
     directory = Path(directory).expanduser()
     marker = read_marker(directory)
     verify_files(directory, marker)
@@ -258,11 +262,13 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu", execu
     model = _build(directory, dtype)
     try:
         codes = _fill(model, header, tensors, dtype, torch.device(device))
-        if execution != SIMULATED:
-            marker = {**marker, "execution": use_execution(model, execution, lambda name, module: codes[name])}
-    except ValueError as error:  # ExportError (naming model.safetensors or config.json: say which folder), or a
-        # module the execution does not take
+    except ExportError as error:  # the messages name model.safetensors and config.json: say which folder
         raise ExportError(f"packed export {directory}: {error}") from None
+    from utils.execution import use_execution  # here: utils.execution imports utils.export
+
+    line = use_execution(model, execution, lambda name, module: _on(codes[name], module.weight.device))
+    if line:
+        marker = {**marker, "execution": line}
     tokenizer = None
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer

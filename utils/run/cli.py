@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from configs import CONFIG_FILES, QBits, get_config
 from configs.attention import AttentionPolicy
 from quant_layers.attention import GRANULARITIES
+from utils.execution import EXECUTIONS
 from utils.export.load import is_packed_export
-from utils.execution import CHOICES as EXECUTION_CHOICES, EXECUTIONS, SIMULATED, execution_help
 from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the non-quantized tensors), config.json, the tokenizer and llm_fp4_export.json; "
                         "evaluate it with --model_args pretrained=DIR. A non-empty DIR is refused unless it holds an "
                         "export of the same run")
-    p.add_argument("--execution", default=SIMULATED, choices=EXECUTION_CHOICES, help=execution_help())
+    p.add_argument("--execution", default="simulated", choices=list(EXECUTIONS),
+                   help="how evaluation computes the quantized Linears: "
+                        + "; ".join(f"{name}: {execution.help}" for name, execution in EXECUTIONS.items()))
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibration from its checkpoint (<file>.partial.pt), or reuse the "
                         "finished file; an error if the checkpoint was made for another run. Without it a matching "
@@ -221,24 +223,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None and args.quant_config is None and not args.only_eval:
         raise UsageError("--export_dir writes a quantized model: use it with --quant_config or with --only_eval "
                          "--ptq_param_path FILE")
-    if args.execution != SIMULATED:
-        _check_execution(args)
+    if args.execution != "simulated" and args.quant_config is None and not args.only_eval and not is_packed_export(
+            args.model_args.pretrained):
+        raise UsageError(f"--execution {args.execution} computes quantized Linears: add --quant_config NAME, "
+                         "--only_eval --ptq_param_path FILE, or --model_args pretrained=EXPORT_DIR")
+    if args.execution != "simulated" and args.offload:
+        raise UsageError(f"--execution {args.execution}: evaluate without --offload (the model is converted on "
+                         "--device whole)")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args
-
-
-def _check_execution(args: argparse.Namespace) -> None:
-    """--execution other than simulated: a quantized model to execute, evaluated on one device, whose config's
-    formats the execution takes (checked here, before any calibration)."""
-    flag = f"--execution {args.execution}"
-    if args.quant_config is None and not args.only_eval and not is_packed_export(args.model_args.pretrained):
-        raise UsageError(f"{flag} executes a quantized model: add --quant_config, --only_eval --ptq_param_path FILE, "
-                         "or --model_args pretrained=EXPORT_DIR")
-    if args.offload:
-        raise UsageError(f"{flag}: evaluate without --offload (the executed model is placed on --device whole)")
-    if args.quant_config is not None:
-        weight_format, act_format, _ = args.qbits.formats(get_config(args.quant_config))
-        reason = EXECUTIONS[args.execution].reason(weight_format, act_format)
-        if reason:
-            raise UsageError(f"{flag}: {args.quant_config} {args.qbits.tag()} cannot run this way: {reason}")

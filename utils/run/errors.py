@@ -10,7 +10,9 @@ from utils.params import ParamFileError
 from utils.quant_calib import CalibrationError
 from utils.search.transforms import TransformError
 from utils.data.task_data import TaskDataError
+from utils.execution import ExecutionError
 from utils.export import ExportError
 
 USER_ERRORS = (UsageError, ModelLoadError, ParamFileError, CalibDataError, CalibrationError,
-               TaskDataError, WriteError, TransformError, ArchitectureError, ExportError, AttentionQuantError)
+               TaskDataError, WriteError, TransformError, ArchitectureError, ExportError, AttentionQuantError,
+               ExecutionError)

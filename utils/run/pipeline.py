@@ -18,9 +18,8 @@ from utils.attention import prepare as prepare_attention
 from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
-from utils.execution import SIMULATED, use_execution
-from utils.export import (MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed,
-                          module_weight_codes, read_marker)
+from utils.execution import EXECUTIONS, ExecutionError, executed_weight_bytes, layer_codes, use_execution
+from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
                           run_metadata, save_params, saved_attention, saved_run)
@@ -216,6 +215,9 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     else:
         if args.export_dir:
             check_target(args.export_dir, metadata)  # before calibrating: never after an hour's work
+        config_error = EXECUTIONS[args.execution].config_error
+        if config_error and (error := config_error(config, args.qbits)):
+            raise ExecutionError(f"--execution {args.execution}: {error}")
         path, timing, layers = _calibrate_and_save(model, tokenizer, args, config, metadata)
         recorded = metadata
     param_file = {"param_file": str(path), "param_file_sha256": sha256_file(path)}
@@ -223,25 +225,12 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
                     **(args.attention or AttentionPolicy()).results()}
     if args.export_dir:
         quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
-    if args.execution != SIMULATED:
-        quantization["execution"] = execute(model, args.execution,
-                                            lambda name, module: module_weight_codes(module, layers[name]))
+    quantization["execution"] = args.execution
+    line = use_execution(model, args.execution, layer_codes(layers))  # after the export, which reads the float weights
+    if line:
+        _log(line)
+        quantization["executed_weights"] = executed_weight_bytes(model)
     return quantization
-
-
-def execute(model, name: str, weight_codes) -> dict:
-    """use_execution (utils/execution.py) with its refusal as a UsageError; logs the weights' bytes against bf16."""
-    try:
-        summary = use_execution(model, name, weight_codes)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    _log_execution(summary)
-    return summary
-
-
-def _log_execution(summary: dict) -> None:
-    _log(f"--execution {summary['execution']}: {summary['modules']} Linears, weights {summary['weight_bytes']:,} bytes "
-         f"= {summary['weight_bytes'] / summary['bf16_weight_bytes']:.3f} of bf16's {summary['bf16_weight_bytes']:,}")
 
 
 def export_model(model, tokenizer, layers: dict, run: dict, directory: str) -> dict:
@@ -281,11 +270,13 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
         raise UsageError(f"--model_args dtype={margs.dtype}: {directory} was exported in {marker.get('dtype')}, "
                          "which its log-likelihoods are defined in; use dtype=auto")
     dispatch = margs.use_accelerate and local_rank is None and device.startswith("cuda")
-    if dispatch and args.execution != SIMULATED:
+    if dispatch and args.execution != "simulated":
         raise UsageError(f"--execution {args.execution}: load the export on one device (drop use_accelerate=True)")
     model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device, args.execution)
+    executed = {"execution": args.execution}
     if "execution" in marker:
-        _log_execution(marker["execution"])
+        _log(marker["execution"])
+        executed["executed_weights"] = executed_weight_bytes(model)
     if dispatch:
         place_for_eval(model, device)
     if tokenizer is None:
@@ -299,7 +290,6 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
          "sha256): no calibration, no parameter file")
     packed = {"dir": str(directory), "model_sha256": model_sha256,
               "size": marker.get("size"), "calibrated_model": run_info.get("model")}
-    executed = {"execution": marker["execution"]} if "execution" in marker else {}
     return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed,
                                     **executed}
 
