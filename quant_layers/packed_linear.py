@@ -48,7 +48,7 @@ if triton is not None:
 
 E2M1 = fp_format(2, 1)
 _E4M3_NAN = 0x7F  # the E4M3 byte S.1111.111 without its sign
-MAX_BLOCK_SIZE = 32  # the kernel's smallest K tile: a block of scales must not straddle two tiles
+MAX_BLOCK_SIZE = 32  # every BLOCK_K (a power of two, 64 or more) then holds whole blocks of scales
 
 
 def packable_reason(fmt: QuantFormat | None) -> str | None:
@@ -211,8 +211,9 @@ class PackedLinear(nn.Module):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), timed once per (M bucket, N, K) on the GPU; the fastest is kept.
-# Small BLOCK_M for short inputs (few tokens), large tiles for long ones; BLOCK_K >= MAX_BLOCK_SIZE always.
-TILES = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
+# Small BLOCK_M for short inputs (few tokens; BLOCK_N 32 gives N / 32 programs to fill the SMs), large tiles for
+# long ones; BLOCK_K a power of two >= 64 (MAX_BLOCK_SIZE).
+TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
          (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
          (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)

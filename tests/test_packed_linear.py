@@ -170,6 +170,24 @@ def test_interpreted_leading_dimensions_and_strided_inputs():
                                                                          want.reshape(6, 32)).view(2, 3, 32)).all())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_cuda_kernel_equals_the_reference(fmt_name):
+    """The compiled kernel on the GPU, autotuned and with every tile of TILES, bfloat16 and float32 inputs (per-row
+    tensor scales, bias), against the reference computed on the CPU, within the same tolerance."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float32):
+        packed, _ = packed_weight(fmt_name, 300, 544, dtype, per_row=True)
+        x = torch.randn(77, 544, generator=g).to(dtype)
+        bias = torch.randn(300, generator=g).to(dtype)
+        want = packed_matmul_reference(x, packed, bias)
+        tolerance = gemm_tolerance(x, packed, want)
+        on_gpu = packed.to("cuda")
+        for tile in (None, *TILES):
+            got = packed_matmul(x.cuda(), on_gpu, bias.cuda(), use_kernel=True, tile=tile).cpu()
+            assert got.dtype == dtype and bool(((got.double() - want.double()).abs() <= tolerance).all()), tile
+
+
 def test_kernel_not_picked_on_cpu_without_the_interpreter():
     if INTERPRETED:
         pytest.skip("the interpreter is on")
