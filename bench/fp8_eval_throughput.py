@@ -25,7 +25,7 @@ from fp8_gemm import cuda_refusal
 from configs import QBits, get_config
 from quant_layers.modules import swap_modules
 from utils.data.models import load_model
-from utils.execution import use_fp8_execution
+from utils.execution import layer_codes, use_fp8_execution
 from utils.params import apply_params, load_params
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search.space import SearchSpace
@@ -62,7 +62,7 @@ def main() -> None:
     layers, params = quantize(model, args.param_file)
     memory = {"simulated": torch.cuda.memory_allocated()}
     runs["simulated"] = timed_eval(model, tokenizer, args.limit, args.batch_size)
-    print(use_fp8_execution(model, layers), flush=True)
+    print(use_fp8_execution(model, layer_codes(layers)), flush=True)
     gc.collect()
     memory["fp8"] = torch.cuda.memory_allocated()
     runs["fp8"] = timed_eval(model, tokenizer, args.limit, args.batch_size)

@@ -26,7 +26,7 @@ from quant_layers.fp8_linear import (FP8Linear, fp8_format_error, fp8_gemm, fp8_
                                      quantize_activation_fp8, quantize_activation_fp8_reference)
 from quant_layers.modules import QuantLinear, QuantParams, swap_modules
 from quant_layers.quantize import activation_scales, quantize, quantize_activation
-from utils.execution import ExecutionError, fp8_config_error, use_fp8_execution
+from utils.execution import ExecutionError, fp8_config_error, layer_codes, use_fp8_execution
 from utils.quant_calib import CalibSettings, calibrate
 from utils.run.cli import UsageError, parse_args
 from utils.search.space import SearchSpace
@@ -208,7 +208,7 @@ def test_layer_output_equals_the_simulated_one_within_float32_rounding(fmt, dtyp
     x = (torch.randn(3, 11, 96, generator=g) * torch.exp2(torch.randint(-3, 3, (96,), generator=g).float())).to(dtype)
     with torch.no_grad():
         want, q_act, weight = module(x), module.quantize_input(x), module.weight.detach().clone()
-        line = use_fp8_execution(model, {"0": params})
+        line = use_fp8_execution(model, layer_codes({"0": params}))
         got = module(x)
     assert module.weight is None and isinstance(module.executor, FP8Linear) and "1 Linears" in line
     assert got.dtype == dtype and got.shape == want.shape
@@ -247,7 +247,7 @@ def test_calibrated_model_logits_within_float32_rounding(architecture, config):
     hooks = [m.register_forward_pre_hook(same_codes) for m in model.modules() if isinstance(m, QuantLinear)]
     with torch.no_grad():
         want = model(IDS).logits
-        use_fp8_execution(fp8, layers)
+        use_fp8_execution(fp8, layer_codes(layers))
         got = fp8(IDS).logits
     for hook in hooks:
         hook.remove()
@@ -263,11 +263,12 @@ def test_ineligible_models_are_one_line_and_left_as_they_were():
     for config, qbits, says in (("NVFP4_config_llama", (4, 4, 4, 2, 2, 2), "block-scaled"),
                                 ("MinMax_config_llama", (4, 16, 4, 2, 2, 2), "input is not quantized")):
         model, layers = calibrated("llama", config, qbits)
-        message = one_line_value_error(lambda: use_fp8_execution(model, layers))
+        message = one_line_value_error(lambda: use_fp8_execution(model, layer_codes(layers)))
         assert message.startswith("--execution fp8: model.layers.0.") and says in message
         assert all(m.executor is None and m.weight is not None for m in model.modules() if isinstance(m, QuantLinear))
+    model, _ = calibrated("llama", "MinMax_config_llama", (4, 4, 4, 2, 2, 2))
     with pytest.raises(ExecutionError, match="no quantization parameters"):
-        use_fp8_execution(model, {})
+        use_fp8_execution(model, layer_codes({}))
 
 
 def test_config_check_before_calibrating():
@@ -346,6 +347,24 @@ def test_on_cuda_kernel_scaled_mm_and_model():
     fp8 = copy.deepcopy(model)
     with torch.no_grad():
         want = model(IDS.cuda()).logits
-        use_fp8_execution(fp8, layers)
+        use_fp8_execution(fp8, layer_codes(layers))
         got = fp8(IDS.cuda()).logits
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_main_fp8_execution_on_a_packed_export_equals_the_calibrated_run(tiny_llama_dir, calib_text_file, tmp_path):
+    """main.py --execution fp8 after calibrating FPQ and exporting, then on that export (--model_args pretrained=DIR,
+    the FP8 weights built from the file's codes, shifts and row scales): the same results to the last bit."""
+    common = ["--tasks", "piqa", "--device", "cpu", "--batch_size", "4", "--limit", "4", "--execution", "fp8"]
+    runs = {}
+    for name, flags in (("calibrated", ["--model_args", f"pretrained={tiny_llama_dir}", "--quant_config",
+                                        "FPQ_config_llama", "--calib_size", "2", "--calib_seqlen", "48",
+                                        "--search_round", "1", "--search_intervals", "0.3", "1.2", "9",
+                                        "--calib_data", calib_text_file, "--export_dir", tmp_path / "exp"]),
+                        ("export", ["--model_args", f"pretrained={tmp_path / 'exp'}"])):
+        done = run_main(*common, *flags, "--output_path", tmp_path / f"{name}.json", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "fp8 execution: 15 Linears on E4M3 codes" in done.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["export"]["quantization"]["execution"] == "fp8"
+    assert runs["export"]["results"] == runs["calibrated"]["results"]

@@ -5,6 +5,7 @@ rebuild the architecture from config.json in the export's dtype, swap in QuantLi
 export says, put every non-quantized tensor in place (each checked against the rebuilt model's shape and dtype),
 decode each quantized weight exactly as QuantLinear.set_quant_params computed it (W_fold = Q_w(W) 2^-k) and set
 the activation quantizers. The logits equal the simulated model's on the same device (tests/test_export.py).
+With an `execution` (utils/execution.py) the Linears then run from the file's codes instead of the decoded weights.
 
 Only JSON and safetensors are read; every problem is a one-line ExportError naming the file.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant_layers.codes import decode, decode_fpq_weight
+from quant_layers.codes import Encoded, decode, decode_fpq_weight
 from quant_layers.formats import parse_format
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, swap_modules
 from utils.export.layout import (DTYPES, FORMAT, HEADER_KEY, MARKER, VERSION, WEIGHTS, ExportError, dtype_name,
@@ -192,9 +193,17 @@ def _format(name: str, value) -> object:
         raise ExportError(f"{WEIGHTS}: module {name!r}: {error}") from None
 
 
+def _on(encoded: Encoded, device: torch.device) -> Encoded:
+    """encoded with every tensor on device."""
+    return dataclasses.replace(encoded, **{field.name: getattr(encoded, field.name).to(device)
+                                           for field in dataclasses.fields(encoded)
+                                           if isinstance(getattr(encoded, field.name), torch.Tensor)})
+
+
 def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> None:
-    """Decode one quantized module's weight and set it with its activation quantizer."""
+                device: torch.device) -> Encoded | None:
+    """Decode one quantized module's weight and set it with its activation quantizer; returns the weight's Encoded
+    (CPU tensors, FPQ shifts included), None for an unquantized weight."""
     try:
         module = model.get_submodule(name)
         expected = module.weight
@@ -211,17 +220,17 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
     shift = tensors.get(f"{name}.act_channel_shift")
     if shift is not None and (shift.dtype != torch.int8 or tuple(shift.shape) != (expected.shape[1],)):
         raise ExportError(f"{WEIGHTS}: {name + '.act_channel_shift'!r} is not int8 [{expected.shape[1]}]")
+    encoded = None
     if weight_format is None:
         weight = expected.detach()
     else:
         encoded = weight_from_tensors(name, weight_format, tuple(expected.shape), info.get("ranges", "row"), dtype,
                                       tensors)
-        on_device = {field.name: getattr(encoded, field.name).to(device) for field in dataclasses.fields(encoded)
-                     if isinstance(getattr(encoded, field.name), torch.Tensor)}
         if shift is not None:
-            weight = decode_fpq_weight(dataclasses.replace(encoded, **on_device, channel_shift=shift.to(device)))
+            encoded = dataclasses.replace(encoded, channel_shift=shift)
+            weight = decode_fpq_weight(_on(encoded, device))
         else:
-            weight = decode(dataclasses.replace(encoded, **on_device))
+            weight = decode(_on(encoded, device))
     act_max = tensors.get(f"{name}.act_max_value")
     if (act_format is None) != (act_max is None) or (act_max is not None and (act_max.dtype != torch.float32
                                                                                or act_max.numel() != 1)):
@@ -236,10 +245,14 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
                          None if shift is None else shift.to(device), kind=info["kind"],
                          act_block_clip=None if clip is None else clip.reshape(()).to(device))
     module.set_quantized(weight, params)
+    return encoded
 
 
-def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, dict]:
-    """(model in eval mode on `device` in the export's dtype, tokenizer or None, marker) of a packed export."""
+def load_packed(directory: str | Path, device: str | torch.device = "cpu", execution: str = "simulated"
+                ) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode on `device` in the export's dtype, tokenizer or None, marker) of a packed export.
+    execution: a name of utils.execution's EXECUTIONS, converted from the file's codes (the marker then holds the
+    conversion's line under "execution"; ExecutionError for a module it cannot take)."""
     directory = Path(directory).expanduser()
     marker = read_marker(directory)
     verify_files(directory, marker)
@@ -248,9 +261,14 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tu
     dtype = DTYPES[header["dtype"]]
     model = _build(directory, dtype)
     try:
-        _fill(model, header, tensors, dtype, torch.device(device))
+        codes = _fill(model, header, tensors, dtype, torch.device(device))
     except ExportError as error:  # the messages name model.safetensors and config.json: say which folder
         raise ExportError(f"packed export {directory}: {error}") from None
+    from utils.execution import use_execution  # here: utils.execution imports utils.export
+
+    line = use_execution(model, execution, lambda name, module: _on(codes[name], module.weight.device))
+    if line:
+        marker = {**marker, "execution": line}
     tokenizer = None
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
@@ -263,9 +281,9 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu") -> tu
 
 
 def _fill(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-          device: torch.device) -> None:
+          device: torch.device) -> dict[str, Encoded]:
     """Swap the modules, place the non-quantized tensors (checked to cover the model), move to device, decode and
-    set every quantized module."""
+    set every quantized module; returns {name: its weight's Encoded} of the quantized weights."""
     swap_modules(model, **header["swap"])
     modules = header["modules"]
     quantized_keys = {weight_key(name, info["kind"]) for name, info in modules.items() if info["weight_format"]}
@@ -279,8 +297,8 @@ def _fill(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], dtyp
         raise ExportError(f"{WEIGHTS} has no tensor {missing[0]!r} of the model of config.json: the files do not "
                           "belong together")
     model.to(device)
-    for name, info in modules.items():
-        _set_module(model, name, info, tensors, dtype, device)
+    codes = {name: _set_module(model, name, info, tensors, dtype, device) for name, info in modules.items()}
+    return {name: encoded for name, encoded in codes.items() if encoded is not None}
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ from configs import CONFIG_FILES, QBits, get_config
 from configs.attention import AttentionPolicy
 from quant_layers.attention import GRANULARITIES
 from utils.execution import EXECUTIONS
+from utils.export.load import is_packed_export
 from utils.search.space import SearchSpace
 
 HF_MODEL_TYPES = ("hf-causal-experimental", "hf-causal", "hf", "hf-auto", "huggingface")
@@ -222,9 +223,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None and args.quant_config is None and not args.only_eval:
         raise UsageError("--export_dir writes a quantized model: use it with --quant_config or with --only_eval "
                          "--ptq_param_path FILE")
-    if args.execution != "simulated" and args.quant_config is None and not args.only_eval:
-        raise UsageError(f"--execution {args.execution} computes quantized Linears: add --quant_config NAME, or "
-                         "--only_eval --ptq_param_path FILE")
+    if args.execution != "simulated" and args.quant_config is None and not args.only_eval and not is_packed_export(
+            args.model_args.pretrained):
+        raise UsageError(f"--execution {args.execution} computes quantized Linears: add --quant_config NAME, "
+                         "--only_eval --ptq_param_path FILE, or --model_args pretrained=EXPORT_DIR")
+    if args.execution != "simulated" and args.offload:
+        raise UsageError(f"--execution {args.execution}: evaluate without --offload (the model is converted on "
+                         "--device whole)")
     if args.resume and (args.only_eval or args.quant_config is None):
         raise UsageError("--resume continues a calibration: use it with --quant_config and without --only_eval")
     return args

@@ -18,7 +18,7 @@ from utils.attention import prepare as prepare_attention
 from utils.data.architecture import decoder_layers
 from utils.data.calib_data import heldout_text, load_calib_set
 from utils.data.models import ModelInfo, load_model
-from utils.execution import EXECUTIONS, ExecutionError, use_execution
+from utils.execution import EXECUTIONS, ExecutionError, executed_weight_bytes, layer_codes, use_execution
 from utils.export import MARKER, WEIGHTS, check_target, export_packed, is_packed_export, load_packed, read_marker
 from utils.params import (Checkpoint, ParamFileError, apply_params, check_param_metadata, checkpoint_path,
                           load_checkpoint, load_params, metadata_difference, param_file_path, resolve_param_path,
@@ -226,9 +226,10 @@ def quantize_model(model, tokenizer, info: ModelInfo, args: argparse.Namespace) 
     if args.export_dir:
         quantization["export"] = export_model(model, tokenizer, layers, {**recorded, **param_file}, args.export_dir)
     quantization["execution"] = args.execution
-    line = use_execution(model, args.execution, layers)  # after the export, which reads the float weights
+    line = use_execution(model, args.execution, layer_codes(layers))  # after the export, which reads the float weights
     if line:
         _log(line)
+        quantization["executed_weights"] = executed_weight_bytes(model)
     return quantization
 
 
@@ -255,9 +256,6 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
         if getattr(args, flag):
             raise UsageError(f"--{flag}: pretrained={directory} is a packed export, already quantized; evaluate it "
                              f"without --{flag}")
-    if args.execution != "simulated":
-        raise UsageError(f"--execution {args.execution}: packed exports are evaluated simulated for now; evaluate the "
-                         "parameter file they were made from with --only_eval --ptq_param_path FILE")
     marker = read_marker(directory)
     try:
         run_info = marker["run"]
@@ -272,7 +270,13 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
         raise UsageError(f"--model_args dtype={margs.dtype}: {directory} was exported in {marker.get('dtype')}, "
                          "which its log-likelihoods are defined in; use dtype=auto")
     dispatch = margs.use_accelerate and local_rank is None and device.startswith("cuda")
-    model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device)
+    if dispatch and args.execution != "simulated":
+        raise UsageError(f"--execution {args.execution}: load the export on one device (drop use_accelerate=True)")
+    model, tokenizer, marker = load_packed(directory, "cpu" if dispatch else device, args.execution)
+    executed = {"execution": args.execution}
+    if "execution" in marker:
+        _log(marker["execution"])
+        executed["executed_weights"] = executed_weight_bytes(model)
     if dispatch:
         place_for_eval(model, device)
     if tokenizer is None:
@@ -286,7 +290,8 @@ def load_export_for_eval(args: argparse.Namespace, device: str, local_rank: int 
          "sha256): no calibration, no parameter file")
     packed = {"dir": str(directory), "model_sha256": model_sha256,
               "size": marker.get("size"), "calibrated_model": run_info.get("model")}
-    return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed}
+    return model, tokenizer, info, {**run_info, "calib_seconds": None, "only_eval": True, "packed_export": packed,
+                                    **executed}
 
 
 def check_outputs_writable(args: argparse.Namespace) -> None:
