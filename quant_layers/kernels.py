@@ -22,6 +22,7 @@ tensor without the interpreter, a format it does not implement: block-scaled or 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -318,6 +319,12 @@ if triton is not None:
     )(_block_quantize_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _float32_reciprocal(value: float) -> float:
+    """fl32(1 / value), as CUDA's torch divides a tensor by a Python scalar (times this reciprocal)."""
+    return float(1.0 / torch.tensor(value, dtype=torch.float32))
+
+
 def block_fake_quantize(x: torch.Tensor, fmt: QuantFormat, constants: torch.Tensor, clip: torch.Tensor | None,
                         tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Block-scaled fake quantization of x [..., channels] (channels a multiple of the block size) with the data's
@@ -339,7 +346,8 @@ def block_fake_quantize(x: torch.Tensor, fmt: QuantFormat, constants: torch.Tens
     targets = fmt.block.targets(fmt.standard_max)
     interpreted = _interpreted()
     args = (x, out, constants, clip, rows, channels, fmt.standard_max, element.grid_max,
-            float(1.0 / torch.tensor(element.grid_max, dtype=torch.float32)), scale_format.grid_max,
+            _float32_reciprocal(element.grid_max),
+            0.0 if fmt.block.power_of_two else scale_format.grid_max,  # E8M0's 2^254 is no float32 (and unused)
             targets[0], targets[-1], fmt.max_exponent, -scale_format.standard_bias, scale_format.max_exponent)
     flags = dict(MANTISSA_BITS=element.mantissa_bits, IS_INT=element.kind == "int",
                  SCALE_MANTISSA_BITS=scale_format.mantissa_bits, SIZE=size, POWER_OF_TWO=fmt.block.power_of_two,
