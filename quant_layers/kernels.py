@@ -1,5 +1,6 @@
-"""Fused Triton kernels: the quantizer of quant_layers/quantize.py (reads x once, writes once), and the search's
-weight proxy built on it (`residual_proxy`, at the end of this file).
+"""Fused Triton kernels: the quantizer of quant_layers/quantize.py (reads x once, writes once), its block-scaled
+form for activations (`block_fake_quantize`), and the search's weight proxy built on it (`residual_proxy`, at the
+end of this file).
 
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
@@ -16,7 +17,19 @@ equal the PyTorch reference bit for bit; RESIDUAL (used by the search only) may 
 multiply-subtract on the GPU. tests/kernel_check.py checks all three under Triton's interpreter on CPU
 (in the test suite) and compiled on CUDA. The entry points of quantize.py choose between a kernel and its
 reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
-tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
+tensor without the interpreter, a format it does not implement: unsigned, or block-scaled outside the activation
+path).
+
+Block-scaled activations (`block_fake_quantize`, quantize_activation's kernel for NVFP4, MX and Four Over Six):
+each program reads a [rows, channels] tile, views it as blocks of the last dimension and computes per block its
+absolute maximum a (NaN if the block holds one), clip * a, the block scale and the elements, as
+quantize._quantize_blocks does: NVFP4 code = Q_E4M3(a / (m t)), range R = top * code * t, elements Q(x; R) (zeros
+where R = 0), with two maxima (4/6) each candidate's squared error summed pairwise (quantize.pairwise_sum's order)
+and the lower kept, ties to the first; MX k = clamp(floor_log2(a) - emax, ...), q = 2^k Q(x 2^-k), NaN for a block
+holding NaN or Inf. Divisions by non-powers of two use div_rn (Triton's `/` is not correctly rounded on the GPU),
+in the reference's form (torch's scalar / tensor is a reciprocal times the scalar; on CUDA, tensor / Python scalar
+multiplies by the scalar's float32 reciprocal), constants come from the reference's own ops on x's device
+(quantize.block_constants), and the kernel is compiled without fused multiply-adds: equal bit for bit.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ matrix products in bfloat16 (utils/search/problem.py).
 Kernels: quant_layers/kernels.py computes `quantize_activation`, `grid_candidates`, `weight_residuals` and
 `residual_proxy` in fused Triton kernels. Each takes `use_kernel`: None picks the kernel where it applies (a CUDA
 tensor, Triton present, a format it implements: `kernels.supports`), True demands it (a clear error otherwise),
-False runs the PyTorch reference, which the kernel is tested against bit for bit (tests/kernel_check.py).
+False runs the PyTorch reference, which the kernel is tested against bit for bit (tests/kernel_check.py). Block
+formats have a kernel on the activation path only (`quantize_activation`, with its per-tensor block clip); the
+search's batched entry points and explicit block scales use the reference.
 """
 
 from __future__ import annotations
