@@ -353,6 +353,8 @@ def block_fake_quantize(x: torch.Tensor, fmt: QuantFormat, constants: torch.Tens
     x = x.contiguous()
     rows = x.numel() // channels
     out = torch.empty_like(x)
+    if rows == 0:
+        return out
     constants = constants.to(device=x.device, dtype=torch.float32).contiguous()
     clip = constants if clip is None else clip.to(device=x.device, dtype=torch.float32).reshape(1)
     element, scale_format = fmt.element, fmt.block.scale_format

@@ -304,6 +304,8 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
     if fmt.block is not None:
         if channel_scale is not None:  # configs give block formats no shifts: the reference's product, unfused
             x = x * channel_scale.to(x.dtype)
+        if block_clip is not None:
+            block_clip = torch.as_tensor(block_clip, dtype=torch.float32)
         clip_ok = block_clip is None or block_clip.numel() == 1  # per-row clips: the reference only
         if clip_ok and _use_kernel(x, fmt, use_kernel, blocks=True):
             constants = scales[0] if scales is not None else block_constants(fmt, max_value, x.device)
