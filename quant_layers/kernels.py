@@ -81,7 +81,7 @@ def unavailable_reason(x: torch.Tensor, fmt: QuantFormat, blocks: bool = False) 
         if fmt.block is not None and blocks:
             return (f"{fmt.name} is not implemented by the block kernel (signed elements, power-of-two blocks up to "
                     f"{MAX_BLOCK_SIZE}, at most two block maxima)")
-        return f"{fmt.name} is not implemented by the kernels (signed element formats{' and block formats of the activation path' if not blocks else ''} only)"
+        return f"{fmt.name} is not implemented by the kernels here (signed element formats only)"
     return None
 
 

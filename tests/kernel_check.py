@@ -166,8 +166,9 @@ def block_mismatches(device: str, g: torch.Generator) -> list[str]:
         else:
             got = kernels.block_fake_quantize(x, fmt, block_constants(fmt, max_value, x.device), clip, tile=tile)
         if got.dtype != want.dtype or not same_bits(got, want):
-            mismatches.append(f"block {label} {fmt} {x.dtype} rows={x.shape[0]} clip={None if clip is None else float(clip)}"
-                              f" range={float(max_value):g}" + first_difference(got, want))
+            clip_text = None if clip is None else float(clip)
+            mismatches.append(f"block {label} {fmt} {x.dtype} rows={x.shape[0]} clip={clip_text} "
+                              f"range={float(max_value):g}" + first_difference(got, want))
 
     x = block_activations(33, g)
     for fmt in BLOCK_FORMATS:
