@@ -1,5 +1,6 @@
-"""Fused Triton kernels: the quantizer of quant_layers/quantize.py (reads x once, writes once), and the search's
-weight proxy built on it (`residual_proxy`, at the end of this file).
+"""Fused Triton kernels: the quantizer of quant_layers/quantize.py (reads x once, writes once), its block-scaled
+form for activations (`block_fake_quantize`), and the search's weight proxy built on it (`residual_proxy`, at the
+end of this file).
 
 For candidate c and element x[r, i] of a row-major [rows, channels] tensor:
 
@@ -19,12 +20,25 @@ multiply-subtract on the GPU. tests/kernel_check.py checks all three under Trito
 (`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller); tests/test_fp8_linear.py
 checks it under the interpreter, bench/fp8_gemm.py on CUDA before it times anything. The entry points of quantize.py choose between a kernel and its
 reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
-tensor without the interpreter, a format it does not implement: block-scaled or unsigned).
+tensor without the interpreter, a format it does not implement: unsigned, or block-scaled outside the activation
+path).
+
+Block-scaled activations (`block_fake_quantize`, quantize_activation's kernel for NVFP4, MX and Four Over Six):
+each program reads a [rows, channels] tile, views it as blocks of the last dimension and computes per block its
+absolute maximum a (NaN if the block holds one), clip * a, the block scale and the elements, as
+quantize._quantize_blocks does: NVFP4 code = Q_E4M3(a / (m t)), range R = top * code * t, elements Q(x; R) (zeros
+where R = 0), with two maxima (4/6) each candidate's squared error summed pairwise (quantize.pairwise_sum's order)
+and the lower kept, ties to the first; MX k = clamp(floor_log2(a) - emax, ...), q = 2^k Q(x 2^-k), NaN for a block
+holding NaN or Inf. Divisions by non-powers of two use div_rn (Triton's `/` is not correctly rounded on the GPU),
+in the reference's form (torch's scalar / tensor is a reciprocal times the scalar; on CUDA, tensor / Python scalar
+multiplies by the scalar's float32 reciprocal), constants come from the reference's own ops on x's device
+(quantize.block_constants), and the kernel is compiled without fused multiply-adds: equal bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -44,20 +58,33 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(fmt: QuantFormat) -> bool:
-    """The kernels implement signed element formats (FP with any exponent bits, INT), not block scaling."""
-    return fmt.block is None and fmt.signed
+def supports(fmt: QuantFormat, blocks: bool = False) -> bool:
+    """The kernels implement signed element formats (FP with any exponent bits, INT) and, for the activation path
+    (`block_fake_quantize`), block scaling of signed elements with the data's own scales: power-of-two block sizes
+    up to MAX_BLOCK_SIZE, one or two block maxima. The search's batched entry points take element formats only."""
+    if not fmt.signed:
+        return False
+    if fmt.block is None:
+        return True
+    if not blocks:  # the caller is not the activation path
+        return False
+    size = fmt.block.size
+    return size & (size - 1) == 0 and size <= MAX_BLOCK_SIZE and len(fmt.block.targets(fmt.standard_max)) <= 2
 
 
-def unavailable_reason(x: torch.Tensor, fmt: QuantFormat) -> str | None:
+def unavailable_reason(x: torch.Tensor, fmt: QuantFormat, blocks: bool = False) -> str | None:
     """Why the kernels cannot quantize x to fmt here, or None: Triton missing, a CPU tensor without Triton's
-    interpreter (TRITON_INTERPRET=1), or a format they do not implement."""
+    interpreter (TRITON_INTERPRET=1), or a format they do not implement (blocks: the caller is the activation path,
+    which has a block-scaled kernel; see `supports`)."""
     if triton is None:
         return "Triton is not installed"
     if not (x.is_cuda or _interpreted()):
         return f"the tensor is on {x.device} (kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-    if not supports(fmt):
-        return f"{fmt.name} is not implemented by the kernels (signed element formats only)"
+    if not supports(fmt, blocks):
+        if fmt.block is not None and blocks:
+            return (f"{fmt.name} is not implemented by the block kernel (signed elements, power-of-two blocks up to "
+                    f"{MAX_BLOCK_SIZE}, at most two block maxima)")
+        return f"{fmt.name} is not implemented by the kernels here (signed element formats only)"
     return None
 
 
@@ -186,6 +213,180 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, invers
             rows_per_tile, cols_per_tile, warps = tile
             _fake_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=rows_per_tile, BLOCK_COLS=cols_per_tile,
                                           num_warps=warps)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _exp2_int(e):
+        """2^e as float32 for integer -127 <= e <= 127, exact (2^-127 is a subnormal): torch.ldexp's multiplier."""
+        return tl.where(e >= -126, (e + 127) << 23, 0x00400000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _halve(v):
+        """[n, w] -> [n, w / 2]: neighbouring pairs summed (one step of quantize.pairwise_sum)."""
+        even, odd = tl.split(tl.reshape(v, (v.shape[0], v.shape[1] // 2, 2)))
+        return even + odd
+
+    @triton.jit
+    def _pairwise_sum(v, SIZE: tl.constexpr):
+        """quantize.pairwise_sum of [n, SIZE] (a power of two up to 128) -> [n, 1], in its order."""
+        if SIZE >= 128:
+            v = _halve(v)
+        if SIZE >= 64:
+            v = _halve(v)
+        if SIZE >= 32:
+            v = _halve(v)
+        if SIZE >= 16:
+            v = _halve(v)
+        if SIZE >= 8:
+            v = _halve(v)
+        if SIZE >= 4:
+            v = _halve(v)
+        if SIZE >= 2:
+            v = _halve(v)
+        return v
+
+    @triton.jit
+    def _block_elements(blocks, block_range, grid_max, inverse_grid_max, MANTISSA_BITS: tl.constexpr,
+                        IS_INT: tl.constexpr, RECIPROCAL_DIV: tl.constexpr):
+        """quantize(blocks, element, R) with a block range R [n, 1], zeros where R = 0 (quantize_elements).
+        Triton's `/` is not correctly rounded on the GPU: div_rn is. The reference's s = grid_max / R is torch's
+        scalar / tensor, R.reciprocal() * grid_max; its u = R / grid_max divides on the CPU but multiplies by the
+        float32 reciprocal of the Python scalar on CUDA (RECIPROCAL_DIV)."""
+        scale = tl.math.div_rn(tl.full(block_range.shape, 1.0, tl.float32), block_range) * grid_max
+        if RECIPROCAL_DIV:
+            inverse = block_range * inverse_grid_max
+        else:
+            inverse = tl.math.div_rn(block_range, tl.full(block_range.shape, grid_max, tl.float32))
+        q = _standard_grid(blocks * scale, grid_max, MANTISSA_BITS, IS_INT) * inverse
+        return tl.where(block_range == 0, 0.0, q)
+
+    @triton.jit
+    def _block_code(amax, target, tensor_scale, code_scale, code_inverse, scale_grid_max,
+                    SCALE_MANTISSA_BITS: tl.constexpr):
+        """block_scale_codes for one target m: quantize(a / (m t), scale format, its standard max) (div_rn: the
+        reference's IEEE division of two tensors)."""
+        ratio = tl.math.div_rn(amax, tl.full(amax.shape, 1.0, tl.float32) * (target * tensor_scale))
+        return _standard_grid(ratio * code_scale, scale_grid_max, SCALE_MANTISSA_BITS, False) * code_inverse
+
+    @triton.jit
+    def _block_quantize_kernel(x_ptr, out_ptr, constants_ptr, clip_ptr, rows, channels, element_max, grid_max,
+                               inverse_grid_max, scale_grid_max, target_0, target_1, max_exponent, exponent_min,
+                               exponent_max, MANTISSA_BITS: tl.constexpr, IS_INT: tl.constexpr,
+                               SCALE_MANTISSA_BITS: tl.constexpr, SIZE: tl.constexpr, POWER_OF_TWO: tl.constexpr,
+                               TWO_TARGETS: tl.constexpr, HAS_CLIP: tl.constexpr, RECIPROCAL_DIV: tl.constexpr,
+                               MANUAL_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        mask = (row < rows)[:, None] & (col < channels)[None, :]  # whole blocks: channels % SIZE == 0
+        offsets = row[:, None] * channels + col[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        blocks = tl.reshape(x, (BLOCK_ROWS * BLOCK_COLS // SIZE, SIZE))
+        has_nan = tl.max((blocks != blocks).to(tl.int32), axis=1)[:, None] > 0  # tl.max may skip NaN
+        amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(blocks), axis=1)[:, None])
+        clipped = amax
+        if HAS_CLIP:
+            clipped = amax * tl.load(clip_ptr)
+        if POWER_OF_TWO:  # k = clamp(floor_log2(a) - emax, ...); floor_log2 from the exponent field (0 gives -1)
+            subnormal = (clipped.to(tl.int32, bitcast=True) & 0x7F800000) == 0
+            normalised = tl.where(subnormal, clipped * 18446744073709551616.0, clipped)  # * 2^64, exact
+            floor_log2 = ((normalised.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - tl.where(subnormal, 64, 0)
+            floor_log2 = tl.where(clipped == 0, -1, floor_log2)
+            exponent = tl.minimum(tl.maximum(floor_log2 - max_exponent, exponent_min), exponent_max)
+            element_scale, element_inverse = tl.load(constants_ptr + 3), tl.load(constants_ptr + 4)
+            y = blocks * _exp2_int(-exponent)  # torch.ldexp(x, -k) = x * 2^-k
+            q = _standard_grid(y * element_scale, grid_max, MANTISSA_BITS, IS_INT) * element_inverse
+            q = q * _exp2_int(exponent)
+            q = tl.where(amax < float("inf"), q, float("nan"))  # OCP MX: NaN or Inf in a block makes it NaN
+        else:
+            tensor_scale = tl.load(constants_ptr)
+            code_scale, code_inverse = tl.load(constants_ptr + 1), tl.load(constants_ptr + 2)
+            code = _block_code(clipped, target_0, tensor_scale, code_scale, code_inverse, scale_grid_max,
+                               SCALE_MANTISSA_BITS)
+            q = _block_elements(blocks, element_max * code * tensor_scale, grid_max, inverse_grid_max,
+                                MANTISSA_BITS, IS_INT, RECIPROCAL_DIV)
+            if TWO_TARGETS:  # Four Over Six: the lower squared error (pairwise float32 sums), ties to the first
+                code_1 = _block_code(clipped, target_1, tensor_scale, code_scale, code_inverse, scale_grid_max,
+                                     SCALE_MANTISSA_BITS)
+                q_1 = _block_elements(blocks, element_max * code_1 * tensor_scale, grid_max, inverse_grid_max,
+                                      MANTISSA_BITS, IS_INT, RECIPROCAL_DIV)
+                error = _pairwise_sum((q - blocks) * (q - blocks), SIZE)
+                error_1 = _pairwise_sum((q_1 - blocks) * (q_1 - blocks), SIZE)
+                take = (error_1 < error) | ((error_1 != error_1) & (error == error))  # torch.argmin: NaN is least
+                q = tl.where(take, q_1, q)
+        result = tl.reshape(q, (BLOCK_ROWS, BLOCK_COLS))
+        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand
+            bits = result.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            result = bits.to(tl.float32, bitcast=True)
+        tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Tiles of the block kernel (BLOCK_COLS a multiple of every supported block size), tuned as TILES are.
+BLOCK_TILES = ((8, 256, 4), (4, 256, 4), (16, 256, 8), (4, 512, 4), (8, 512, 8), (2, 1024, 4), (1, 1024, 4),
+               (32, 128, 8), (16, 128, 4))
+BLOCK_INTERPRETER_TILE = (4, 64, 4)  # small: the tests cut rows and channels unevenly with it
+MAX_BLOCK_SIZE = 128
+
+if triton is not None:
+    _tuned_block_kernel = triton.autotune(
+        configs=[triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w) for r, c, w in BLOCK_TILES],
+        key=["channels", "SIZE", "POWER_OF_TWO", "TWO_TARGETS", "HAS_CLIP"],
+    )(_block_quantize_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_reciprocal(value: float) -> float:
+    """fl32(1 / value), as CUDA's torch divides a tensor by a Python scalar (times this reciprocal)."""
+    return float(1.0 / torch.tensor(value, dtype=torch.float32))
+
+
+def block_fake_quantize(x: torch.Tensor, fmt: QuantFormat, constants: torch.Tensor, clip: torch.Tensor | None,
+                        tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Block-scaled fake quantization of x [..., channels] (channels a multiple of the block size) with the data's
+    own block scales, equal to quantize.quantize(x, fmt, max_value, clip=clip) bit for bit. constants: the float32
+    [5] of quantize.block_constants (tensor scale t, the scale format's and MX element's s and u, each computed by
+    the reference's own ops on x's device); clip: [] float32 multiplier of the block maxima, or None.
+    Returns x's shape and dtype."""
+    _needs_triton()
+    size = fmt.block.size
+    channels = x.shape[-1]
+    if channels % size:
+        raise ValueError(f"{fmt.name} needs the last dimension ({channels}) to be a multiple of {size}")
+    x = x.contiguous()
+    rows = x.numel() // channels
+    out = torch.empty_like(x)
+    if rows == 0:
+        return out
+    constants = constants.to(device=x.device, dtype=torch.float32).contiguous()
+    clip = constants if clip is None else clip.to(device=x.device, dtype=torch.float32).reshape(1)
+    element, scale_format = fmt.element, fmt.block.scale_format
+    targets = fmt.block.targets(fmt.standard_max)
+    interpreted = _interpreted()
+    args = (x, out, constants, clip, rows, channels, fmt.standard_max, element.grid_max,
+            _float32_reciprocal(element.grid_max),
+            0.0 if fmt.block.power_of_two else scale_format.grid_max,  # E8M0's 2^254 is no float32 (and unused)
+            targets[0], targets[-1], fmt.max_exponent, -scale_format.standard_bias, scale_format.max_exponent)
+    flags = dict(MANTISSA_BITS=element.mantissa_bits, IS_INT=element.kind == "int",
+                 SCALE_MANTISSA_BITS=scale_format.mantissa_bits, SIZE=size, POWER_OF_TWO=fmt.block.power_of_two,
+                 TWO_TARGETS=len(targets) == 2, HAS_CLIP=clip is not constants, RECIPROCAL_DIV=x.is_cuda,
+                 MANUAL_BF16=interpreted and out.dtype == torch.bfloat16,
+                 enable_fp_fusion=False)  # no fused multiply-adds: the reference rounds every product
+    if tile is None and interpreted:
+        tile = BLOCK_INTERPRETER_TILE
+
+    def launch(meta):
+        return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(channels, meta["BLOCK_COLS"])
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if tile is None:
+            _tuned_block_kernel[launch](*args, **flags)
+        else:
+            rows_per_tile, cols_per_tile, warps = tile
+            _block_quantize_kernel[launch](*args, **flags, BLOCK_ROWS=rows_per_tile, BLOCK_COLS=cols_per_tile,
+                                           num_warps=warps)
     return out
 
 

@@ -28,7 +28,9 @@ matrix products in bfloat16 (utils/search/problem.py).
 Kernels: quant_layers/kernels.py computes `quantize_activation`, `grid_candidates`, `weight_residuals` and
 `residual_proxy` in fused Triton kernels. Each takes `use_kernel`: None picks the kernel where it applies (a CUDA
 tensor, Triton present, a format it implements: `kernels.supports`), True demands it (a clear error otherwise),
-False runs the PyTorch reference, which the kernel is tested against bit for bit (tests/kernel_check.py).
+False runs the PyTorch reference, which the kernel is tested against bit for bit (tests/kernel_check.py). Block
+formats have a kernel on the activation path only (`quantize_activation`, with its per-tensor block clip); the
+search's batched entry points and explicit block scales use the reference.
 """
 
 from __future__ import annotations
@@ -127,7 +129,11 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
 
 
 def activation_scales(fmt: QuantFormat, max_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, u) as [1] float32 tensors on max_value's device: what `quantize_activation` multiplies by."""
+    """(s, u) as [1] float32 tensors on max_value's device: what `quantize_activation` multiplies by. Block-scaled
+    formats: (`block_constants`, the same tensor)."""
+    if fmt.block is not None:
+        constants = block_constants(fmt, max_value, max_value.device)
+        return constants, constants
     return (grid_scale(fmt, max_value, max_value.device).reshape(1),
             grid_inverse(fmt, max_value, max_value.device).reshape(1))
 
@@ -145,11 +151,10 @@ def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Ten
     `BlockScaling.scale_max`: 448 for NVFP4, 256 for 4/6), code = Q_s(a / (m t)) the block scale in the scale format
     (float32 values of its grid, saturating), a = amax [..., blocks, 1] (times clip when given: broadcastable to it),
     m = top; with several block maxima (4/6) the m whose quantized block (blocks [..., blocks, size], needed then)
-    has the lowest squared error (summed in float32; ties: the first listed)."""
+    has the lowest squared error (summed in float32 by `pairwise_sum`; ties: the first listed)."""
     scale_format = fmt.block.scale_format
     top = fmt.standard_max
-    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=amax.device).clamp(min=_TINY)
-    tensor_scale = tensor_scale / (top * fmt.block.scale_max(top))
+    tensor_scale = block_tensor_scale(fmt, max_value, amax.device)
     if clip is not None:
         amax = amax * clip
     codes = [quantize(amax / (target * tensor_scale), scale_format, scale_format.standard_max)
@@ -158,10 +163,44 @@ def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Ten
         return codes[0], tensor_scale
     if blocks is None:
         raise ValueError(f"{fmt.name} chooses each block's scale by its error: block_scale_codes needs the blocks")
-    errors = torch.stack([(quantize_elements(blocks, fmt, block_range(fmt, code, tensor_scale)) - blocks)
-                          .square_().sum(dim=-1, keepdim=True) for code in codes])
+    errors = torch.stack([pairwise_sum((quantize_elements(blocks, fmt, block_range(fmt, code, tensor_scale)) - blocks)
+                                       .square_()) for code in codes])
     codes = torch.stack(torch.broadcast_tensors(*codes))
     return codes.gather(0, errors.argmin(dim=0, keepdim=True).expand(1, *codes.shape[1:]))[0], tensor_scale
+
+
+def block_tensor_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str
+                       ) -> torch.Tensor:
+    """NVFP4's float32 tensor scale t = max(max_value, 1e-30) / (top * S) (S = `BlockScaling.scale_max`)."""
+    top = fmt.standard_max
+    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=device).clamp(min=_TINY)
+    return tensor_scale / (top * fmt.block.scale_max(top))
+
+
+def block_constants(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str) -> torch.Tensor:
+    """The block kernel's float32 constants [5], each made by the reference's own ops on `device` (torch divides
+    by a Python scalar differently on CPU and CUDA): the tensor scale t (`block_tensor_scale`; 1 for power-of-two
+    scales), s and u of the scale format at its standard max (block_scale_codes's `quantize` of a / (m t)), s and u
+    of the element at its standard max (quantize_elements's MX branch)."""
+    scale_format, element = fmt.block.scale_format, fmt.element
+    tensor_scale = (torch.ones((), device=device) if fmt.block.power_of_two
+                    else block_tensor_scale(fmt, max_value, device).reshape(()))
+    return torch.stack([tensor_scale, grid_scale(scale_format, scale_format.standard_max, device),
+                        grid_inverse(scale_format, scale_format.standard_max, device),
+                        grid_scale(element, element.standard_max, device),
+                        grid_inverse(element, element.standard_max, device)])
+
+
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension [..., n] -> [..., 1] in a fixed order, the same on every device and in the
+    kernel: neighbours first (x0 + x1, x2 + x3, ...), then neighbouring sums, ...; n is padded with zeros to a power
+    of two (adding +0 is exact for the non-negative terms summed here). torch's `sum` picks its order per device."""
+    width = 1 << (x.shape[-1] - 1).bit_length()
+    if width != x.shape[-1]:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x
 
 
 def block_range(fmt: QuantFormat, code: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
@@ -238,12 +277,12 @@ def quantize_elements(x: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor) -
     return quantize(x, element, scales).masked_fill_(scales == 0, 0.0)  # a zero scale gives zeros
 
 
-def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None) -> bool:
+def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None, blocks: bool = False) -> bool:
     """Whether to run the Triton kernel: use_kernel None picks it where it applies; True demands it (RuntimeError
-    with the reason where it cannot run)."""
+    with the reason where it cannot run). blocks: the caller has the block-scaled kernel (the activation path)."""
     if use_kernel is False:
         return False
-    reason = kernels.unavailable_reason(x, fmt)
+    reason = kernels.unavailable_reason(x, fmt, blocks)
     if use_kernel and reason:
         raise RuntimeError(f"use_kernel=True, but the Triton kernel cannot run here: {reason}")
     return reason is None
@@ -255,18 +294,31 @@ def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tens
                         use_kernel: bool | None = None, block_clip: torch.Tensor | None = None) -> torch.Tensor:
     """q(x * c; max_value) for a per-tensor max_value [] and optional per-channel powers of two c [in] (float32).
 
-    Equals `quantize(x * channel_scale, fmt, max_value, clip=block_clip)` bit for bit; one fused kernel on CUDA.
-    scales: `activation_scales(fmt, max_value)` computed once by the caller (saves two small kernel launches).
+    Equals `quantize(x * channel_scale, fmt, max_value, clip=block_clip)` bit for bit; one fused kernel on CUDA
+    (element formats: `kernels.fake_quantize`; block-scaled formats: `kernels.block_fake_quantize`).
+    scales: `activation_scales(fmt, max_value)` computed once by the caller (saves small kernel launches).
     block_clip []: a block-scaled format's clipping multiplier of its dynamic block maxima (None: 1).
     """
     if block_clip is not None and fmt.block is None:
         raise ValueError(f"block_clip needs a block-scaled format, got {fmt.name}")
-    if _use_kernel(x, fmt, use_kernel):  # element formats only (kernels.supports): no block clip reaches a kernel
+    if fmt.block is not None:
+        if channel_scale is not None:  # configs give block formats no shifts: the reference's product, unfused
+            x = x * channel_scale.to(x.dtype)
+        if block_clip is not None:
+            block_clip = torch.as_tensor(block_clip, dtype=torch.float32)
+        clip_ok = block_clip is None or block_clip.numel() == 1  # per-row clips: the reference only
+        if clip_ok and _use_kernel(x, fmt, use_kernel, blocks=True):
+            constants = scales[0] if scales is not None else block_constants(fmt, max_value, x.device)
+            return kernels.block_fake_quantize(x, fmt, constants, block_clip)
+        if use_kernel and not clip_ok:
+            raise RuntimeError("use_kernel=True, but the Triton kernel takes one block clip per tensor")
+        return quantize(x, fmt, max_value, clip=block_clip)
+    if _use_kernel(x, fmt, use_kernel):
         scale, inverse = scales if scales is not None else activation_scales(fmt, max_value)
         return kernels.fake_quantize(x, fmt, scale, inverse, channel_scale, kernels.FAKE)[0]
     if channel_scale is not None:
         x = x * channel_scale.to(x.dtype)
-    return quantize(x, fmt, max_value, clip=block_clip)
+    return quantize(x, fmt, max_value)
 
 
 def grid_candidates(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, channel_scale: torch.Tensor | None,

@@ -13,11 +13,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant_layers import kernels  # noqa: E402
-from quant_layers.formats import fp_format, formats_of_width, int_format  # noqa: E402
-from quant_layers.quantize import (activation_scales, grid_candidates, quantize_activation,  # noqa: E402
-                                   residual_proxy, weight_residuals)
+from quant_layers.formats import fp_format, formats_of_width, int_format, parse_format  # noqa: E402
+from quant_layers.quantize import (activation_scales, block_constants, grid_candidates,  # noqa: E402
+                                   quantize_activation, residual_proxy, weight_residuals)
 
 FORMATS = formats_of_width(4) + [int_format(4), int_format(8), fp_format(4, 3), fp_format(5, 2), fp_format(2, 3)]
+BLOCK_FORMATS = [parse_format(name) for name in ("NVFP4", "MXFP4", "NVFP4_4OVER6", "MXFP8")]
+BLOCK_CLIPS = (None, 0.7, 1.0)
+BLOCK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# per format: dtypes x clips on 33 rows, rows 1 and 5, three more tensor ranges, QuantLinear's precomputed constants
+BLOCK_CHECKS = len(BLOCK_FORMATS) * (len(BLOCK_DTYPES) * len(BLOCK_CLIPS) + 2 + 3 + 1) + 2 * len(kernels.BLOCK_TILES)
 PROXY_CASES = [(fmt, rank, dtype) for fmt in formats_of_width(4) + [int_format(4)] for rank in (0, 5, 32)
                for dtype in (torch.float32, torch.bfloat16)]  # the weight proxy: float sums, checked to 1e-5
 
@@ -98,8 +103,9 @@ def main(device: str) -> None:
             exact = same_bits(got, want) if device == "cpu" else residual_close(got, want, weight, out_dtype)
             if got.dtype != want.dtype or not exact:
                 mismatches.append(f"residual {fmt} {weight_dtype} -> {out_dtype}" + first_difference(got, want))
-    checked += len(kernels.TILES) + len(PROXY_CASES) + 1
+    checked += len(kernels.TILES) + len(PROXY_CASES) + 1 + BLOCK_CHECKS
     mismatches += tile_mismatches(device, g) + proxy_mismatches(device, g) + search_proxy_mismatches(device, g)
+    mismatches += block_mismatches(device, g)
     if device == "cuda" and torch.cuda.device_count() > 1:
         checked += 1
         if not second_gpu_matches():
@@ -119,6 +125,66 @@ def tile_mismatches(device: str, g: torch.Generator) -> list[str]:
         got = kernels.fake_quantize(x, fmt, scale, inverse, shift, kernels.FAKE, tile=tile)[0]
         if not same_bits(got, want):
             mismatches.append(f"tile {tile}" + first_difference(got, want))
+    return mismatches
+
+
+def block_activations(rows: int, g: torch.Generator) -> torch.Tensor:
+    """[rows, 160] float32 activations for block formats: channels of very different sizes (outliers), and in the
+    first rows the special blocks: NaN, +-Inf, +-0, an all-zero block of 32, a constant block (4/6's two scales tie),
+    float32 subnormals and 1e30 (saturating, Inf in float16), an element tie (0.5, 1.5 steps), block maxima on
+    rounding boundaries of the block scale, and a block where Four Over Six's two scales tie in error."""
+    x = torch.randn(rows, 160, generator=g) * torch.exp2(torch.randint(-6, 7, (160,), generator=g).float())
+    x[:, 7::16] *= 40  # an outlier channel in every block
+    special = [(0, 0, [float("nan"), 1.0]), (0, 32, [float("inf"), -2.0, -0.0, 0.0]), (0, 64, [-float("inf")]),
+               (0, 96, [0.0] * 32), (1, 0, [0.75] * 16), (1, 32, [1e-40, -3e-39, 2e-45] + [0.0] * 13),
+               (1, 64, [1e30, -5.0]), (1, 96, [6.0, 5.0, 3.0, -2.5, 0.25, 1.75, 0.5] + [0.0] * 9),
+               (2, 128, [1e-30, -1e-31, 3e-30]),
+               # a / (m t) exactly between two E4M3 values (ties to even) at t = 2^-9 (ranges 5.25 NVFP4, 3 for 4/6)
+               (2, 0, [17 * 6 * 2**-9, 0.1, -0.05] + [0.0] * 13), (2, 16, [17 * 4 * 2**-9, 0.05] + [0.0] * 14),
+               (2, 32, [4.0, 1.0] + [0.0] * 30),
+               # 4/6: both scales give the same squared error (0.0107421875) with different values: the first wins
+               (2, 48, [-0.5, -0.09375, 0.21875, 0.09375, -0.25, 0.1875, -0.0625, 0.15625, -0.0, -0.75, 0.15625,
+                        -0.25, 0.09375, -0.0, -0.09375, 0.3125])]
+    for row, start, values in special:
+        if row < rows:
+            x[row, start:start + len(values)] = torch.tensor(values)
+    return x
+
+
+def block_mismatches(device: str, g: torch.Generator) -> list[str]:
+    """The block-scaled activation kernel (NVFP4, MXFP4, Four Over Six, MXFP8) gives the reference's bits: every
+    dtype and clip, row counts 1, 5 and 33 (tiles cut both unevenly), tiny and small tensor ranges (saturating
+    block scales), QuantLinear's precomputed constants, every tile of the tuned set."""
+    mismatches = []
+
+    def check(label, x, fmt, max_value, clip, scales=None, tile=None):
+        clip = None if clip is None else torch.tensor(clip, device=device)
+        max_value = torch.tensor(max_value, device=device)
+        want = reference(quantize_activation, x, fmt, max_value, block_clip=clip)
+        if tile is None:
+            got = kernel(quantize_activation, x, fmt, max_value, scales=scales, block_clip=clip)
+        else:
+            got = kernels.block_fake_quantize(x, fmt, block_constants(fmt, max_value, x.device), clip, tile=tile)
+        if got.dtype != want.dtype or not same_bits(got, want):
+            clip_text = None if clip is None else float(clip)
+            mismatches.append(f"block {label} {fmt} {x.dtype} rows={x.shape[0]} clip={clip_text} "
+                              f"range={float(max_value):g}" + first_difference(got, want))
+
+    x = block_activations(33, g)
+    for fmt in BLOCK_FORMATS:
+        for dtype in BLOCK_DTYPES:
+            for clip in BLOCK_CLIPS:
+                check("fake", x.to(device=device, dtype=dtype), fmt, 3.0, clip)
+        for rows in (1, 5):
+            check("rows", block_activations(rows, g).to(device=device, dtype=torch.bfloat16), fmt, 3.0, 0.7)
+        for max_value in (1e-35, 0.01, 5.25):  # the 1e-30 floor of t; block scales saturating at 448; t = 2^-9
+            check("range", x.to(device), fmt, max_value, 1.0)
+        max_value = torch.tensor(3.0, device=device)
+        check("constants", x.to(device=device, dtype=torch.bfloat16), fmt, 3.0, 1.0,
+              scales=activation_scales(fmt, max_value))
+    for fmt in BLOCK_FORMATS[1:3]:
+        for tile in kernels.BLOCK_TILES:
+            check(f"tile {tile}", block_activations(70, g).to(device), fmt, 3.0, 0.7, tile=tile)
     return mismatches
 
 
