@@ -54,8 +54,8 @@ from dataclasses import dataclass
 import torch
 
 from quant_layers.formats import E4M3FN, E8M0, QuantFormat
-from quant_layers.quantize import (block_range, block_scale_codes, block_scales, check_format, grid_inverse, grid_scale,
-                                   round_to_grid)
+from quant_layers.quantize import (block_range, block_scale_codes, block_scales, block_tensor_scale, check_format,
+                                   grid_inverse, grid_scale, quantize, round_to_grid)
 
 E8M0_NAN = 255  # the E8M0 byte of a NaN scale (OCP MX)
 _FLOAT32_MANTISSA_BITS = 23
@@ -213,12 +213,23 @@ def encode(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float,
                    tensor_scale=tensor_scale.squeeze(-1) if tensor_scale.dim() > 0 else tensor_scale)
 
 
+def _range_scale_code(ranges: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor | float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code, t) with code = Q_s(R / (top t)): the scale byte of a block whose range should be R [..., blocks, 1],
+    rounded as block_scale_codes rounds a block maximum for the target top, whatever the format's other maxima (Four
+    Over Six's choice between 6 and 4 is made when the range is chosen, not here)."""
+    scale_format = fmt.block.scale_format
+    tensor_scale = block_tensor_scale(fmt, max_value, ranges.device)
+    code = quantize(ranges / (fmt.standard_max * tensor_scale), scale_format, scale_format.standard_max)
+    return code, tensor_scale
+
+
 def _scale_codes_of_ranges(ranges: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(code, t) of explicit NVFP4 block ranges R = top * code * t [..., blocks, 1]: the code is R / (top t) rounded
     in the scale format, as block_scale_codes rounds a block maximum; ValueError unless it gives back R exactly."""
     ranges = ranges.to(torch.float32)
-    scale_code, tensor_scale = block_scale_codes(ranges, fmt, max_value)
+    scale_code, tensor_scale = _range_scale_code(ranges, fmt, max_value)
     if not torch.equal(block_range(fmt, scale_code, tensor_scale), ranges):
         raise ValueError(f"block_scale is not top * code * t for {fmt.block.scale_format.name} codes under "
                          "max_value's tensor scale t")
@@ -269,7 +280,7 @@ def _repair_block_scales(q: torch.Tensor, encoded: Encoded, max_value: torch.Ten
     element = fmt.element
     table = _code_table(element)
     for g in table[table > 0].unique().flip(0).tolist():
-        code, tensor_scale = block_scale_codes(amax * (element.grid_max / g), fmt, range_value)
+        code, tensor_scale = _range_scale_code(amax * (element.grid_max / g), fmt, range_value)
         candidate = encode(q, fmt, max_value, block_range(fmt, code, tensor_scale).squeeze(-1))
         fits = wrong & _same_values(decode(candidate), q).reshape(blocks_shape).all(-1)
         codes[fits] = candidate.codes.reshape(blocks_shape)[fits]

@@ -100,6 +100,26 @@ def test_decode_of_encode_is_quantize(fmt, ranges, dtype):
     assert same_bits(decode(encoded), q) and torch.equal(decode(encoded), q)
 
 
+@pytest.mark.parametrize("fmt", [NVFP4, parse_format("NVFP4_4OVER6")], ids=lambda f: f.name)
+def test_explicit_block_scales_encode_under_every_block_maximum_rule(fmt):
+    """A searched weight's explicit block ranges R = top * code * t (random E4M3 codes, including 0 and subnormals):
+    encode takes each block's byte from R itself, also under Four Over Six (whose data-driven choice between 6 and 4
+    needs the blocks and does not apply to given ranges); decode equals quantize with those ranges, bit for bit."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 64, generator=generator) * 3
+    max_value = x.abs().amax() * 0.9
+    top = fmt.standard_max
+    tensor_scale = max_value.clamp(min=1e-30) / (top * fmt.block.scale_max(top))
+    code_bytes = torch.randint(0, 0x7F, (4, 4), generator=generator, dtype=torch.uint8)
+    codes = code_bytes.view(torch.float8_e4m3fn).float()
+    ranges = top * codes * tensor_scale
+    want = quantize(x, fmt, max_value, block_scale=ranges)
+    encoded = encode(x, fmt, max_value, block_scale=ranges)
+    assert torch.equal(encoded.block_scale.view(torch.uint8), code_bytes)
+    assert same_bits(decode(encoded), want)
+    assert same_bits(decode(encode_quantized(want, fmt, max_value, ranges)), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ranges", ["tensor", "row"])
 @pytest.mark.parametrize("fmt", [NVFP4, MXFP4, parse_format("MXFP8"), parse_format("INT8/b32/e8m0"),

@@ -73,7 +73,7 @@ def logits(model) -> torch.Tensor:
     ("llama", "tied", torch.float32), ("llama", "rotated", torch.float32),
     ("llama", "NVFP4_search_gptq_rot_config_llama", torch.float32), ("qwen2", "MXFP4_search_gptq_config_llama",
                                                                      torch.float32),
-    ("llama", "FPQ_gptq_config_llama", torch.float32)])
+    ("llama", "FPQ_gptq_config_llama", torch.float32), ("llama", "NVFP4_4over6_search_gptq_config_llama", torch.float32)])
 def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype, tiny_tokenizer, tmp_path):
     """Every quantized weight decodes to the simulated module's weight and the logits are torch.equal; the block
     configs with a block-scale search export their explicit scales; an unswapped tied head stays one tensor;
