@@ -8,7 +8,8 @@
 # RUNS lists "<base>:<variant>:<bits>" (base: a config or recipe without _config_llama; bits W4A4, W4 = weights only,
 # A4 = activations only); the default is what the committed note reports, in the order it ran (about 5 to 12 min a
 # run on the shared 2-core CPU; the NVFP4_gptq row without rotation is recipes_heldout_cpu/NVFP4_gptq.json, the same
-# command). The other variants (NVFP4_gptq:rot, rotnoonline, rot16/32/64, had32/64 on NVFP4, had16/64 on MXFP4, MXFP4_gptq, W4, A4) run
+# command). The other variants (NVFP4_gptq:rot, rotnoonline, rot16/32/64, had32/64 on NVFP4, had16/64 on MXFP4,
+# MXFP4_gptq, W4, A4) run
 # with RUNS, e.g. RUNS="MXFP4_gptq:had32:W4A4 NVFP4:rot:W4". One results JSON per
 # run in docs/results/SmolLM2-135M/rotation_probe_cpu/<base>.<variant>.<bits>.json.
 set -euo pipefail

@@ -89,8 +89,10 @@ def measure(variant: str, calib: torch.Tensor) -> dict[str, dict]:
                 module.weight.data = block_hadamard(module.weight.data, transform.size)
                 module.input_rotation.inner = hadamard_matrix(transform.size)
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    handles = [m.input_rotation.register_forward_hook(
-        lambda _m, _a, out, n=n: captured[n].append(out.detach().reshape(-1, out.shape[-1]))) for n, m in linears.items()]
+    def keep(name):
+        return lambda _module, _args, out: captured[name].append(out.detach().reshape(-1, out.shape[-1]))
+
+    handles = [m.input_rotation.register_forward_hook(keep(n)) for n, m in linears.items()]
     with torch.no_grad():
         for sequence in calib:
             model(sequence[None])

@@ -1,7 +1,7 @@
 """main.py with the rotation variants of the CPU rotation probe (bench/cpu_rotation.sh) as extra --quant_config
-names: `<recipe>~<variant>`, a config or recipe (e.g. NVFP4_config_llama, MXFP4_gptq_config_llama) with its transforms replaced
-by the variant's (VARIANTS). Registered in this process only, so a probe can compare rotations the recipes do not
-name.
+names: `<recipe>~<variant>`, a config or recipe (e.g. NVFP4_config_llama, MXFP4_gptq_config_llama) with its
+transforms replaced by the variant's (VARIANTS). Registered in this process only, so a probe can compare rotations the
+recipes do not name.
 
     python bench/rotation_variants.py <main.py flags> --quant_config 'NVFP4_gptq_config_llama~rot16'
 """
