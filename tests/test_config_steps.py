@@ -126,3 +126,30 @@ def test_full_recipes_on_other_architectures(architecture, name):
     calibrate(model, IDS, settings)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_had32_recipes_put_a_32_block_hadamard_on_every_decoder_linear_in_place_of_rot():
+    """MXFP4's had32 recipes: BlockHadamard(32) on every Linear, no residual rotation, the other components kept; the
+    recipes that were there before keep their names and transforms."""
+    from quant_layers.formats import MX_BLOCKS
+    from utils.search.act_blocks import ActBlockClipStep
+    from utils.search.residual_rotation import ResidualRotation
+    from utils.search.transforms import BlockHadamard
+
+    expected = {"MXFP4_had32_config_llama": ((), True), "MXFP4_had32_fpends_config_llama": ((), False),
+                "MXFP4_search_gptq_had32_config_llama": ((ActBlockClipStep, BlockScaleStep, GPTQStep), True),
+                "MXFP4_search_gptq_had32_fpends_config_llama": ((ActBlockClipStep, BlockScaleStep, GPTQStep), False)}
+    assert {n for n in RECIPES if "had" in n} == set(expected)
+    for name, (steps, ends) in expected.items():
+        config = RECIPES[name]
+        assert config.transforms == (BlockHadamard(32),) and config.block == MX_BLOCKS
+        assert config.steps == steps and config.lm_head == config.embedding == ends
+    assert RECIPES["MXFP4_search_gptq_rot_config_llama"].transforms == (ResidualRotation(),)
+    assert RECIPES["NVFP4_rot_config_llama"].transforms == (ResidualRotation(),)
+    model = _model()
+    calibrate(model, IDS, CalibSettings(RECIPES["MXFP4_had32_config_llama"], QBITS, None))
+    rotated = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_rotation.inner is not None]
+    assert len(rotated) == 2 * 7 and "lm_head" not in rotated
+    for name in rotated:
+        inner = model.get_submodule(name).input_rotation.inner
+        assert torch.allclose(inner @ inner.T, torch.eye(32), atol=1e-6) and inner.shape == (32, 32)

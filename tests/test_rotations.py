@@ -304,3 +304,25 @@ def test_calibration_with_rotations_replays_from_its_parameter_file(tmp_path):
     model_transform_from_dict(rotation.to_dict()).apply(fresh, saved_signs)
     apply_params(fresh, load_params(tmp_path / "p.pt")[0])
     assert torch.equal(logits(fresh), logits(calibrated))
+
+
+def test_calibration_reads_down_proj_inputs_after_the_online_hadamard():
+    """ResidualRotation folds K into down_proj's weight and rotates its input online: calibration must range and
+    search the input the weight multiplies, z K, not z. Block 0's z is the plain model's (its inputs are the rotated
+    embedding, unquantized at 16 bits); K from scipy's Sylvester matrix, the MinMax range amax|z K|."""
+    from scipy.linalg import hadamard
+
+    from configs import QBits
+    from configs.recipes import RECIPES
+    from utils.quant_calib import CalibSettings, calibrate
+
+    plain = tiny("llama")
+    down_proj = plain.model.layers[0].mlp.down_proj
+    z = capture(plain, plain.model.layers[0])["mlp.down_proj"].double()
+    width = down_proj.in_features
+    expected = (z @ torch.tensor(hadamard(width), dtype=torch.float64) / width**0.5).abs().max()
+    assert not torch.isclose(expected, z.abs().max(), rtol=0.05)  # the test tells the two apart
+    settings = CalibSettings(RECIPES["NVFP4_rot_config_llama"], QBits.parse([4, 4, 16, 2, 2, 2]), None)
+    layers = calibrate(tiny("llama"), IDS, settings)
+    got = layers["model.layers.0.mlp.down_proj"].act_max_value.double()
+    assert torch.isclose(got, expected, rtol=1e-5), (float(got), float(expected), float(z.abs().max()))

@@ -163,7 +163,9 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, before_each=
 def capture_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears: dict[str, QuantLinear]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run the block once; returns its outputs and each Linear's inputs [S*T, in] (the model's dtype, written
-    into one preallocated buffer per distinct tensor: Linears that read the same tensor share it)."""
+    into one preallocated buffer per distinct tensor: Linears that read the same tensor share it). An input is what
+    the Linear's weight multiplies: after its input rotation (ResidualRotation's online Hadamard before down_proj,
+    folded into that weight), which hands an unrotated input on as the same tensor."""
     tokens_per_sequence = hidden.shape[1]
     buffers: dict[str, torch.Tensor] = {}
     first_inputs: list[tuple[torch.Tensor, str]] = []  # held during sequence 0, so no address is reused
@@ -171,13 +173,13 @@ def capture_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears
     offset = 0
 
     def hook(name):
-        def keep(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+        def keep(_module, _args, output):
+            x = output.detach().reshape(-1, output.shape[-1])
             if name not in leader:  # sequence 0: group the Linears that read one tensor
-                same = [owner for seen, owner in first_inputs if seen is args[0]]
+                same = [owner for seen, owner in first_inputs if seen is output]
                 leader[name] = same[0] if same else name
                 if not same:
-                    first_inputs.append((args[0], name))
+                    first_inputs.append((output, name))
                     buffers[name] = torch.empty(hidden.shape[0] * tokens_per_sequence, x.shape[1], dtype=x.dtype,
                                                 device=x.device)
             if leader[name] == name:
@@ -189,7 +191,7 @@ def capture_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, linears
         offset = index * tokens_per_sequence
         first_inputs.clear()  # grouping is settled after sequence 0
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.input_rotation.register_forward_hook(hook(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
             outputs = run_block(block, hidden, kwargs, next_sequence)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and of lm-eval")
     p.add_argument("--quant_config", default=None,
                    help=f"one of {', '.join(CONFIG_FILES)}, or a recipe <NVFP4|MXFP4|FPQ>_<components>_config_llama "
-                        "(configs/recipes.py; components in order: search, gptq, rot, fpends); omit for the "
+                        "(configs/recipes.py; components in order: search, gptq, rot or had32, fpends); omit for the "
                         "full-precision model")
     p.add_argument("--qbits", type=int, nargs="+", default=None,
                    help="W A E w_exp a_exp e_exp: bits of weights, activations, embedding, then their (starting) "
