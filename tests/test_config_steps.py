@@ -129,16 +129,18 @@ def test_full_recipes_on_other_architectures(architecture, name):
 
 
 def test_had32_recipes_put_a_32_block_hadamard_on_every_decoder_linear_in_place_of_rot():
-    """MXFP4's had32 recipes: BlockHadamard(32) on every Linear, no residual rotation, the other components kept; the
-    recipes that were there before keep their names and transforms."""
+    """MXFP4's had32 recipes, with every combination of search and gptq: BlockHadamard(32) on every Linear, no residual
+    rotation, the other components kept; the recipes that were there before keep their names and transforms."""
     from quant_layers.formats import MX_BLOCKS
     from utils.search.act_blocks import ActBlockClipStep
     from utils.search.residual_rotation import ResidualRotation
     from utils.search.transforms import BlockHadamard
 
-    expected = {"MXFP4_had32_config_llama": ((), True), "MXFP4_had32_fpends_config_llama": ((), False),
-                "MXFP4_search_gptq_had32_config_llama": ((ActBlockClipStep, BlockScaleStep, GPTQStep), True),
-                "MXFP4_search_gptq_had32_fpends_config_llama": ((ActBlockClipStep, BlockScaleStep, GPTQStep), False)}
+    search = (ActBlockClipStep, BlockScaleStep)
+    expected = {f"MXFP4{components}_had32{ends}_config_llama": (steps, not ends)
+                for components, steps in (("", ()), ("_search", search), ("_gptq", (GPTQStep,)),
+                                          ("_search_gptq", search + (GPTQStep,)))
+                for ends in ("", "_fpends")}
     assert {n for n in RECIPES if "had" in n} == set(expected)
     for name, (steps, ends) in expected.items():
         config = RECIPES[name]

@@ -1,7 +1,0 @@
-#!/usr/bin/env bash
-# Recipe NVFP4_search_gptq W4A4E4 (NVFP4; components search_gptq (Gemma3: no residual rotation); configs/recipes.py) on Gemma3-270M, the paper's settings (env.sh), plus NVFP4 KV cache (blocks of 16 along the head dimension, per-token tensor scale) (issue 22; --kv_format NVFP4 --kv_granularity per_token per_token).
-source "$(dirname "$0")/env.sh"
-python3 main.py --model hf-causal-experimental --model_args "$MODEL_ARGS" \
---tasks "$TASKS" --device "$DEVICE" --batch_size "$BATCH_SIZE" \
---no_cache --num_fewshot 0 --quant_config 'NVFP4_search_gptq_config_llama' --qbits 4 4 4 2 2 2 --calib_size 32 --search_result_dir search_result/Gemma3-270M --search_round 3 \
---search_intervals 0.01 1.2 100 --heldout_ppl 16 --kv_format NVFP4 --kv_granularity per_token per_token --output_path "$OUT/NVFP4_search_gptq_kv4.json"
