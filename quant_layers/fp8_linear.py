@@ -120,10 +120,7 @@ def quantize_activation_fp8(x: torch.Tensor, fmt: QuantFormat, scale: torch.Tens
     error = fp8_format_error(fmt)
     if error:
         raise ValueError(error)
-    reason = _kernel_reason(x, fmt) if use_kernel is not False else "not asked for"
-    if use_kernel and reason:
-        raise RuntimeError(f"use_kernel=True, but the Triton kernel cannot run here: {reason}")
-    if reason:
+    if not kernels.chosen(use_kernel, lambda: _kernel_reason(x, fmt)):
         return quantize_activation_fp8_reference(x, fmt, scale, channel_scale)
     return kernels.fake_quantize(x, fmt, scale, scale, channel_scale, kernels.CODES, dtype=torch.uint8)[0].view(FP8)
 

@@ -18,8 +18,9 @@ multiply-subtract on the GPU. tests/kernel_check.py checks all three under Trito
 (in the test suite) and compiled on CUDA. CODES writes the E4M3 bytes of the standard-grid values for the FP8 GEMM
 (quant_layers/fp8_linear.py: exact for the grids it accepts, so the cast rounds nothing) into a uint8 tensor
 (`fake_quantize(..., dtype=torch.uint8)`, viewed as torch.float8_e4m3fn by the caller); tests/test_fp8_linear.py
-checks it under the interpreter, bench/fp8_gemm.py on CUDA before it times anything. The entry points of quantize.py choose between a kernel and its
-reference with their `use_kernel` argument; `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
+checks it under the interpreter, bench/fp8_gemm.py on CUDA before it times anything. The entry points of quantize.py
+choose between a kernel and its reference with their `use_kernel` argument (`chosen`, shared with the FP8 and
+packed entry points); `unavailable_reason` says why a kernel cannot run (no Triton, a CPU
 tensor without the interpreter, a format it does not implement: unsigned, or block-scaled outside the activation
 path).
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -56,6 +58,17 @@ FAKE, GRID, RESIDUAL, CODES = 0, 1, 2, 3  # output modes
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def chosen(use_kernel: bool | None, reason: Callable[[], str | None], kernel: str = "the Triton kernel") -> bool:
+    """Whether an entry point runs its kernel: use_kernel None picks it where `reason()` (why it cannot run here, or
+    None) allows; True demands it (RuntimeError with the reason where it cannot run); False never (the reference)."""
+    if use_kernel is False:
+        return False
+    why = reason()
+    if use_kernel and why:
+        raise RuntimeError(f"use_kernel=True, but {kernel} cannot run here: {why}")
+    return why is None
 
 
 def supports(fmt: QuantFormat, blocks: bool = False) -> bool:
@@ -89,6 +102,14 @@ def unavailable_reason(x: torch.Tensor, fmt: QuantFormat, blocks: bool = False) 
 
 
 if triton is not None:
+
+    @triton.jit
+    def _round_to_bfloat16(v):
+        """float32 v rounded to the nearest bfloat16, ties to even, still float32 (the compiled store's rounding, which
+        the interpreter's truncating cast lacks)."""
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _round_half_even(v):
@@ -145,10 +166,8 @@ if triton is not None:
             result = tl.where(grid != grid, 0x7F, grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
         else:
             result = grid * inverse
-        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand
-            bits = result.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            result = bits.to(tl.float32, bitcast=True)
+        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16
+            result = _round_to_bfloat16(result)
         out_offsets = candidate * rows * channels + offsets
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -317,10 +336,8 @@ if triton is not None:
                 take = (error_1 < error) | ((error_1 != error_1) & (error == error))  # torch.argmin: NaN is least
                 q = tl.where(take, q_1, q)
         result = tl.reshape(q, (BLOCK_ROWS, BLOCK_COLS))
-        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16: round to nearest even by hand
-            bits = result.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            result = bits.to(tl.float32, bitcast=True)
+        if MANUAL_BF16:  # the interpreter truncates float32 -> bfloat16
+            result = _round_to_bfloat16(result)
         tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from quant_layers.codes import E8M0_NAN, Encoded, decode, pack_nibbles, unpack_nibbles
 from quant_layers.formats import E4M3FN, E8M0, QuantFormat, fp_format
-from quant_layers.kernels import _interpreted, triton
+from quant_layers.kernels import _interpreted, chosen, triton
 
 if triton is not None:
     import triton.language as tl
@@ -178,10 +178,7 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
         raise ValueError(f"x has {x.shape[-1]} features, the packed weight [{n}, {k}] takes {k}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    reason = None if use_kernel is False else unavailable_reason(x)
-    if use_kernel and reason:
-        raise RuntimeError(f"use_kernel=True, but the packed GEMM kernel cannot run here: {reason}")
-    if use_kernel is False or reason:
+    if not chosen(use_kernel, lambda: unavailable_reason(x), "the packed GEMM kernel"):
         return packed_matmul_reference(x, weight, bias)
     return _launch(x, weight, bias, tile)
 
@@ -213,9 +210,9 @@ class PackedLinear(nn.Module):
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), timed once per (M bucket, N, K) on the GPU; the fastest is kept.
 # Small BLOCK_M for short inputs (few tokens; BLOCK_N 32 gives N / 32 programs to fill the SMs), large tiles for
 # long ones; BLOCK_K a power of two >= 64 (MAX_BLOCK_SIZE).
-TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-         (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
+TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+         (32, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4),
+         (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)
 GROUP_M = 8  # programs along M that share weight tiles in L2 (grouped launch order)
 

@@ -280,12 +280,7 @@ def quantize_elements(x: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor) -
 def _use_kernel(x: torch.Tensor, fmt: QuantFormat, use_kernel: bool | None, blocks: bool = False) -> bool:
     """Whether to run the Triton kernel: use_kernel None picks it where it applies; True demands it (RuntimeError
     with the reason where it cannot run). blocks: the caller has the block-scaled kernel (the activation path)."""
-    if use_kernel is False:
-        return False
-    reason = kernels.unavailable_reason(x, fmt, blocks)
-    if use_kernel and reason:
-        raise RuntimeError(f"use_kernel=True, but the Triton kernel cannot run here: {reason}")
-    return reason is None
+    return kernels.chosen(use_kernel, lambda: kernels.unavailable_reason(x, fmt, blocks))
 
 
 def quantize_activation(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor,

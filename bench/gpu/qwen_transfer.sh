@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU machine: receive one piece of Qwen2.5-Coder-1.5B's GGUF per call (the machine keeps /tmp while warm).
-# Here, once (bench/gpu/make_carry.sh): split -b 52M -d -a 2 model.gguf qwen.part and put piece NN in the ignored folder .gpu_qNN/
-# (echo '/.gpu_q*/' >> .git/info/exclude). Each call carries one folder and runs this script; when all 19
-# pieces are there (52 MiB each, so a call's tree of 9 MB plus one fits 64 MiB) it joins them into /tmp/scratch/qwen.gguf and checks the sha256.
+# Here, once (bench/gpu/make_carry.sh): split -b 52M -d -a 2 model.gguf qwen.part and put piece NN in the ignored
+# folder .gpu_qNN/ (echo '/.gpu_q*/' >> .git/info/exclude). Each call carries one folder and runs this script; when
+# all 21 pieces are there (52 MiB each, so a call's tree of 9 MB plus one fits 64 MiB) it joins them into
+# /tmp/scratch/qwen.gguf and checks the sha256.
 set -euo pipefail
 S=/tmp/scratch/qwen
 mkdir -p $S
