@@ -125,7 +125,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
     lines += variants_against_fpq(rows, averages) + READING.get(model, []) + run_conditions(folder)
     lines += ["Commands (each row's script in `complete_scripts/{}/`):".format(model), "", "```"]
     lines += [f"# {row}\n{command_of(model, row)}" for row in rows if command_of(model, row)]
-    lines += ["```", ""] + recipes_section(model, folder)
+    lines += ["```", ""] + recipes_section(model, folder, rows)
     figure = folder / "FPQ_only_eval.layers.png"
     if figure.exists():
         lines += [f"![per-layer FPQ parameters]({figure.relative_to(DOC.parent).as_posix()})", "",
@@ -157,12 +157,12 @@ def gap_closed(value: float | None, reference: float | None, full: float | None)
     return 100 * (value - reference) / (full - reference)
 
 
-def recipes_section(model: str, folder: Path) -> list[str]:
+def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str]:
     """Issue 20's recipe rows of one model: both metrics, the share of the gap each closes against its family's
-    reference row, calibration cost, and each family's best recipe (lowest held-out perplexity) against its target."""
+    reference row, calibration cost, and each family's best recipe (lowest held-out perplexity) against its target.
+    rows: model_section's {row: results} of the paper's table (the references and full precision among them)."""
     recipes = recipe_rows(folder)
-    base = {row: json.loads((folder / f"{row}.json").read_text()) for row in ("full_precision", "NVFP4", "MXFP4",
-            "MinMax_FP", "FPQ") if (folder / f"{row}.json").exists()}
+    base = {row: rows[row] for row in ("full_precision", "NVFP4", "MXFP4", "MinMax_FP", "FPQ") if row in rows}
     if not recipes or "full_precision" not in base:
         return []
     informative = informative_tasks(base["full_precision"])
