@@ -55,7 +55,7 @@ import torch
 
 from quant_layers.formats import E4M3FN, E8M0, QuantFormat
 from quant_layers.quantize import (block_range, block_scale_codes, block_scales, block_tensor_scale, check_format,
-                                   grid_inverse, grid_scale, quantize, round_to_grid)
+                                   grid_inverse, grid_scale, round_to_grid, scale_code)
 
 E8M0_NAN = 255  # the E8M0 byte of a NaN scale (OCP MX)
 _FLOAT32_MANTISSA_BITS = 23
@@ -218,10 +218,8 @@ def _range_scale_code(ranges: torch.Tensor, fmt: QuantFormat, max_value: torch.T
     """(code, t) with code = Q_s(R / (top t)): the scale byte of a block whose range should be R [..., blocks, 1],
     rounded as block_scale_codes rounds a block maximum for the target top, whatever the format's other maxima (Four
     Over Six's choice between 6 and 4 is made when the range is chosen, not here)."""
-    scale_format = fmt.block.scale_format
     tensor_scale = block_tensor_scale(fmt, max_value, ranges.device)
-    code = quantize(ranges / (fmt.standard_max * tensor_scale), scale_format, scale_format.standard_max)
-    return code, tensor_scale
+    return scale_code(ranges, fmt, fmt.standard_max, tensor_scale), tensor_scale
 
 
 def _scale_codes_of_ranges(ranges: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor

@@ -152,13 +152,11 @@ def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Ten
     (float32 values of its grid, saturating), a = amax [..., blocks, 1] (times clip when given: broadcastable to it),
     m = top; with several block maxima (4/6) the m whose quantized block (blocks [..., blocks, size], needed then)
     has the lowest squared error (summed in float32 by `pairwise_sum`; ties: the first listed)."""
-    scale_format = fmt.block.scale_format
     top = fmt.standard_max
     tensor_scale = block_tensor_scale(fmt, max_value, amax.device)
     if clip is not None:
         amax = amax * clip
-    codes = [quantize(amax / (target * tensor_scale), scale_format, scale_format.standard_max)
-             for target in fmt.block.targets(top)]
+    codes = [scale_code(amax, fmt, target, tensor_scale) for target in fmt.block.targets(top)]
     if len(codes) == 1:
         return codes[0], tensor_scale
     if blocks is None:
@@ -167,6 +165,13 @@ def block_scale_codes(amax: torch.Tensor, fmt: QuantFormat, max_value: torch.Ten
                                        .square_()) for code in codes])
     codes = torch.stack(torch.broadcast_tensors(*codes))
     return codes.gather(0, errors.argmin(dim=0, keepdim=True).expand(1, *codes.shape[1:]))[0], tensor_scale
+
+
+def scale_code(a: torch.Tensor, fmt: QuantFormat, target: float, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """The block scale Q_s(a / (m t)) in fmt's scale format (float32 values of its grid, saturating) for a block
+    maximum (or range) a, target maximum m and tensor scale t."""
+    scale_format = fmt.block.scale_format
+    return quantize(a / (target * tensor_scale), scale_format, scale_format.standard_max)
 
 
 def block_tensor_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str
