@@ -98,6 +98,23 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def median_ms(fn, repeats: int, calls: int = 1) -> float:
+    """Median over `repeats` CUDA-event timings of `calls` back-to-back calls of fn, divided by `calls` (ms per
+    call), after 5 untimed calls."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def first_block(model, ids: torch.Tensor):
     """Block 0 of model, its Linears {name: module}, and the hidden states [S, T, H] and keyword arguments
     entering it for the token ids [S, T] (what calibration captures the block's inputs from)."""

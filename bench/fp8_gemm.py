@@ -18,12 +18,11 @@ over the shapes; target >= 1.6.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-from common import git_commit, write_result
+from common import git_commit, median_ms, write_result
 from quant_layers.codes import encode_fpq_weight
 from quant_layers.formats import fp_format
 from quant_layers.fp8_linear import fp8_gemm, fp8_gemm_reference, fp8_linear, fp8_weight, quantize_activation_fp8
@@ -41,21 +40,6 @@ def cuda_refusal() -> str | None:
     if torch.cuda.get_device_capability() < (8, 9):
         return f"{torch.cuda.get_device_name()} has no FP8 tensor cores (compute capability 8.9+ needed)"
     return None
-
-
-def timed_ms(fn, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` CUDA-event timings, after 3 untimed calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def layer(n_in: int, n_out: int, g: torch.Generator) -> dict:
@@ -90,12 +74,12 @@ def measure(tokens: int, n_in: int, n_out: int, repeats: int, g: torch.Generator
     row = {"tokens": tokens, "in": n_in, "out": n_out, **checks(x, lin)}
     codes = quantize_activation_fp8(x, lin["fmt"], lin["act_scale"], lin["channel_scale"])
     fp8 = (lin["fmt"], lin["act_scale"], lin["act_inverse"], lin["channel_scale"], lin["w_codes"], lin["w_scale"])
-    row["fp8_ms"] = timed_ms(lambda: fp8_linear(x, *fp8, None), repeats)
-    row["gemm_only_ms"] = timed_ms(lambda: fp8_gemm(codes, lin["w_codes"], lin["act_inverse"], lin["w_scale"], None,
-                                                    torch.bfloat16), repeats)
-    row["bf16_ms"] = timed_ms(lambda: torch.matmul(x, lin["w_bf16"].t()), repeats)
+    row["fp8_ms"] = median_ms(lambda: fp8_linear(x, *fp8, None), repeats)
+    row["gemm_only_ms"] = median_ms(lambda: fp8_gemm(codes, lin["w_codes"], lin["act_inverse"], lin["w_scale"], None,
+                                                     torch.bfloat16), repeats)
+    row["bf16_ms"] = median_ms(lambda: torch.matmul(x, lin["w_bf16"].t()), repeats)
     scales = (lin["act_scale"], lin["act_inverse"])
-    row["simulated_ms"] = timed_ms(lambda: torch.matmul(quantize_activation(
+    row["simulated_ms"] = median_ms(lambda: torch.matmul(quantize_activation(
         x, lin["fmt"], lin["max_value"], lin["channel_scale"], scales), lin["w_bf16"].t()), repeats)
     row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
     row["gemm_only_speedup"] = row["bf16_ms"] / row["gemm_only_ms"]

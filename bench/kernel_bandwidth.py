@@ -18,26 +18,10 @@ import argparse
 
 import torch
 
-from common import write_result
+from common import median_ms, write_result
 from quant_layers import kernels
 from quant_layers.formats import fp_format, parse_format
 from quant_layers.quantize import activation_scales, quantize_activation
-
-
-def median_ms(fn, repeats: int, calls: int) -> float:
-    """Median over `repeats` of the time of `calls` back-to-back calls, divided by `calls` (ms per call)."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -22,13 +22,12 @@ packed_gemm_speedup_vs_bf16.json (the GEMM table; no target: informative).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 
 import torch
 
-from common import LLAMA_7B, QWEN_1_5B, ROOT, synchronize, write_result
+from common import LLAMA_7B, QWEN_1_5B, git_commit, synchronize, write_result
 
 TOKENS = (16, 256, 4096, 16384)  # M: a few tokens (generation-like) to long prefills (the issue's 4096, 16384)
 QWEN_GGUF = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"  # under the cache, as complete_scripts/ fetches it
@@ -155,15 +154,6 @@ def whole_model(pretrained: str, config_name: str, limit: int, batch_size: str) 
             "linear_bf16_bytes": bf16_bytes, "linear_packed_bytes_allocated": packed_bytes,
             "linear_packed_bytes_counted": summary["weight_bytes"], "memory_ratio": packed_bytes / bf16_bytes,
             "packed_linears": summary["modules"], "tuned_shapes": tuned}
-
-
-def git_commit() -> str | None:
-    """The checkout's short commit, None outside a git checkout (the GPU machine's copy of the tree)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def main() -> None:
