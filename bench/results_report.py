@@ -30,7 +30,7 @@ CHANCE = {"boolq": 50.0, "piqa": 50.0, "hellaswag": 25.0, "winogrande": 50.0, "a
 ABOVE_CHANCE_MARGIN = 5.0  # points of full-precision accuracy above chance for a task to count as informative
 MODELS = {"SmolLM2-135M": "SmolLM2-135M-Instruct (Llama, 30 blocks)",
           "Qwen2.5-Coder-1.5B": "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 blocks)"}
-ROWS = ["full_precision", "MinMax_INT", "MinMax_FP", "SmoothQuant", "FPQ_baseline", "FPQ", "FPQ_only_eval", "NVFP4",
+ROWS = ["full_precision", "MinMax_INT", "MinMax_FP", "SmoothQuant", "FPQ_baseline", "FPQ", "FPQ_only_eval", "FPQ_fp8", "NVFP4",
         "MXFP4", "ablation_sequential", "ablation_bias_space", "ablation_calib128", "ablation_candidates400",
         "ablation_W4A8", "ablation_W8A8_E4M3", "ablation_W4A4E8"]
 # The paper's LLaMA-7B rows (6-task zero-shot average, %), for reference.
@@ -291,6 +291,14 @@ def checks(rows: dict) -> list[str]:
             "param_file_sha256")
         lines.append(f"- `--only_eval` from FPQ's saved parameter file (same sha256: {'yes' if same_file else 'NO'}) "
                      f"reproduces every metric of the FPQ row {'exactly' if same else 'NOT exactly'}.")
+    if "FPQ" in rows and "FPQ_fp8" in rows:
+        simulated, fp8 = _task_scores(rows["FPQ"]), _task_scores(rows["FPQ_fp8"])
+        shared = [k for k in simulated if k in fp8 and "perplexity" not in k]
+        worst = max(shared, key=lambda k: abs(simulated[k] - fp8[k]))
+        lines.append(f"- `--execution fp8` (FPQ_fp8: FPQ's saved parameters, every Linear on FP8 tensor cores, "
+                     f"issue 21) against the simulated FPQ row: largest difference over {len(shared)} accuracy "
+                     f"metrics {abs(simulated[worst] - fp8[worst]) * 100:.2f} points ({worst}; target: 0.1), held-out "
+                     f"perplexity {heldout(rows['FPQ_fp8']):.2f} against {heldout(rows['FPQ']):.2f}.")
     return lines + [""] if lines else []
 
 

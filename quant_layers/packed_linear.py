@@ -214,7 +214,7 @@ TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128
          (32, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4),
          (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)
-GROUP_M = 8  # programs along M that share weight tiles in L2 (grouped launch order)
+GROUP_M = tl.constexpr(8) if triton is not None else 8  # programs along M sharing weight tiles in L2 (grouped order)
 
 if triton is not None:
 

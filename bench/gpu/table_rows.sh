@@ -49,8 +49,9 @@ run_row() {  # $1: the row's place in the wave, $2: the row
   local gpus=($ROW_GPUS)
   export CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % GPUS ))]}
   shift
-  if [ "$1" = FPQ_only_eval ]; then  # the file it reads, written (renamed into place) by this or an earlier FPQ row
-    params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/FPQ_only_eval.sh")
+  if grep -q -- "--only_eval" "complete_scripts/$MODEL/$1.sh" 2>/dev/null; then  # FPQ_only_eval, FPQ_fp8: the
+    # file it reads, written (renamed into place) by this or an earlier FPQ row
+    params=$(grep -o '\./search_result/[^"]*\.pt' "complete_scripts/$MODEL/$1.sh")
     until [ -f "$params" ]; do sleep 5; done
   fi
   if [ "$1" = plain_lm_eval ]; then
