@@ -3,15 +3,16 @@ item 3; the CPU test suite does the same on a tiny model: tests/test_compressed_
 
 For NVFP4_config_llama and MXFP4_config_llama W4A4 (`--qbits 4 4 4 2 2 2`, MinMax ranges on --calib_size x 512
 tokens of the C4 excerpt: the layout is checked, not the search): the model (--model: an HF folder or a .gguf) in
-bfloat16 is quantized and written with `export_compressed_tensors` (shared global scales, dense head, as vLLM
-serves it), `AutoModelForCausalLM.from_pretrained(DIR)` with the compressed-tensors package loads that folder, and
-both score the same inputs: per-token log-likelihoods on --windows x 512 held-out tokens (Wikipedia excerpt; max
-and mean |difference| in nats, held-out perplexities) and hellaswag accuracy on --limit documents. Not zero: the
-library quantizes the inputs by its own rules (MXFP4's block maximum rounded up from significand 1.75, NVFP4's
+bfloat16 is quantized and written with `export_compressed_tensors` (shared global scales; --head quantized, the
+default, or dense as vLLM serves it, which drops the head's input quantization),
+`AutoModelForCausalLM.from_pretrained(DIR)` with the compressed-tensors package loads that folder, and both score
+the same inputs: per-token log-likelihoods on --windows x 512 held-out tokens (Wikipedia excerpt; max and mean
+|difference| in nats, held-out perplexities) and hellaswag accuracy on --limit documents. Not zero: the library
+quantizes the inputs by its own rules (MXFP4's block maximum rounded up from significand 1.75, NVFP4's
 scale code from amax / 6 in bfloat16) and shared global scales re-encode some fused weights; the tiny model's test
 bounds these. Writes bench/results/compressed_tensors_real_check.json (informative: no target).
 
-    python bench/ct_real_check.py --model PATH [--device cuda] [--limit 200] [--windows 8]
+    python bench/ct_real_check.py [--model PATH] [--device cuda] [--limit 200] [--windows 8] [--head dense]
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def check(path: str, config_name: str, args) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         folder = f"{scratch}/export"
         start = time.perf_counter()
-        report = export_compressed_tensors(model, layers, folder, config_name, tokenizer=tokenizer)
+        report = export_compressed_tensors(model, layers, folder, config_name, tokenizer=tokenizer, head=args.head)
         export_seconds = time.perf_counter() - start
         del model
         gc.collect()
@@ -98,19 +99,23 @@ def check(path: str, config_name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an HF folder or a .gguf file")
+    parser.add_argument("--model", default=None, help="an HF folder or .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--calib_size", type=int, default=8, help="calibration windows of 512 tokens")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens compared")
     parser.add_argument("--limit", type=int, default=200, help="hellaswag documents (0: none)")
     parser.add_argument("--batch_size", default="32")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--head", default="quantized", choices=["quantized", "dense"],
+                        help="quantized: the head packed too, so only the input quantizers differ (transformers runs "
+                             "it); dense: as vLLM serves it, the head's simulated input quantization dropped")
     args = parser.parse_args()
     rows = [check(args.model, name, args) for name in args.configs]
     worst = max(row["logp_max_abs_difference"] for row in rows)
     write_result("compressed_tensors_real_check", worst, "nats, the largest per-token log p difference (loaded - "
                  "simulated) over the configs", "informative (no target)", True,
-                 {"model": rows[0]["model"], "windows": args.windows, "seqlen": SEQLEN, "device": args.device},
+                 {"model": rows[0]["model"], "windows": args.windows, "seqlen": SEQLEN, "device": args.device,
+                  "head": args.head},
                  {"rows": rows, "commit": git_commit()})
 
 

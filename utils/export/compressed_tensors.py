@@ -47,7 +47,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -245,15 +245,19 @@ def _pack_group(group: list[str], packed: dict[str, QuantLinear], layers: dict, 
     shared_range = max(ranges.values())
     encoded, tensors = {}, {}
     for name in group:
-        weight = packed[name].weight.detach().cpu()
+        # on the weight's own device: quantize's float32 steps round differently on the CPU and on CUDA, so a weight
+        # quantized on a GPU is encoded (and re-encoded) there, and only the codes move
+        weight = packed[name].weight.detach()
+        group_range = shared_range.to(weight.device)
         if fmt == NVFP4 and ranges[name] != shared_range:
-            written = quantize(weight.float(), fmt, shared_range).to(weight.dtype)
+            written = quantize(weight.float(), fmt, group_range).to(weight.dtype)
             changed = written != weight
             findings.reencoded[name] = (int(changed.sum()), float((written.float() - weight.float()).abs().max()))
             weight = written
-        encoded[name] = encode(weight.float(), fmt, shared_range)
-        if not torch.equal(decode(encoded[name]).to(weight.dtype), weight):
+        here = encode(weight.float(), fmt, group_range)
+        if not torch.equal(decode(here).to(weight.dtype), weight):
             raise RuntimeError(f"{name}: its weight is not on the {fmt} grid of its range (changed after calibration?)")
+        encoded[name] = _on_cpu(here)
     global_scale = None
     if fmt == NVFP4:
         pairs = _code_pairs(list(encoded.values()))
@@ -277,6 +281,13 @@ def _pack_group(group: list[str], packed: dict[str, QuantLinear], layers: dict, 
                 findings.shared_input.append(name)
             tensors[f"{name}.input_global_scale"] = _reciprocal_scale(smallest).reshape(1)
     return tensors
+
+
+def _on_cpu(encoded: Encoded) -> Encoded:
+    """encoded with every tensor moved to the CPU (the checkpoint's tensors)."""
+    moved = {f.name: getattr(encoded, f.name).cpu() for f in fields(encoded)
+             if isinstance(getattr(encoded, f.name), torch.Tensor)}
+    return replace(encoded, **moved)
 
 
 def _reciprocal_scale(max_value: torch.Tensor) -> torch.Tensor:
