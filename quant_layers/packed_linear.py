@@ -23,7 +23,13 @@ bit, so the outputs differ only in the float32 summation order; NVFP4's simulate
 float32, then to the model's dtype), which the kernel never rounds: it multiplies by t once per output instead
 (a bfloat16 model's weight differs from f s t by up to 2^-9 relative, the kernel's product is the exact one).
 
-`packed_matmul(x, weight, bias, use_kernel)` runs the kernel (CUDA, or the CPU under TRITON_INTERPRET=1) or
+Two ways compute that sum on the GPU. The fused kernel decodes each weight tile inside the GEMM (memory traffic of
+the 4-bit weight only; what few-token inputs want). From DEQUANTIZE_MIN_ROWS input rows, where the fused kernel
+measured at a third of bfloat16's speed (its decode and operand reshuffles starve the tensor cores), a small kernel
+decodes the whole weight to f * s (`decode_unit_scaled`, exact, one transient [N, K] buffer) and torch's GEMM
+(cuBLAS) multiplies it with t as its float32 alpha and the bias in its epilogue: the same equation, one rounding.
+
+`packed_matmul(x, weight, bias, use_kernel)` runs the kernels (CUDA, or the CPU under TRITON_INTERPRET=1) or
 `packed_matmul_reference` (the project's `decode` of the whole weight with t = 1, a float32 matmul, then t and the
 bias), which tests/test_packed_linear.py compares it with. `PackedWeight.from_encoded` builds the packed tensors from
 a weight's codes (codes.encode / utils/export) and checks they decode to the simulated weight bit for bit;
@@ -80,6 +86,7 @@ class PackedWeight:
     block_scale: torch.Tensor
     tensor_scale: torch.Tensor | None
     dtype: torch.dtype
+    tensor_scale_value: float | None = None  # a per-tensor t as a Python float (read once: no device sync per call)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -123,8 +130,9 @@ class PackedWeight:
                                                                                               weight.detach()):
             raise ValueError(f"cannot pack this weight: its {fmt.name} codes do not decode to the simulated weight bit "
                              "for bit")
+        value = float(tensor_scale) if tensor_scale is not None and tensor_scale.numel() == 1 else None
         return cls(fmt, pack_nibbles(encoded.codes).contiguous(), scale_bytes.contiguous(), tensor_scale,
-                   weight.dtype)
+                   weight.dtype, value)
 
     def unit_scaled(self, dtype: torch.dtype) -> torch.Tensor:
         """f * s [N, K] in dtype, the weight without its tensor scale: the project's `decode` with t = 1 (exact, see
@@ -140,7 +148,8 @@ class PackedWeight:
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return PackedWeight(self.fmt, self.codes.to(device), self.block_scale.to(device),
-                            None if self.tensor_scale is None else self.tensor_scale.to(device), self.dtype)
+                            None if self.tensor_scale is None else self.tensor_scale.to(device), self.dtype,
+                            self.tensor_scale_value)
 
 
 def packed_matmul_reference(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,12 +175,16 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
 
 
 def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-                  use_kernel: bool | None = None, tile: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                  use_kernel: bool | None = None, tile: tuple[int, int, int, int, int] | None = None,
+                  dequantize: bool | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for x [..., K] and a packed W [N, K]: [..., N] in x's dtype (module docstring).
 
-    use_kernel: None runs the Triton kernel where it can run, else the reference; True demands the kernel
-    (RuntimeError with the reason where it cannot); False runs `packed_matmul_reference`. tile: one of TILES (or
-    another (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)) to launch instead of the autotuned one.
+    use_kernel: None runs the Triton kernels where they can run, else the reference; True demands them
+    (RuntimeError with the reason where they cannot); False runs `packed_matmul_reference`. dequantize: True decodes
+    the whole weight to f * s (`decode_unit_scaled`, exact) and multiplies with torch's GEMM, t and the bias in its
+    float32 epilogue (per-tensor t only); False runs the fused kernel; None the first from DEQUANTIZE_MIN_ROWS input
+    rows where t is per tensor. tile: one of TILES (or another (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)) to
+    launch the fused kernel with instead of the autotuned one (implies dequantize=False).
     """
     n, k = weight.shape
     if x.shape[-1] != k:
@@ -180,7 +193,43 @@ def packed_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     if not chosen(use_kernel, lambda: unavailable_reason(x), "the packed GEMM kernel"):
         return packed_matmul_reference(x, weight, bias)
+    per_tensor = weight.tensor_scale is None or weight.tensor_scale.numel() == 1
+    if dequantize and not per_tensor:
+        raise ValueError("dequantize=True takes a per-tensor tensor scale (a per-row t is applied by the fused kernel)")
+    if dequantize is None:
+        dequantize = tile is None and per_tensor and x.numel() // k >= DEQUANTIZE_MIN_ROWS
+    if dequantize:
+        return _dequantized_matmul(x, weight, bias)
     return _launch(x, weight, bias, tile)
+
+
+def _dequantized_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """packed_matmul through the whole decoded weight: y = fl(t * (x @ (f s)^T) + bias), torch's GEMM (cuBLAS on
+    CUDA) summing in float32 and applying alpha = t and the bias before its one rounding to x's dtype."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    unit = decode_unit_scaled(weight, x.dtype)
+    t = 1.0 if weight.tensor_scale is None else weight.tensor_scale_value
+    if t is None:
+        t = float(weight.tensor_scale)
+    shift = bias if bias is not None else torch.zeros(n, dtype=x.dtype, device=x.device)  # + 0: exact
+    return torch.addmm(shift.to(x.dtype), x2, unit.T, alpha=t).reshape(*x.shape[:-1], n)
+
+
+def decode_unit_scaled(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """f * s [N, K] in dtype (PackedWeight.unit_scaled, exact) by a Triton kernel where it runs (CUDA, or the CPU
+    under TRITON_INTERPRET=1), else by the reference."""
+    n, k = weight.shape
+    if unavailable_reason(weight.codes.new_empty(0, dtype=dtype)):
+        return weight.unit_scaled(dtype)
+    interpreted = _interpreted()
+    out = torch.empty(n, k, dtype=torch.float32 if interpreted else dtype, device=weight.codes.device)
+    block_n, block_k = DECODE_TILE
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _decode_kernel[grid](weight.codes, weight.block_scale, out, n, k, GROUP=weight.fmt.block.size,
+                             MX=weight.fmt.block.power_of_two, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out.to(dtype)
 
 
 class PackedLinear(nn.Module):
@@ -190,14 +239,15 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: PackedWeight) -> None:
         super().__init__()
-        self.fmt, self.dtype = weight.fmt, weight.dtype
+        self.fmt, self.dtype, self.tensor_scale_value = weight.fmt, weight.dtype, weight.tensor_scale_value
         self.register_buffer("codes", weight.codes)
         self.register_buffer("block_scale", weight.block_scale)
         self.register_buffer("tensor_scale", weight.tensor_scale)
 
     @property
     def weight(self) -> PackedWeight:
-        return PackedWeight(self.fmt, self.codes, self.block_scale, self.tensor_scale, self.dtype)
+        return PackedWeight(self.fmt, self.codes, self.block_scale, self.tensor_scale, self.dtype,
+                            self.tensor_scale_value)
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return packed_matmul(module.quantize_input(x), self.weight, module.bias)
@@ -214,6 +264,12 @@ TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128
          (32, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4),
          (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)
+DECODE_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of decode_unit_scaled's programs
+# From this many input rows packed_matmul decodes the weight and runs torch's GEMM: on one H100 (2026-12-06,
+# bench/results/gpu_logs/packed_gemm_2026-12-06.txt) the fused kernel ran at 0.08-0.46x bfloat16 from 16 rows on at
+# Qwen2.5-Coder-1.5B's shapes and 0.28-0.36x from 256 rows at LLaMA-7B's, while a decode costs one pass over the
+# weight (0.5 byte read, 2 written per element) before a bfloat16 GEMM.
+DEQUANTIZE_MIN_ROWS = 16
 GROUP_M = tl.constexpr(8) if triton is not None else 8  # programs along M sharing weight tiles in L2 (grouped order)
 
 if triton is not None:
@@ -287,6 +343,23 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _decode_kernel(codes_ptr, scale_ptr, out_ptr, N, K, GROUP: tl.constexpr, MX: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[N, K] = f * s (exact in out's dtype): one [BLOCK_N, BLOCK_K] tile a program, codes 2i and 2i + 1 of a
+        byte stored side by side."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pair = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        half_k = K // 2
+        ok = (rows < N)[:, None] & (pair < half_k)[None, :]
+        packed = tl.load(codes_ptr + rows[:, None] * half_k + pair[None, :], mask=ok, other=0).to(tl.int32)
+        byte = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + ((2 * pair) // GROUP)[None, :], mask=ok,
+                       other=0).to(tl.int32)
+        scale = _scale_values(byte, MX)
+        where = out_ptr + rows[:, None] * K + 2 * pair[None, :]
+        tl.store(where, (_e2m1_values(packed & 15) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(where + 1, (_e2m1_values(packed >> 4) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
     _tuned_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                  for m, n, k, w, s in TILES],
@@ -333,5 +406,6 @@ def _launch(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-__all__ = ["E2M1", "INTERPRETER_TILE", "PackedLinear", "PackedWeight", "TILES", "m_bucket", "packable_reason",
-           "packed_matmul", "packed_matmul_reference", "unavailable_reason"]
+__all__ = ["DEQUANTIZE_MIN_ROWS", "E2M1", "INTERPRETER_TILE", "PackedLinear", "PackedWeight", "TILES",
+           "decode_unit_scaled", "m_bucket", "packable_reason", "packed_matmul", "packed_matmul_reference",
+           "unavailable_reason"]

@@ -27,7 +27,8 @@ from configs import QBits, get_config
 from quant_layers.codes import encode
 from quant_layers.formats import parse_format
 from quant_layers.modules import QuantLinear, swap_modules
-from quant_layers.packed_linear import TILES, PackedWeight, packed_matmul, packed_matmul_reference
+from quant_layers.packed_linear import (DEQUANTIZE_MIN_ROWS, TILES, PackedWeight, decode_unit_scaled, packed_matmul,
+                                        packed_matmul_reference)
 from utils.execution import EXECUTIONS, executed_weight_bytes, layer_codes, use_execution
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search.space import SearchSpace
@@ -84,8 +85,8 @@ def gemm_tolerance(x: torch.Tensor, packed: PackedWeight, want: torch.Tensor) ->
     if packed.tensor_scale is not None:
         magnitude = magnitude * packed.tensor_scale.double().abs()
     tolerance = 2 * x.shape[-1] * 2.0**-24 * magnitude + 1e-30
-    if want.dtype == torch.bfloat16:
-        tolerance = tolerance + want.double().abs() * 2.0**-8
+    if want.dtype == torch.bfloat16:  # both round to bfloat16 on their own: one ulp (<= 2^-7 |want|) apart at most
+        tolerance = tolerance + want.double().abs() * 2.0**-7
     return tolerance
 
 
@@ -146,6 +147,39 @@ def test_interpreted_kernel_decodes_the_weight_bit_for_bit(fmt_name):
 
 
 @interpreted
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_interpreted_decode_kernel_is_the_plain_decode(fmt_name):
+    """decode_unit_scaled's kernel writes f * s, the plain-Python enumeration's value, bit for bit in every dtype
+    (rows and columns cut unevenly by its tile)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        packed, _ = packed_weight(fmt_name, 37, 288, dtype, seed=4)
+        got = decode_unit_scaled(packed, dtype)
+        assert got.dtype == dtype and torch.equal(got.double(), plain_unit_weight(packed))
+
+
+@interpreted
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_interpreted_dequantized_path_equals_the_reference(fmt_name):
+    """From DEQUANTIZE_MIN_ROWS rows (or dequantize=True) the decoded weight goes through torch's GEMM with t as its
+    alpha and the bias in its epilogue: within the fused kernel's tolerance of the reference, fused kernel too; a
+    per-row t is refused for it and runs fused by default."""
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, _ = packed_weight(fmt_name, 40, 96, dtype, seed=6)
+        x = (torch.randn(DEQUANTIZE_MIN_ROWS + 3, 96, generator=g) * 3).to(dtype)
+        for bias in (None, torch.randn(40, generator=g).to(dtype)):
+            want = packed_matmul_reference(x, packed, bias)
+            tolerance = gemm_tolerance(x, packed, want)
+            for dequantize in (None, True, False):
+                got = packed_matmul(x, packed, bias, use_kernel=True, dequantize=dequantize)
+                assert got.dtype == dtype and bool(((got.double() - want.double()).abs() <= tolerance).all())
+    if fmt_name != "MXFP4":
+        row_scaled, _ = packed_weight(fmt_name, 40, 96, torch.float32, per_row=True)
+        assert "per-tensor" in one_line_value_error(
+            lambda: packed_matmul(torch.zeros(20, 96), row_scaled, use_kernel=True, dequantize=True))
+
+
+@interpreted
 @pytest.mark.parametrize("fmt_name", ["NVFP4", "MXFP4"])
 def test_interpreted_every_tile_of_the_autotuned_set(fmt_name):
     """Whichever tile the GPU's autotuner keeps gives the reference's result (tiles cut the shape unevenly)."""
@@ -186,6 +220,11 @@ def test_cuda_kernel_equals_the_reference(fmt_name):
         for tile in (None, *TILES):
             got = packed_matmul(x.cuda(), on_gpu, bias.cuda(), use_kernel=True, tile=tile).cpu()
             assert got.dtype == dtype and bool(((got.double() - want.double()).abs() <= tolerance).all()), tile
+        assert torch.equal(decode_unit_scaled(on_gpu, dtype).cpu().double(), plain_unit_weight(packed))
+        per_tensor, _ = packed_weight(fmt_name, 300, 544, dtype)
+        want = packed_matmul_reference(x, per_tensor, bias)
+        got = packed_matmul(x.cuda(), per_tensor.to("cuda"), bias.cuda(), use_kernel=True, dequantize=True).cpu()
+        assert bool(((got.double() - want.double()).abs() <= gemm_tolerance(x, per_tensor, want)).all())
 
 
 def test_kernel_not_picked_on_cpu_without_the_interpreter():
