@@ -1,9 +1,10 @@
 """Packed NVFP4 / MXFP4 execution against bfloat16 on one GPU, side by side in one run (issue 21: weight memory
 <= 0.3x bf16, whole-model throughput >= 0.9x bf16).
 
-1. GEMM: y = x @ W^T through the packed kernel (quant_layers/packed_linear.py, autotuned) and through torch's
-   bfloat16 matmul, at LLaMA-7B's and Qwen2.5-Coder-1.5B's Linear shapes for several token counts M; each packed
-   result is first checked against its reference (the tests' tolerance). Times from triton.testing.do_bench.
+1. GEMM: y = x @ W^T through packed_matmul (quant_layers/packed_linear.py: what the model runs, the decode-then-GEMM
+   path from DEQUANTIZE_MIN_ROWS rows) and through the fused kernel alone (autotuned), against torch's bfloat16
+   matmul, at LLaMA-7B's and Qwen2.5-Coder-1.5B's Linear shapes for several token counts M; both packed paths are
+   first checked against the reference (the tests' tolerance). Times from triton.testing.do_bench.
 2. Whole model, Qwen2.5-Coder-1.5B (the GGUF of complete_scripts/Qwen2.5-Coder-1.5B, or --model_args): hellaswag's
    first --limit documents evaluated as lm-eval does (mirrors bench/eval_throughput.py: a 20-document warm-up, then
    the timed run) in bfloat16, simulated (--config, MinMax ranges from random calibration tokens: no search, so no
@@ -62,23 +63,27 @@ def gemm_rows(fmt_name: str) -> list[dict]:
             simulated = decode(encoded)
             packed = PackedWeight.from_encoded(encoded, simulated)
             check = torch.randn(64, k, device="cuda", generator=g).to(torch.bfloat16)
-            got, want = packed_matmul(check, packed, use_kernel=True), packed_matmul_reference(check, packed)
+            want = packed_matmul_reference(check, packed)
             bound = (2 * k * 2.0**-24 * (check.float().abs() @ packed.unit_scaled(torch.float32).abs().T)  # sums
                      * (1.0 if packed.tensor_scale is None else packed.tensor_scale)
                      + want.float().abs() * 2.0**-7)  # each rounds to bfloat16 on its own: one ulp apart at most
-            if not bool(((got.float() - want.float()).abs() <= bound + 1e-30).all()):
-                raise ValueError(f"{model_name} {linear} [{n}, {k}]: the packed kernel leaves the reference's "
-                                 "tolerance")
+            for dequantize in (False, True):
+                got = packed_matmul(check, packed, use_kernel=True, dequantize=dequantize)
+                if not bool(((got.float() - want.float()).abs() <= bound + 1e-30).all()):
+                    raise ValueError(f"{model_name} {linear} [{n}, {k}]: packed_matmul (dequantize={dequantize}) "
+                                     "leaves the reference's tolerance")
             for m in TOKENS:
                 x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-                packed_ms = do_bench(lambda: packed_matmul(x, packed, use_kernel=True))
+                packed_ms = do_bench(lambda: packed_matmul(x, packed, use_kernel=True))  # what the model runs
+                fused_ms = do_bench(lambda: packed_matmul(x, packed, use_kernel=True, dequantize=False))
                 bf16_ms = do_bench(lambda: torch.nn.functional.linear(x, weight))
                 row = {"model": model_name, "linear": linear, "M": m, "N": n, "K": k, "packed_ms": packed_ms,
-                       "bf16_ms": bf16_ms, "speedup": bf16_ms / packed_ms,
+                       "fused_kernel_ms": fused_ms, "bf16_ms": bf16_ms, "speedup": bf16_ms / packed_ms,
+                       "fused_kernel_speedup": bf16_ms / fused_ms,
                        "packed_tflops": 2e-9 * m * n * k / packed_ms, "bf16_tflops": 2e-9 * m * n * k / bf16_ms}
                 rows.append(row)
-                print(f"{model_name:19s} {linear:16s} M={m:6d} N={n:6d} K={k:6d}  packed {packed_ms:8.4f} ms  bf16 "
-                      f"{bf16_ms:8.4f} ms  x{row['speedup']:.2f}", flush=True)
+                print(f"{model_name:19s} {linear:16s} M={m:6d} N={n:6d} K={k:6d}  packed {packed_ms:8.4f} ms  fused "
+                      f"{fused_ms:8.4f} ms  bf16 {bf16_ms:8.4f} ms  x{row['speedup']:.2f}", flush=True)
     return rows
 
 
