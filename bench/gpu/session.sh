@@ -22,7 +22,8 @@ background() {  # $1: model, $2: wave number of its rows; log $S/<model>.log, ma
   local check="OLD=$S/old OUT=$S/r19 MODELS=$1 bash bench/gpu/reshape_check.sh; echo reshape_check exit \$?"
   [ "$ROWS" != none ] || rows=true
   [ "${RESHAPE:-0}" = 1 ] || check=true
-  (cd $R && setsid bash -c "($rows) & $check; wait; touch $S/$1.done" > $S/$1.log 2>&1 < /dev/null &)
+  # the whole subshell redirected: a background `cd && cmd > log &` keeps the call's stdout open until cmd ends
+  (cd $R && exec setsid bash -c "($rows) & $check; wait; touch $S/$1.done") > $S/$1.log 2>&1 < /dev/null &
 }
 case "${PART:?set PART=setup, stage, smol, qwen or wait}" in
 setup)
@@ -43,7 +44,8 @@ smol)
   (cd $R && PYTHONPATH=/tmp/site:$R python3 -c "from utils.data.models import gguf_to_folder, smollm2_gguf_path
 from utils.data.task_data import build_task_data; print(gguf_to_folder(smollm2_gguf_path()), build_task_data())")
   background SmolLM2-135M 6
-  (cd $R && PYTHONPATH=/tmp/site:$R setsid timeout 600 python3 tests/kernel_check.py cuda > $S/kernel_check.log 2>&1 < /dev/null &)
+  (cd $R && PYTHONPATH=/tmp/site:$R exec setsid timeout 600 python3 tests/kernel_check.py cuda) > $S/kernel_check.log 2>&1 \
+    < /dev/null &
   ;;
 qwen)
   export LLM_FP4_CACHE=$S/cache
