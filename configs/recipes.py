@@ -21,11 +21,14 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
          CPU probe scale, MXFP4 W4A4 round to nearest: held-out ppl 218.9 without rotation, 158.8 with rot, 100.3 with
          had32; rot folds the norm gains into gate/up and whitens the error, which the model's massive activation
          channels then amplify (docs/results/SmolLM2-135M/rotation_probe_cpu/README.md)
+had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
+         to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
+         with which published results report a gain
 fpends   the output head and the token embedding left in full precision, as other toolkits ship them by default
          (without it, both are quantized: the project's stricter default)
 
 Per family: every combination of search (block families), gptq and rot, each also with NVFP4's 4over6 or tensor and,
-in place of rot, with MXFP4's had32; each of these with fpends, and fpends alone (the family's round to nearest, or
+in place of rot, with NVFP4's had16 or MXFP4's had32; each of these with fpends, and fpends alone (the family's round to nearest, or
 FPQ, with the head and embedding in full precision). Steps run in the order listed, after the family's own range
 search (FPQ) or MinMax.
 """
@@ -56,12 +59,13 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "search": lambda config: dataclasses.replace(config, steps=config.steps + (ActBlockClipStep, BlockScaleStep)),
     "gptq": lambda config: dataclasses.replace(config, steps=config.steps + (GPTQStep,)),
     "rot": lambda config: dataclasses.replace(config, transforms=(ResidualRotation(),) + config.transforms),
+    "had16": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(16),)),
     "had32": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(32),)),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
 FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gptq", "rot"), "FPQ": ("gptq", "rot")}
 FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combination of the family's own
-FAMILY_ROTATIONS = {"MXFP4": ("had32",)}  # in place of rot: added to every combination of the others
+FAMILY_ROTATIONS = {"NVFP4": ("had16",), "MXFP4": ("had32",)}  # in place of rot: added to every other combination
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
@@ -77,7 +81,7 @@ def _component_sets(family: str) -> list[tuple[str, ...]]:
     own = FAMILY_COMPONENTS[family]
     combos = [combo for count in range(len(own) + 1) for combo in itertools.combinations(own, count)]
     sets = combos + [(extra,) + combo for extra in FAMILY_EXTRAS.get(family, ()) for combo in combos]
-    sets += [combo + (rotation,) for rotation in FAMILY_ROTATIONS.get(family, ()) for combo in combos
+    sets += [combo + (rotation,) for rotation in FAMILY_ROTATIONS.get(family, ()) for combo in list(sets)
              if "rot" not in combo]
     return sets[1:] + [components + ("fpends",) for components in sets]  # () + fpends: the family as toolkits ship it
 

@@ -128,30 +128,35 @@ def test_full_recipes_on_other_architectures(architecture, name):
         assert torch.isfinite(model(IDS).logits).all()
 
 
-def test_had32_recipes_put_a_32_block_hadamard_on_every_decoder_linear_in_place_of_rot():
-    """MXFP4's had32 recipes, with every combination of search and gptq: BlockHadamard(32) on every Linear, no residual
-    rotation, the other components kept; the recipes that were there before keep their names and transforms."""
-    from quant_layers.formats import MX_BLOCKS
+@pytest.mark.parametrize("family, size", [("MXFP4", 32), ("NVFP4", 16)])
+def test_block_hadamard_recipes_put_one_blocks_hadamard_on_every_decoder_linear_in_place_of_rot(family, size):
+    """MXFP4's had32 and NVFP4's had16 recipes, with every combination of search and gptq (NVFP4: also with 4over6 or
+    tensor): BlockHadamard of one block's width on every Linear, no residual rotation, the other components kept; the
+    recipes that were there before keep their names and transforms."""
+    from quant_layers.formats import MX_BLOCKS, NVFP4_4OVER6_BLOCKS, NVFP4_BLOCKS
     from utils.search.act_blocks import ActBlockClipStep
     from utils.search.residual_rotation import ResidualRotation
     from utils.search.transforms import BlockHadamard
 
     search = (ActBlockClipStep, BlockScaleStep)
-    expected = {f"MXFP4{components}_had32{ends}_config_llama": (steps, not ends)
+    extras = {"": (MX_BLOCKS if family == "MXFP4" else NVFP4_BLOCKS, False)}
+    if family == "NVFP4":
+        extras.update({"_4over6": (NVFP4_4OVER6_BLOCKS, False), "_tensor": (NVFP4_BLOCKS, True)})
+    expected = {f"{family}{extra}{components}_had{size}{ends}_config_llama": (steps, not ends, *extras[extra])
+                for extra in extras
                 for components, steps in (("", ()), ("_search", search), ("_gptq", (GPTQStep,)),
                                           ("_search_gptq", search + (GPTQStep,)))
                 for ends in ("", "_fpends")}
-    assert {n for n in RECIPES if "had" in n} == set(expected)
-    for name, (steps, ends) in expected.items():
+    assert {n for n in RECIPES if n.startswith(family) and "had" in n} == set(expected)
+    for name, (steps, ends, block, searched) in expected.items():
         config = RECIPES[name]
-        assert config.transforms == (BlockHadamard(32),) and config.block == MX_BLOCKS
+        assert config.transforms == (BlockHadamard(size),) and config.block == block and config.search == searched
         assert config.steps == steps and config.lm_head == config.embedding == ends
-    assert RECIPES["MXFP4_search_gptq_rot_config_llama"].transforms == (ResidualRotation(),)
-    assert RECIPES["NVFP4_rot_config_llama"].transforms == (ResidualRotation(),)
+    assert RECIPES[f"{family}_search_gptq_rot_config_llama"].transforms == (ResidualRotation(),)
     model = _model()
-    calibrate(model, IDS, CalibSettings(RECIPES["MXFP4_had32_config_llama"], QBITS, None))
+    calibrate(model, IDS, CalibSettings(RECIPES[f"{family}_had{size}_config_llama"], QBITS, None))
     rotated = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_rotation.inner is not None]
     assert len(rotated) == 2 * 7 and "lm_head" not in rotated
     for name in rotated:
         inner = model.get_submodule(name).input_rotation.inner
-        assert torch.allclose(inner @ inner.T, torch.eye(32), atol=1e-6) and inner.shape == (32, 32)
+        assert torch.allclose(inner @ inner.T, torch.eye(size), atol=1e-6) and inner.shape == (size, size)
