@@ -13,4 +13,5 @@ echo "pieces here: $(ls $S | grep -c part)/$PIECES"
 if [ "$(ls $S | grep -c part)" = $PIECES ]; then
   cat $S/qwen.part* > /tmp/scratch/qwen.gguf
   echo "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046  /tmp/scratch/qwen.gguf" | sha256sum -c -
+  touch /tmp/scratch/qwen.ok  # what bench/gpu/queue.sh waits for: the joined file is whole and checked
 fi

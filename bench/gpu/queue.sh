@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU machine: one session's work as one queue that runs by itself while the calls bring the data. The first call
+# starts it; every later call carries one data folder, stages it, and prints where the queue is; the last collects.
+# Steps run one after another (timings need a quiet GPU), each waiting for the data it reads:
+#   benches    pytest -k cuda (FP8 and packed), bench/fp8_gemm.py, bench/packed_gemm.py --parts gemm   (no model)
+#   qwen_bench Qwen2.5-Coder-1.5B: bench/fp8_eval_throughput.py, bench/packed_gemm.py --parts model,
+#              bench/ct_real_check.py                                                            (Qwen's GGUF)
+#   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN)
+#              (bench/gpu/table_rows.sh, waves 8 and 9; each model's rows start once its data is there)
+# STEPS (default "benches qwen_bench rows") picks and orders them. Results under /tmp/scratch/queue/.
+#   PART=start   (carry .whl): wheels, a frozen copy of this tree, the queue started in its own session
+#   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q20): stage it (SmolLM2 joins when .gpu_b
+#                comes, after .gpu_a; Qwen when its 21st piece comes), then the queue's status
+#   PART=status  (no carry): the queue's status (keep a call in flight: the machine goes back after 30 s idle)
+#   PART=collect (no carry): everything finished so far as $OUT/queue.tar.gz (parameter files over 4 MiB stay)
+set -uo pipefail
+S=/tmp/scratch Q=/tmp/scratch/queue
+export PYTHONPATH=/tmp/site:$Q/repo PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
+step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -60; }
+wait_for() { until [ -f "$1" ]; do sleep 5; done; }
+status() {
+  echo "queue: $(cat $Q/current 2>/dev/null || echo 'not started')"
+  tail -n 3 $Q/queue.log 2>/dev/null
+  for log in $S/wave8/out/logs/*.log $S/wave9/out/logs/*.log; do
+    [ -f "$log" ] && echo "$(basename "$log"): $(tail -c 160 "$log" | tr '\r' '\n' | tail -1)"
+  done
+  true
+}
+case "${PART:?set PART=start, stage, status or collect}" in
+start)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  rm -rf $Q && mkdir -p $Q/repo $Q/out
+  tar --exclude='./.gpu_*' --exclude=./.whl --exclude=./.git -cf - . | tar -xf - -C $Q/repo
+  # the whole subshell redirected: a background `cd && cmd > log &` would keep the call's stdout open
+  (cd $Q/repo && PART=run exec setsid bash bench/gpu/queue.sh) > $Q/queue.log 2>&1 < /dev/null &
+  sleep 2; status
+  ;;
+stage)
+  mkdir -p $S
+  [ -d .gpu_a ] && cp .gpu_a/* $S/
+  [ -d .gpu_t ] && cp .gpu_t/* $S/
+  [ -d .gpu_b ] && (source bench/gpu/join_smollm2.sh && touch $S/smollm2.ok)
+  ls -d .gpu_q* > /dev/null 2>&1 && bash bench/gpu/qwen_transfer.sh
+  status
+  ;;
+status)
+  status
+  ;;
+collect)
+  status
+  (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
+  tar -czf $OUT/queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave8/out wave9/out 2>/dev/null) \
+    -C $Q/repo -T $Q/small_files
+  ;;
+run)  # the queue itself (started by PART=start, in its own session, in the frozen copy)
+  export BENCH_RESULTS=$Q/out
+  for name in ${STEPS:-benches qwen_bench rows}; do
+    echo "$name since $(date +%T)" > $Q/current
+    case $name in
+    benches)
+      step pytest_cuda 600 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py \
+        tests/test_packed_linear.py -k cuda -rs | tee $Q/out/pytest_cuda.txt
+      step fp8_gemm 300 python3 bench/fp8_gemm.py
+      step packed_gemm 420 python3 bench/packed_gemm.py --parts gemm
+      ;;
+    qwen_bench)
+      wait_for $S/qwen.ok
+      wait_for $S/tasks.tar.xz
+      export LLM_FP4_CACHE=$S/cache
+      if [ ! -d $S/cache/tasks ]; then
+        mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz && cp $S/exllamav2-*.whl $S/cache/wheels/
+      fi
+      step fp8_eval_throughput 420 python3 bench/fp8_eval_throughput.py --model $S/qwen.gguf
+      step packed_model 420 python3 bench/packed_gemm.py --parts model --model_args pretrained=$S/qwen.gguf
+      step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf
+      ;;
+    rows)
+      ( wait_for $S/smollm2.ok
+        MODEL=SmolLM2-135M WAVE=8 ROWS="${SMOL_ROWS:?}" JOBS=${JOBS_SMOL:-4} LIMIT_S=7200 OUT=$Q/out \
+          bash bench/gpu/table_rows.sh > $Q/rows_smol.log 2>&1 ) &
+      ( wait_for $S/qwen.ok
+        MODEL=Qwen2.5-Coder-1.5B WAVE=9 ROWS="${QWEN_ROWS:?}" JOBS=${JOBS_QWEN:-2} LIMIT_S=7200 OUT=$Q/out \
+          bash bench/gpu/table_rows.sh > $Q/rows_qwen.log 2>&1 ) &
+      wait
+      ;;
+    *) echo "unknown step $name" ;;
+    esac
+  done
+  echo "done $(date +%T)" > $Q/current
+  ;;
+esac
