@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Here (not on the GPU machine): build the git-ignored folders the GPU calls carry, each under the 64 MiB a call
 # may take with the working tree. Needs the registries (PyPI); run from the project checkout.
-#   .whl/      lm-eval, datasets, gguf and their small dependencies as cp312 wheels (../shared/tools/gpu-wheels.sh)
+#   .whl/      lm-eval, datasets, gguf and their small dependencies as cp312 wheels (../shared/tools/gpu-wheels.sh),
+#              pytest and compressed-tensors with theirs
 #   .gpu_a/    the first 48,234,496 bytes of the SmolLM2 GGUF
 #   .gpu_b/    the rest of it and its sha256
 #   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
@@ -11,6 +12,12 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache=${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}
 bash ../shared/tools/gpu-wheels.sh
+# pytest for the CUDA tests, compressed-tensors (and what it needs beyond the machine's packages) for the real-client
+# check (bench/gpu/queue.sh); pydantic's compiled core is the one cp312 wheel
+python3 -m pip download -q --no-deps -d .whl --python-version 3.12 --only-binary=:all: \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  pytest pluggy iniconfig pygments "compressed-tensors==0.20.1" loguru psutil pydantic pydantic_core \
+  typing_inspection annotated_types typing_extensions
 smollm2=$(python3 -c "from utils.data.models import smollm2_gguf_path; from utils.data.task_data import build_task_data
 build_task_data(); print(smollm2_gguf_path())" | tail -1)
 mkdir -p .gpu_a .gpu_b .gpu_t
