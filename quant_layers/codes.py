@@ -91,6 +91,12 @@ class Encoded:
         if self.codes.dtype != code_dtype(self.fmt):
             raise ValueError(f"{self.fmt.name} codes are {code_dtype(self.fmt)}, got {self.codes.dtype}")
 
+    def to(self, device: torch.device | str) -> Encoded:
+        """The same codes and scales with every tensor on device."""
+        return dataclasses.replace(self, **{field.name: getattr(self, field.name).to(device)
+                                            for field in dataclasses.fields(self)
+                                            if isinstance(getattr(self, field.name), torch.Tensor)})
+
 
 def code_dtype(fmt: QuantFormat) -> torch.dtype:
     """The dtype of fmt's codes: uint8 up to 8 bits, int32 above."""

@@ -47,7 +47,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -257,7 +257,7 @@ def _pack_group(group: list[str], packed: dict[str, QuantLinear], layers: dict, 
         here = encode(weight.float(), fmt, group_range)
         if not torch.equal(decode(here).to(weight.dtype), weight):
             raise RuntimeError(f"{name}: its weight is not on the {fmt} grid of its range (changed after calibration?)")
-        encoded[name] = _on_cpu(here)
+        encoded[name] = here.to("cpu")
     global_scale = None
     if fmt == NVFP4:
         pairs = _code_pairs(list(encoded.values()))
@@ -281,13 +281,6 @@ def _pack_group(group: list[str], packed: dict[str, QuantLinear], layers: dict, 
                 findings.shared_input.append(name)
             tensors[f"{name}.input_global_scale"] = _reciprocal_scale(smallest).reshape(1)
     return tensors
-
-
-def _on_cpu(encoded: Encoded) -> Encoded:
-    """encoded with every tensor moved to the CPU (the checkpoint's tensors)."""
-    moved = {f.name: getattr(encoded, f.name).cpu() for f in fields(encoded)
-             if isinstance(getattr(encoded, f.name), torch.Tensor)}
-    return replace(encoded, **moved)
 
 
 def _reciprocal_scale(max_value: torch.Tensor) -> torch.Tensor:

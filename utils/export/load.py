@@ -193,13 +193,6 @@ def _format(name: str, value) -> object:
         raise ExportError(f"{WEIGHTS}: module {name!r}: {error}") from None
 
 
-def _on(encoded: Encoded, device: torch.device) -> Encoded:
-    """encoded with every tensor on device."""
-    return dataclasses.replace(encoded, **{field.name: getattr(encoded, field.name).to(device)
-                                           for field in dataclasses.fields(encoded)
-                                           if isinstance(getattr(encoded, field.name), torch.Tensor)})
-
-
 def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> Encoded | None:
     """Decode one quantized module's weight and set it with its activation quantizer; returns the weight's Encoded
@@ -228,9 +221,9 @@ def _set_module(model: nn.Module, name: str, info: dict, tensors: dict[str, torc
                                       tensors)
         if shift is not None:
             encoded = dataclasses.replace(encoded, channel_shift=shift)
-            weight = decode_fpq_weight(_on(encoded, device))
+            weight = decode_fpq_weight(encoded.to(device))
         else:
-            weight = decode(_on(encoded, device))
+            weight = decode(encoded.to(device))
     act_max = tensors.get(f"{name}.act_max_value")
     if (act_format is None) != (act_max is None) or (act_max is not None and (act_max.dtype != torch.float32
                                                                                or act_max.numel() != 1)):
@@ -266,7 +259,7 @@ def load_packed(directory: str | Path, device: str | torch.device = "cpu", execu
         raise ExportError(f"packed export {directory}: {error}") from None
     from utils.execution import use_execution  # here: utils.execution imports utils.export
 
-    line = use_execution(model, execution, lambda name, module: _on(codes[name], module.weight.device))
+    line = use_execution(model, execution, lambda name, module: codes[name].to(module.weight.device))
     if line:
         marker = {**marker, "execution": line}
     tokenizer = None
