@@ -34,6 +34,7 @@ from utils.data.calib_data import get_calib_data, heldout_text
 from utils.data.models import load_model
 from utils.export.compressed_tensors import export_compressed_tensors
 from utils.quant_calib import CalibSettings, calibrate
+from utils.report.evaluation import heldout_windows
 
 CONFIGS = ("NVFP4_config_llama", "MXFP4_config_llama")
 SEQLEN = 512
@@ -50,17 +51,10 @@ def token_logp(model, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def heldout_windows(tokenizer, count: int) -> torch.Tensor:
-    """The held-out text's first `count` windows of SEQLEN tokens, int64 [count, SEQLEN]."""
-    text, _ = heldout_text()
-    ids = tokenizer(text[: count * SEQLEN * 8], return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids[: count * SEQLEN].view(count, SEQLEN)
-
-
 def check(path: str, config_name: str, args) -> dict:
     """Quantize, export, reload and compare one config; returns the row."""
     model, tokenizer, info = load_model(path, device=args.device, dtype="bfloat16")
-    windows = heldout_windows(tokenizer, args.windows)
+    windows = heldout_windows(tokenizer, heldout_text()[0], windows=args.windows, seqlen=SEQLEN)
     config = get_config(config_name)
     swap_modules(model, config.linear, config.lm_head, config.embedding)
     calib = get_calib_data(tokenizer, calib_size=args.calib_size, seqlen=SEQLEN, source="c4_excerpt")

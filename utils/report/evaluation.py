@@ -78,18 +78,24 @@ def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, 
     return results
 
 
-@torch.no_grad()
-def heldout_perplexity(model: nn.Module, tokenizer, text: str, *, windows: int, seqlen: int) -> float:
-    """exp(mean next-token negative log-likelihood) over the first `windows` non-overlapping windows of
-    `seqlen` tokens of `text` (each window scored on its own, every token but the first predicted)."""
+def heldout_windows(tokenizer, text: str, *, windows: int, seqlen: int) -> torch.Tensor:
+    """The first `windows` non-overlapping windows of `seqlen` tokens of `text`, int64 [windows, seqlen]; ValueError
+    if the text holds fewer."""
     prefix = text[: windows * seqlen * 8]  # about 4 characters a token: enough text, not all of it tokenized
     ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False).input_ids[0]
     available = ids.numel() // seqlen
     if available < windows:
         raise ValueError(f"the held-out text holds {available} windows of {seqlen} tokens, {windows} asked")
+    return ids[: windows * seqlen].view(windows, seqlen)
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, tokenizer, text: str, *, windows: int, seqlen: int) -> float:
+    """exp(mean next-token negative log-likelihood) over the first `windows` non-overlapping windows of
+    `seqlen` tokens of `text` (each window scored on its own, every token but the first predicted)."""
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0
-    for window in ids[: windows * seqlen].view(windows, seqlen):
+    for window in heldout_windows(tokenizer, text, windows=windows, seqlen=seqlen):
         logits = model(input_ids=window.view(1, -1).to(device), use_cache=False).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits, window[1:].to(logits.device), reduction="sum"))
         count += seqlen - 1
