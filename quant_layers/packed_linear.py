@@ -212,8 +212,9 @@ def _dequantized_matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tenso
     t = 1.0 if weight.tensor_scale is None else weight.tensor_scale_value
     if t is None:
         t = float(weight.tensor_scale)
-    shift = bias if bias is not None else torch.zeros(n, dtype=x.dtype, device=x.device)  # + 0: exact
-    return torch.addmm(shift.to(x.dtype), x2, unit.T, alpha=t).reshape(*x.shape[:-1], n)
+    if bias is None:  # beta = 0: the input is ignored, so an empty one (no fill on the hot path)
+        return torch.addmm(unit.new_empty(n), x2, unit.T, beta=0, alpha=t).reshape(*x.shape[:-1], n)
+    return torch.addmm(bias.to(x.dtype), x2, unit.T, alpha=t).reshape(*x.shape[:-1], n)
 
 
 def decode_unit_scaled(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -9,8 +9,8 @@ file's tensors (utils/export/load.py); it returns one line saying what it did. A
 one module in quant_layers/.
 
 packed (quant_layers/packed_linear.py): every quantized QuantLinear gets a PackedLinear holding its NVFP4 / MXFP4
-weight as 4-bit codes and block scales, decoded to bfloat16 inside a Triton GEMM, and its float weight is dropped
-(4.5 or 4.25 bits per weight on the device instead of 16 in bfloat16).
+weight as 4-bit codes and block scales, decoded to bfloat16 by Triton kernels (packed_matmul), and its float weight
+is dropped (4.5 or 4.25 bits per weight on the device instead of 16 in bfloat16).
 
 fp8 (quant_layers/fp8_linear.py): every quantized QuantLinear gets an FP8Linear holding its weight as E4M3 codes and
 per-row scales, and its float weight is dropped (1 byte per weight on the device instead of 2 in bfloat16).
@@ -156,8 +156,9 @@ EXECUTIONS = {
                      "(torch._scaled_mm on CUDA sm89+, a float32 GEMM of the codes elsewhere), equal to simulated up "
                      "to float32 summation order (docs/deployment.md)", use_fp8_execution, fp8_config_error),
     "packed": Execution("NVFP4 / MXFP4 weights as 4-bit codes and block scales (0.28 / 0.27 of bf16's bytes), decoded "
-                        "to bfloat16 inside a Triton GEMM (CUDA; the float32 reference GEMM elsewhere), inputs "
-                        "quantized as simulated (docs/deployment.md)", use_packed_execution, packed_config_error),
+                        "to bfloat16 inside a Triton GEMM for few input rows, by a Triton decode before torch's GEMM "
+                        "from 16 (CUDA; the float32 reference GEMM elsewhere), inputs quantized as simulated "
+                        "(docs/deployment.md)", use_packed_execution, packed_config_error),
 }
 
 

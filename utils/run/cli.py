@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from configs import CONFIG_FILES, QBits, get_config
 from configs.attention import AttentionPolicy
+from configs.recipes import COMPONENTS, FAMILIES
 from quant_layers.attention import GRANULARITIES
 from utils.execution import EXECUTIONS
 from utils.export.load import is_packed_export
@@ -79,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "results/<config>_<qbits>_<date-time>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and of lm-eval")
     p.add_argument("--quant_config", default=None,
-                   help=f"one of {', '.join(CONFIG_FILES)}, or a recipe <NVFP4|MXFP4|FPQ>_<components>_config_llama "
-                        "(configs/recipes.py; components in order: search, gptq, rot or had32, fpends); omit for the "
-                        "full-precision model")
+                   help=f"one of {', '.join(CONFIG_FILES)}, or a recipe "
+                        f"<{'|'.join(FAMILIES)}>_<components>_config_llama (configs/recipes.py; components in this "
+                        f"order: {', '.join(COMPONENTS)}); omit for the full-precision model")
     p.add_argument("--qbits", type=int, nargs="+", default=None,
                    help="W A E w_exp a_exp e_exp: bits of weights, activations, embedding, then their (starting) "
                         f"exponent bits; 16 bits = not quantized (default with --quant_config: "
