@@ -7,6 +7,9 @@ timings after a warm-up (which also autotunes the Triton kernel):
     fp8        fp8_linear(x): quantize_activation_fp8 (one Triton kernel) + torch._scaled_mm, bfloat16 out
     gemm_only  torch._scaled_mm of ready codes (what the quantizer kernel costs is fp8 - gemm_only)
     bf16       torch.matmul(x, W^T) in bfloat16 (the value's baseline)
+    gemm_tensorwise, gemm_fast_accum   torch._scaled_mm of the codes with one scale per tensor (what row-wise scaling
+               costs), and row-wise with use_fast_accum=True (Hopper's reduced-precision accumulation, not exact
+               enough for this path: what float32 accumulation costs); information only
     simulated  the simulated forward: quantize_activation (fake, bfloat16) + the bfloat16 GEMM
 and fp8, gemm_only and bf16 again as 20 back-to-back calls per timing (*_20_calls: CPU overheads then overlap)
 Before timing, each shape checks the kernel's codes against the PyTorch reference (bit for bit) and the GEMM
@@ -79,6 +82,14 @@ def measure(tokens: int, n_in: int, n_out: int, repeats: int, g: torch.Generator
     row["gemm_only_ms"] = median_ms(lambda: fp8_gemm(codes, lin["w_codes"], lin["act_inverse"], lin["w_scale"], None,
                                                      torch.bfloat16), repeats)
     row["bf16_ms"] = median_ms(lambda: torch.matmul(x, lin["w_bf16"].t()), repeats)
+    one = torch.ones((), device="cuda")
+    row["gemm_tensorwise_ms"] = median_ms(lambda: torch._scaled_mm(codes, lin["w_codes"].t(), one, one,
+                                                                   out_dtype=torch.bfloat16), repeats)
+    row_scale = lin["act_inverse"].reshape(1, 1).expand(tokens, 1).contiguous()
+    row["gemm_fast_accum_ms"] = median_ms(lambda: torch._scaled_mm(codes, lin["w_codes"].t(), row_scale,
+                                                                   lin["w_scale"].reshape(1, -1),
+                                                                   out_dtype=torch.bfloat16, use_fast_accum=True),
+                                          repeats)
     scales = (lin["act_scale"], lin["act_inverse"])
     row["simulated_ms"] = median_ms(lambda: torch.matmul(quantize_activation(
         x, lin["fmt"], lin["max_value"], lin["channel_scale"], scales), lin["w_bf16"].t()), repeats)

@@ -6,6 +6,9 @@
 # /tmp/scratch/qwen.gguf and checks the sha256.
 set -euo pipefail
 S=/tmp/scratch/qwen
+# once joined and checked, never again: a folder carried earlier can stay in the tree there, and a later call must
+# not rewrite the file while a job reads it
+[ -f /tmp/scratch/qwen.ok ] && { echo "Qwen's GGUF is joined and checked"; exit 0; }
 mkdir -p $S
 for folder in .gpu_q*; do [ -d "$folder" ] && cp "$folder"/qwen.part* $S/; done
 PIECES=21  # 1,117,320,768 bytes in 52 MiB pieces
