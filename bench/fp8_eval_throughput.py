@@ -6,7 +6,9 @@ swap_modules and the parameters) with the simulated forward, then the same model
 as E4M3 codes). Parameters: --param_file (a calibration of this model: its accuracies are the table's), else a
 quick FPQ search (1 round, 4 candidates) on 256 random tokens (timing only). Each timing follows a 20-document
 warm-up (Triton's autotuning included). value: bf16 seconds / fp8 seconds on the first --limit documents; target
->= 1.25; the simulated ratio and the three accuracies are recorded (fp8 within 0.1 points of simulated).
+>= 1.25; the simulated ratio and the three accuracies are recorded (fp8 within 0.1 points of simulated). Beside
+each evaluation, the model's forward alone on FORWARD_BATCH random sequences of FORWARD_TOKENS tokens (median of 10
+CUDA-event timings after warm-up): what the GEMMs change where lm-eval's per-request work does not dominate.
 
     python bench/fp8_eval_throughput.py --model PATH [--param_file FILE] [--limit 1000] [--batch_size 64]
 """
@@ -19,7 +21,7 @@ import sys
 
 import torch
 
-from common import git_commit, write_result
+from common import git_commit, median_ms, write_result
 from eval_throughput import timed_eval
 from fp8_gemm import cuda_refusal
 from configs import QBits, get_config
@@ -31,6 +33,13 @@ from utils.quant_calib import CalibSettings, calibrate
 from utils.search.space import SearchSpace
 
 TARGET = 1.25
+FORWARD_BATCH, FORWARD_TOKENS = 4, 1024  # 4096 tokens a forward: LLaMA-7B's M = 4096 of bench/fp8_gemm.py
+
+
+def forward_ms(model, ids: torch.Tensor) -> float:
+    """Median ms of one forward of ids [batch, tokens] (logits included), after 5 untimed ones."""
+    with torch.no_grad():
+        return median_ms(lambda: model(ids), 10)
 
 
 def quantize(model, param_file: str | None) -> tuple[dict, str]:
@@ -58,19 +67,28 @@ def main() -> None:
     if refusal:
         sys.exit(f"bench/fp8_eval_throughput.py: {refusal}")
     model, tokenizer, info = load_model(args.model, device="cuda", dtype="bfloat16")
+    ids = torch.randint(0, model.config.vocab_size, (FORWARD_BATCH, FORWARD_TOKENS),
+                        generator=torch.Generator().manual_seed(1)).cuda()
     runs = {"bf16": timed_eval(model, tokenizer, args.limit, args.batch_size)}
+    forward = {"bf16": forward_ms(model, ids)}
     layers, params = quantize(model, args.param_file)
     memory = {"simulated": torch.cuda.memory_allocated()}
     runs["simulated"] = timed_eval(model, tokenizer, args.limit, args.batch_size)
+    forward["simulated"] = forward_ms(model, ids)
     print(use_fp8_execution(model, layer_codes(layers)), flush=True)
     gc.collect()
     memory["fp8"] = torch.cuda.memory_allocated()
     runs["fp8"] = timed_eval(model, tokenizer, args.limit, args.batch_size)
+    forward["fp8"] = forward_ms(model, ids)
     seconds = {name: run[0] for name, run in runs.items()}
     acc = {name: run[2].get("acc,none") for name, run in runs.items()}
+    documents_apart = round(abs(acc["fp8"] - acc["simulated"]) * args.limit)  # accuracies are counts / limit
     rows = {"requests": runs["bf16"][1], "seconds": seconds, "acc": acc,
             "fp8_ratio": seconds["bf16"] / seconds["fp8"], "simulated_ratio": seconds["bf16"] / seconds["simulated"],
-            "fp8_acc_within_0.1_points_of_simulated": abs(acc["fp8"] - acc["simulated"]) <= 0.001,
+            "fp8_acc_within_0.1_points_of_simulated": documents_apart <= 0.001 * args.limit,
+            "forward_ms": forward, "forward_tokens": [FORWARD_BATCH, FORWARD_TOKENS],
+            "forward_fp8_ratio": forward["bf16"] / forward["fp8"],
+            "forward_simulated_ratio": forward["bf16"] / forward["simulated"],
             "allocated_gpu_bytes_before_timing": memory}
     print(rows, flush=True)
     value = rows["fp8_ratio"]

@@ -376,7 +376,7 @@ def variants_against_fpq(rows: dict, averages: dict) -> list[str]:
 
 def run_conditions(folder: Path) -> list[str]:
     """Which rows ran together (bench/gpu/table_rows.sh's run_wave<N>.json): their times are upper bounds."""
-    waves = [json.loads(p.read_text()) for p in sorted(folder.glob("run_wave*.json"))]
+    waves = sorted((json.loads(p.read_text()) for p in folder.glob("run_wave*.json")), key=lambda wave: wave["wave"])
     if not waves:
         return []
     lines = ["Rows ran as parallel processes, dealt round-robin to the machine's GPUs (where there were more rows "

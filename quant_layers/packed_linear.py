@@ -266,11 +266,12 @@ TILES = ((16, 32, 128, 2, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128
          (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 INTERPRETER_TILE = (64, 64, 64, 4, 1)  # the autotuner needs a GPU; few programs (the interpreter runs each in Python)
 DECODE_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of decode_unit_scaled's programs
-# From this many input rows packed_matmul decodes the weight and runs torch's GEMM: on one H100 (2026-12-06,
-# bench/results/gpu_logs/packed_gemm_2026-12-06.txt) the fused kernel ran at 0.08-0.46x bfloat16 from 16 rows on at
-# Qwen2.5-Coder-1.5B's shapes and 0.28-0.36x from 256 rows at LLaMA-7B's, while a decode costs one pass over the
-# weight (0.5 byte read, 2 written per element) before a bfloat16 GEMM.
-DEQUANTIZE_MIN_ROWS = 16
+# From this many input rows packed_matmul decodes the weight and runs torch's GEMM. One H100 (2026-12-06, both paths
+# timed side by side: bench/results/gpu_logs/packed_gemm_speedup_vs_bf16_2026-12-06b.json) ran the fused kernel at
+# 0.65-0.94x bfloat16 at 16 rows and 0.21-0.64x at 256, the decode-then-GEMM path at 0.40-0.45x from 4096 rows and
+# 0.63-0.84x at 16384 (fused: 0.29-0.48x there), with a decode kernel since rewritten (one contiguous store per tile
+# instead of two interleaved ones); the switch lies between 256 and 4096 rows.
+DEQUANTIZE_MIN_ROWS = 1024
 GROUP_M = tl.constexpr(8) if triton is not None else 8  # programs along M sharing weight tiles in L2 (grouped order)
 
 if triton is not None:
@@ -295,6 +296,18 @@ if triton is not None:
         m = byte & 7
         normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
         return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+    @triton.jit
+    def _decoded_tile(packed, byte, GROUP: tl.constexpr, MX: tl.constexpr):
+        """f * s [rows, 2 c] float32 (exact) from packed code bytes [rows, c] (int32; codes 2i, 2i + 1 in the low and
+        high nibble) and their block-scale bytes [rows, 2 c / GROUP] (int32): the two codes of a byte side by side."""
+        rows: tl.constexpr = packed.shape[0]
+        pairs: tl.constexpr = packed.shape[1]
+        scale = _scale_values(byte, MX)  # one per GROUP / 2 bytes of codes
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows, 2 * pairs // GROUP, GROUP // 2)), (rows, pairs))
+        low = _e2m1_values(packed & 15) * scale
+        high = _e2m1_values(packed >> 4) * scale
+        return tl.reshape(tl.join(low, high), (rows, 2 * pairs))
 
     @triton.jit
     def _packed_matmul_kernel(x_ptr, codes_ptr, scale_ptr, tensor_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
@@ -325,12 +338,7 @@ if triton is not None:
             block = start // GROUP + tl.arange(0, BLOCK_K // GROUP)
             byte = tl.load(scale_ptr + cols[:, None] * blocks_k + block[None, :],
                            mask=col_ok[:, None] & (block < blocks_k)[None, :], other=0).to(tl.int32)
-            scale = _scale_values(byte, MX)  # [BLOCK_N, BLOCK_K / GROUP], one per GROUP / 2 bytes of codes
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)),
-                               (BLOCK_N, BLOCK_K // 2))
-            low = _e2m1_values(packed & 15) * scale  # f * s: exact in float32 and in x's dtype
-            high = _e2m1_values(packed >> 4) * scale
-            w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # codes 2i, 2i + 1 side by side
+            w = _decoded_tile(packed, byte, GROUP, MX)  # f * s [BLOCK_N, BLOCK_K]: exact in float32 and x's dtype
             if DOT_FP32:  # float32 x, or the interpreter (whose bfloat16 dot is wrong): exact float32 operands
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
             else:
@@ -347,19 +355,19 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(codes_ptr, scale_ptr, out_ptr, N, K, GROUP: tl.constexpr, MX: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[N, K] = f * s (exact in out's dtype): one [BLOCK_N, BLOCK_K] tile a program, codes 2i and 2i + 1 of a
-        byte stored side by side."""
+        """out[N, K] = f * s (exact in out's dtype): one [BLOCK_N, BLOCK_K] tile a program, read as whole rows of
+        code and scale bytes and written as one contiguous tile (`_decoded_tile`)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = (rows < N)[:, None]
         pair = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        half_k = K // 2
-        ok = (rows < N)[:, None] & (pair < half_k)[None, :]
-        packed = tl.load(codes_ptr + rows[:, None] * half_k + pair[None, :], mask=ok, other=0).to(tl.int32)
-        byte = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + ((2 * pair) // GROUP)[None, :], mask=ok,
-                       other=0).to(tl.int32)
-        scale = _scale_values(byte, MX)
-        where = out_ptr + rows[:, None] * K + 2 * pair[None, :]
-        tl.store(where, (_e2m1_values(packed & 15) * scale).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(where + 1, (_e2m1_values(packed >> 4) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        packed = tl.load(codes_ptr + rows[:, None] * (K // 2) + pair[None, :], mask=row_ok & (pair < K // 2)[None, :],
+                         other=0).to(tl.int32)
+        block = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+        byte = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + block[None, :],
+                       mask=row_ok & (block < K // GROUP)[None, :], other=0).to(tl.int32)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :],
+                 _decoded_tile(packed, byte, GROUP, MX).to(out_ptr.dtype.element_ty), mask=row_ok & (cols < K)[None, :])
 
     _tuned_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
