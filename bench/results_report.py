@@ -32,7 +32,7 @@ MODELS = {"SmolLM2-135M": "SmolLM2-135M-Instruct (Llama, 30 blocks)",
           "Qwen2.5-Coder-1.5B": "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 blocks)"}
 ROWS = ["full_precision", "MinMax_INT", "MinMax_FP", "SmoothQuant", "FPQ_baseline", "FPQ", "FPQ_only_eval", "FPQ_fp8", "NVFP4",
         "MXFP4", "ablation_sequential", "ablation_bias_space", "ablation_calib128", "ablation_candidates400",
-        "ablation_W4A8", "ablation_W8A8_E4M3", "ablation_W4A4E8"]
+        "ablation_W4A8", "ablation_W8A8_E4M3", "ablation_W4A4E8", "FPQ_cheap_steps"]
 # The paper's LLaMA-7B rows (6-task zero-shot average, %), for reference.
 PAPER_LLAMA_7B = {"full_precision": 66.3, "MinMax_INT": 38.1, "MinMax_FP": 37.4, "SmoothQuant": 49.1,
                   "FPQ_baseline": 42.7, "FPQ": 58.1}
@@ -302,6 +302,9 @@ def checks(rows: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+CHEAP_STEPS = ("--weight_refine 8", "--act_coarse_tokens 1024", "--act_refine 2")  # complete_scripts/*/FPQ_cheap_steps.sh
+
+
 VARIANTS = {"FPQ_baseline": "FPQ baseline: no per-channel exponent shifts of the inputs",
             "ablation_sequential": "sequential calibration (each block sees quantized inputs)",
             "ablation_bias_space": "the original's exponent-bias candidates instead of max values",
@@ -309,8 +312,44 @@ VARIANTS = {"FPQ_baseline": "FPQ baseline: no per-channel exponent shifts of the
             "ablation_candidates400": "400 candidates per search step instead of 100",
             "ablation_W4A4E8": "8-bit token embedding", "ablation_W4A8": "8-bit activations (weights stay 4-bit)",
             "ablation_W8A8_E4M3": "8-bit weights and activations (E4M3)",
+            "FPQ_cheap_steps": "the opt-in cheaper search steps (" + " ".join(CHEAP_STEPS) + ")",
             "NVFP4": "NVFP4: dynamic E4M3 scales per 16 values, no search",
             "MXFP4": "MXFP4: dynamic power-of-two scales per 32 values, no search"}
+
+
+CHEAP_LIMITS = (2.0, 0.3)  # issue 22: held-out perplexity within 2% and the informative average within 0.3 points
+
+
+def cheap_steps_decision(all_rows: dict, all_averages: dict) -> list[str]:
+    """Issue 22's rule for the cheaper steps: they become the defaults only if, on every model, FPQ_cheap_steps' held-out
+    perplexity is within CHEAP_LIMITS[0] % of FPQ's and its informative average within CHEAP_LIMITS[1] points."""
+    lines, verdicts = [], []
+    for model, rows in all_rows.items():
+        if "FPQ" not in rows:
+            continue
+        if "FPQ_cheap_steps" not in rows:
+            lines.append(f"- {model}: not run yet (`complete_scripts/{model}/FPQ_cheap_steps.sh`).")
+            verdicts.append(None)
+            continue
+        ppl_change = 100 * (heldout(rows["FPQ_cheap_steps"]) / heldout(rows["FPQ"]) - 1)
+        info_change = all_averages[model]["FPQ_cheap_steps"][1] - all_averages[model]["FPQ"][1]
+        within = abs(ppl_change) < CHEAP_LIMITS[0] and abs(info_change) < CHEAP_LIMITS[1]
+        verdicts.append(within)
+        calib = [rows[row]["quantization"].get("calib_seconds") for row in ("FPQ", "FPQ_cheap_steps")]
+        lines.append(f"- {model}: held-out perplexity {heldout(rows['FPQ_cheap_steps']):.2f} against "
+                     f"{heldout(rows['FPQ']):.2f} ({ppl_change:+.1f}%), informative average {info_change:+.2f} "
+                     f"points, calibration {calib[1]:.0f} s against {calib[0]:.0f} s (different runs and machine "
+                     f"loads: see the waves): {'within' if within else 'outside'} the limits.")
+    if False in verdicts:
+        verdict = "outside the limits on at least one model, so the defaults stay (every candidate scored exactly)."
+    elif None in verdicts:
+        verdict = "not decided until every model has run both ways."
+    else:
+        verdict = "within the limits on every model: the cheaper steps may become the defaults."
+    return (["### The cheaper search steps: defaults by measurement (issue 22)", "",
+             f"`{' '.join(CHEAP_STEPS)}` against the defaults, FPQ W4A4E4 with the paper's settings; the rule: held-out "
+             f"perplexity within {CHEAP_LIMITS[0]:g}% and the informative average within {CHEAP_LIMITS[1]:g} points "
+             "on every model, else the defaults stay.", ""] + lines + ["", f"Verdict: {verdict}", ""])
 
 
 READING = {"SmolLM2-135M": [
@@ -498,10 +537,13 @@ def main() -> None:
              "**Caveat:** both models come from GGUF files (Q4_1 and Q4_K_M) whose weights already passed through "
              "4-bit block quantization, so a later weight quantization loses less than on an original bf16 "
              "checkpoint. Activation quantization is fully real.", ""]
-    all_averages = {}
+    all_averages, all_rows = {}, {}
     for model in MODELS:
         section, all_averages[model] = model_section(model, RESULTS / model)
+        all_rows[model] = {row: json.loads((RESULTS / model / f"{row}.json").read_text())
+                           for row in ("FPQ", "FPQ_cheap_steps") if (RESULTS / model / f"{row}.json").exists()}
         lines += section
+    lines += cheap_steps_decision(all_rows, all_averages)
     figure = accuracy_figure(all_averages)
     if figure:
         lines += ["## Accuracy per method", "", figure, ""]
