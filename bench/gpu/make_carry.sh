@@ -7,7 +7,8 @@
 #   .gpu_b/    the rest of it and its sha256
 #   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
 #              tracked tree (9 MB) plus .whl and .gpu_a, or .gpu_a and .gpu_t, passes 64 MiB
-#   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF in 21 pieces of 52 MiB (bench/gpu/qwen_transfer.sh, one per call)
+#   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF (23 pieces) and .gpu_gNN/ Gemma3-270M's (6 pieces), 48 MiB each, with a
+#              manifest (bench/gpu/model_transfer.sh, one piece per call)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache=${LLM_FP4_CACHE:-$HOME/.cache/llm_fp4}
@@ -26,13 +27,21 @@ tail -c +48234497 "$smollm2" > .gpu_b/gguf.part2
 sha256sum "$smollm2" | cut -d' ' -f1 > .gpu_b/gguf.sha256
 tar -C "$cache" -cJf .gpu_t/tasks.tar.xz tasks
 python3 -m pip download -q --no-deps exllamav2==0.3.2 -d .gpu_t
+split_model() {  # $1 the GGUF, $2 its name on the machine, $3 the folders' prefix
+  local pieces manifest
+  pieces=$(mktemp -d)
+  split -b 48M -d -a 2 "$1" "$pieces/$2.part"
+  manifest="$(ls "$pieces" | wc -l) $(sha256sum "$1" | cut -d' ' -f1)"
+  for piece in "$pieces"/$2.part*; do
+    folder=.gpu_$3${piece##*part}
+    rm -rf "$folder" && mkdir -p "$folder" && mv "$piece" "$folder/" && echo "$manifest" > "$folder/$2.manifest"
+  done
+  rmdir "$pieces"
+}
 qwen=$cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 bash complete_scripts/Qwen2.5-Coder-1.5B/fetch_model.sh "$qwen"
-pieces=$(mktemp -d)
-split -b 52M -d -a 2 "$qwen" "$pieces/qwen.part"
-for piece in "$pieces"/qwen.part*; do
-  folder=.gpu_q${piece##*part}
-  mkdir -p "$folder" && mv "$piece" "$folder/"
-done
-rmdir "$pieces"
-du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00
+split_model "$qwen" qwen q
+gemma=$cache/models/gemma-3-270m-q4_k_m.gguf
+bash complete_scripts/Gemma3-270M/fetch_model.sh "$gemma"
+split_model "$gemma" gemma3 g
+du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00 .gpu_g0

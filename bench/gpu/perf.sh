@@ -3,7 +3,7 @@
 # stays warm. Results go to $OUT (BENCH_RESULTS); copy them into bench/results/ afterwards.
 #   PART=setup (carry .whl .gpu_a): wheels and the first GGUF piece only (then bench/gpu/table_rows.sh)
 #   PART=setup_qwen (carry .whl .gpu_t): wheels, task data and calibration text for Qwen's table, then the
-#                               21 calls of bench/gpu/qwen_transfer.sh (carry folders: bench/gpu/make_carry.sh)
+#                               23 calls of bench/gpu/model_transfer.sh (carry folders: bench/gpu/make_carry.sh)
 #   PART=1 (carry .whl .gpu_a): wheels, first GGUF piece, kernel check on CUDA, kernel bandwidth,
 #                               8-layer 7B-shape calibration, a profile of one block's search
 #   PART=2 (no carry):          32-layer 7B-shape calibration

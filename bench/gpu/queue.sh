@@ -5,12 +5,15 @@
 #   benches    pytest -k cuda (FP8 and packed), bench/fp8_gemm.py, bench/packed_gemm.py --parts gemm   (no model)
 #   qwen_bench Qwen2.5-Coder-1.5B: bench/fp8_eval_throughput.py, bench/packed_gemm.py --parts model,
 #              bench/ct_real_check.py                                                            (Qwen's GGUF)
-#   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN)
-#              (bench/gpu/table_rows.sh, waves 8 and 9; each model's rows start once its data is there)
+#   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN) and Gemma3's
+#              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
+#              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
+#              start once its data is there, a model without rows is skipped)
 # STEPS (default "benches qwen_bench rows") picks and orders them. Results under /tmp/scratch/queue/.
 #   PART=start   (carry .whl): wheels, a frozen copy of this tree, the queue started in its own session
-#   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q20): stage it (SmolLM2 joins when .gpu_b
-#                comes, after .gpu_a; Qwen when its 21st piece comes), then the queue's status
+#   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q22 .gpu_g00 .. .gpu_g05): stage it (SmolLM2
+#                joins when .gpu_b comes, after .gpu_a; Qwen and Gemma3 when their last piece comes,
+#                bench/gpu/model_transfer.sh), then the queue's status
 #   PART=status  (no carry): the queue's status (keep a call in flight: the machine goes back after 30 s idle)
 #   PART=collect (no carry): everything finished so far as $OUT/queue.tar.gz (parameter files over 4 MiB stay)
 set -uo pipefail
@@ -21,7 +24,7 @@ wait_for() { until [ -f "$1" ]; do sleep 5; done; }
 status() {
   echo "queue: $(cat $Q/current 2>/dev/null || echo 'not started')"
   tail -n 3 $Q/queue.log 2>/dev/null
-  for log in $S/wave8/out/logs/*.log $S/wave9/out/logs/*.log; do
+  for log in $S/wave*/out/logs/*.log; do
     [ -f "$log" ] && echo "$(basename "$log"): $(tail -c 160 "$log" | tr '\r' '\n' | tail -1)"
   done
   true
@@ -42,7 +45,7 @@ stage)
   [ -d .gpu_a ] && cp .gpu_a/* $S/
   [ -d .gpu_t ] && cp .gpu_t/* $S/
   [ -d .gpu_b ] && (source bench/gpu/join_smollm2.sh && touch $S/smollm2.ok)
-  ls -d .gpu_q* > /dev/null 2>&1 && bash bench/gpu/qwen_transfer.sh
+  bash bench/gpu/model_transfer.sh
   status
   ;;
 status)
@@ -51,7 +54,7 @@ status)
 collect)
   status
   (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
-  tar -czf $OUT/queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave8/out wave9/out 2>/dev/null) \
+  tar -czf $OUT/queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave*/out 2>/dev/null) \
     -C $Q/repo -T $Q/small_files
   ;;
 run)  # the queue itself (started by PART=start, in its own session, in the frozen copy)
@@ -77,12 +80,15 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf
       ;;
     rows)
-      ( wait_for $S/smollm2.ok
-        MODEL=SmolLM2-135M WAVE=8 ROWS="${SMOL_ROWS:?}" JOBS=${JOBS_SMOL:-4} LIMIT_S=7200 OUT=$Q/out \
-          bash bench/gpu/table_rows.sh > $Q/rows_smol.log 2>&1 ) &
-      ( wait_for $S/qwen.ok
-        MODEL=Qwen2.5-Coder-1.5B WAVE=9 ROWS="${QWEN_ROWS:?}" JOBS=${JOBS_QWEN:-2} LIMIT_S=7200 OUT=$Q/out \
-          bash bench/gpu/table_rows.sh > $Q/rows_qwen.log 2>&1 ) &
+      rows() {  # $1 model, $2 the file its data waits on, $3 wave, $4 rows, $5 jobs
+        [ -n "$4" ] || return 0
+        [ -n "$3" ] || { echo "$1 has rows but no wave number (WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA)"; return 1; }
+        wait_for "$2"
+        MODEL=$1 WAVE=$3 ROWS="$4" JOBS=$5 LIMIT_S=7200 OUT=$Q/out bash bench/gpu/table_rows.sh > $Q/rows_$1.log 2>&1
+      }
+      rows SmolLM2-135M $S/smollm2.ok "${WAVE_SMOL:-}" "${SMOL_ROWS:-}" ${JOBS_SMOL:-4} &
+      rows Qwen2.5-Coder-1.5B $S/qwen.ok "${WAVE_QWEN:-}" "${QWEN_ROWS:-}" ${JOBS_QWEN:-2} &
+      rows Gemma3-270M $S/gemma3.ok "${WAVE_GEMMA:-}" "${GEMMA_ROWS:-}" ${JOBS_GEMMA:-4} &
       wait
       ;;
     *) echo "unknown step $name" ;;

@@ -7,7 +7,7 @@
 #
 # Here, before the call:  git archive bfa06a6 | (mkdir -p .gpu_old && tar -x -C .gpu_old)   (ignored, ~1 MiB)
 # plus the usual carried folders (bench/gpu/make_carry.sh). On the GPU machine, after join_smollm2.sh (SmolLM2)
-# and the qwen_transfer.sh calls (Qwen):  OLD=.gpu_old MODELS=SmolLM2-135M bash bench/gpu/reshape_check.sh
+# and the bench/gpu/model_transfer.sh calls (Qwen):  OLD=.gpu_old MODELS=SmolLM2-135M bash bench/gpu/reshape_check.sh
 # Smaller values make a plumbing check on the CPU, e.g. DEVICE=cpu MODELS=SmolLM2-135M TASKS=piqa
 # EVAL="--limit 2 --heldout_ppl 1" SETTINGS="--calib_size 1 --calib_seqlen 64 --search_round 1 --search_intervals 0.5 1.2 4"
 set -euo pipefail

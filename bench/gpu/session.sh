@@ -9,7 +9,7 @@
 #        (and unpack the task data), copy this tree to /tmp/scratch/repo, start in its own process session SmolLM2's
 #        ROWS (WAVE=6) and, beside them, the reshape check (RESHAPE=1) and the Triton kernels against their
 #        references on CUDA ($S/kernel_check.log)
-#   then the 21 calls of bench/gpu/qwen_transfer.sh (each prints the background logs' last lines)
+#   then the 23 calls of bench/gpu/model_transfer.sh (each prints the background logs' last lines)
 #   PART=qwen  (no carry): start Qwen's ROWS (WAVE=7) and beside them its reshape check (RESHAPE=1);
 #        ROWS=none: the check alone
 #   PART=wait  (no carry): wait up to LIMIT_S for both, then return results as $OUT/r19.tar.gz

@@ -10,8 +10,8 @@
 # $OUT/wave<N>.partial.tar.gz before: the machine returns only a few files and drops names with parentheses.
 #   MODEL=SmolLM2-135M (default): the first call of a machine carries .gpu_b, right after a call that carried
 #     .whl .gpu_a and installed the wheels (bench/gpu/perf.sh PART=setup); later calls carry nothing.
-#   MODEL=Qwen2.5-Coder-1.5B: after a call carrying .whl .gpu_t (PART=setup_qwen) and the 21 calls of
-#     bench/gpu/qwen_transfer.sh that join /tmp/scratch/qwen.gguf; carry nothing.
+#   MODEL=Qwen2.5-Coder-1.5B or Gemma3-270M: after a call carrying .whl .gpu_t (PART=setup_qwen) and the calls of
+#     bench/gpu/model_transfer.sh that join /tmp/scratch/qwen.gguf or gemma3.gguf; carry nothing.
 #   WAVE=1: full precision, plain lm-eval, MinMax FP, sequential calibration
 #   WAVE=2: the paper's quantized rows and the NVFP4 / MXFP4 references
 #   WAVE=3: FPQ_only_eval (wave 2's parameter file, kept on the warm machine) and the ablations
@@ -33,10 +33,11 @@ MODEL=${MODEL:-SmolLM2-135M}
 if [ "$MODEL" = SmolLM2-135M ]; then
   source bench/gpu/join_smollm2.sh
   gguf=$LLM_FP4_SMOLLM2_GGUF
-else
-  [ -f /tmp/scratch/qwen.gguf ] || { echo "no /tmp/scratch/qwen.gguf: run the bench/gpu/qwen_transfer.sh calls first"; exit 1; }
-  export LLM_FP4_CACHE=/tmp/scratch/cache MODEL_ADDR=/tmp/scratch/qwen.gguf
-  gguf=$MODEL_ADDR
+else  # Qwen2.5-Coder-1.5B or Gemma3-270M: joined by the bench/gpu/model_transfer.sh calls
+  case $MODEL in Qwen2.5-Coder-1.5B) gguf=/tmp/scratch/qwen.gguf ;; Gemma3-270M) gguf=/tmp/scratch/gemma3.gguf ;;
+    *) echo "MODEL=$MODEL: SmolLM2-135M, Qwen2.5-Coder-1.5B or Gemma3-270M"; exit 2 ;; esac
+  [ -f "${gguf%.gguf}.ok" ] || { echo "no checked $gguf: run the bench/gpu/model_transfer.sh calls first"; exit 1; }
+  export LLM_FP4_CACHE=/tmp/scratch/cache MODEL_ADDR=$gguf
 fi
 export MODEL gguf
 W=/tmp/scratch/wave$WAVE
