@@ -53,16 +53,26 @@ def abs_max(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg())
 
 
+def as_float32(value: torch.Tensor | float, device: torch.device | str) -> torch.Tensor:
+    """value as a float32 tensor on device. A Python number is filled in on the device (torch.full, the same
+    float32 rounding as torch.as_tensor): torch.as_tensor(number, device="cuda") is a pageable host-to-device copy,
+    which synchronizes the host with the GPU on every call (the GPTQ column loop of MX formats called it twice per
+    column: quantize_elements' element quantize at standard_max)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def grid_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
     """s = grid_max / max_value (float32, max_value's shape): multiplies x onto the standard grid."""
-    return fmt.grid_max / torch.as_tensor(max_value, dtype=torch.float32, device=device)
+    return fmt.grid_max / as_float32(max_value, device)
 
 
 def grid_inverse(fmt: QuantFormat, max_value: torch.Tensor | float, device: torch.device | str = "cpu"
                  ) -> torch.Tensor:
     """u = max_value / grid_max (float32): multiplies standard-grid values back (exact for power-of-two ratios)."""
-    return torch.as_tensor(max_value, dtype=torch.float32, device=device) / fmt.grid_max
+    return as_float32(max_value, device) / fmt.grid_max
 
 
 def _round_to_standard_grid_(y: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -178,7 +188,7 @@ def block_tensor_scale(fmt: QuantFormat, max_value: torch.Tensor | float, device
                        ) -> torch.Tensor:
     """NVFP4's float32 tensor scale t = max(max_value, 1e-30) / (top * S) (S = `BlockScaling.scale_max`)."""
     top = fmt.standard_max
-    tensor_scale = torch.as_tensor(max_value, dtype=torch.float32, device=device).clamp(min=_TINY)
+    tensor_scale = as_float32(max_value, device).clamp(min=_TINY)
     return tensor_scale / (top * fmt.block.scale_max(top))
 
 
@@ -248,7 +258,7 @@ def _quantize_blocks(x: torch.Tensor, fmt: QuantFormat, max_value: torch.Tensor 
     if clip is not None:
         if block_scale is not None:
             raise ValueError("clip multiplies the data's block maxima: it does not combine with explicit block_scale")
-        clip = torch.as_tensor(clip, dtype=torch.float32, device=x.device)
+        clip = as_float32(clip, x.device)
         if clip.dim() > 0 and clip.shape[-1] != 1:
             raise ValueError(f"clip {tuple(clip.shape)} must be per tensor or per row [..., 1]")
         clip = block_shaped(clip, x.device)

@@ -101,6 +101,30 @@ def test_gptq_equals_the_published_algorithm(fmt, act_order, dtype):
     assert torch.equal(got[:, [5, 9, 40]], nearest[:, [5, 9, 40]])  # dead columns: kept, rounded to nearest
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host-device synchronization exists on CUDA only")
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_cuda_column_quantizer_never_waits_for_the_gpu(fmt):
+    """The frozen quantizer GPTQ calls once per column queues its work on CUDA without one host-device
+    synchronization (a Python number copied to the GPU, .item(), a data-dependent shape): each would make every
+    column wait for the GPU's whole queue (MX formats had two per column, 4-5x NVFP4's calibration time on an H100).
+    torch's sync debug mode raises on any; the values equal the CPU's within a float32 ulp (the devices' exp2 and log2
+    may differ by one)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(ROWS, WIDTH, generator=g) * 0.1
+    max_value, block_scale = _frozen(fmt, w)
+    on_gpu = frozen_quantizer(fmt, max_value.cuda(), None if block_scale is None else block_scale.cuda())
+    on_cpu = frozen_quantizer(fmt, max_value, block_scale)
+    w_gpu, columns = w.cuda(), torch.arange(WIDTH).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [on_gpu(w_gpu[:, j:j + 1], columns[j:j + 1]) for j in range(WIDTH)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = [on_cpu(w[:, j:j + 1], torch.tensor([j])) for j in range(WIDTH)]
+    assert torch.allclose(torch.cat(got, 1).cpu(), torch.cat(want, 1), rtol=2.0**-22, atol=0.0)
+
+
 def test_gptq_lowers_the_quadratic_error_and_checks_its_input():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(ROWS, WIDTH, generator=g)

@@ -63,7 +63,7 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
     echo "$name since $(date +%T)" > $Q/current
     case $name in
     benches)
-      step pytest_cuda 600 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py \
+      step pytest_cuda 600 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_linear.py tests/test_gptq.py \
         tests/test_packed_linear.py -k cuda -rs | tee $Q/out/pytest_cuda.txt
       step fp8_gemm 300 python3 bench/fp8_gemm.py
       step packed_gemm 420 python3 bench/packed_gemm.py --parts gemm
