@@ -51,6 +51,10 @@ class QuantConfig:
     steps: further search steps run on every Linear after the range search (or after MinMax when search is False),
     in order: step classes with `from_space(space)` (utils/search/, e.g. BlockScaleStep, GPTQStep), built from the
     run's SearchSpace so their knobs are flags.
+    share_input_ranges: the Linears that read one input (q/k/v, gate/up) take one weight range and one input range
+    after the range search, before the further steps (utils/search/shared_ranges.py): one float32 tensor scale per
+    fused weight and per input, what fused serving kernels (vLLM's NVFP4) require. Per-tensor weight ranges, no
+    channel shifts, not MX (no range).
     """
 
     name: str
@@ -64,6 +68,7 @@ class QuantConfig:
     block: BlockScaling | None = None
     transforms: tuple[ModelTransform | Transform, ...] = ()
     steps: tuple[type, ...] = ()
+    share_input_ranges: bool = False
 
     def __post_init__(self) -> None:
         if self.format_kind not in ("fp", "int"):
@@ -80,6 +85,10 @@ class QuantConfig:
         if self.block is not None and self.search and self.block.power_of_two:
             raise ValueError(f"{self.name}: power-of-two block scales (MX) come from the data alone: there is no range "
                              "to search (search=False)")
+        if self.share_input_ranges and (self.weight_granularity != "per_tensor" or self.act_channel_shift
+                                        or self.block is not None and self.block.power_of_two):
+            raise ValueError(f"{self.name}: shared input ranges need per-tensor weight ranges, no channel shifts and a "
+                             "format with a range (not MX)")
 
     @property
     def uses_search_space(self) -> bool:
@@ -95,6 +104,8 @@ class QuantConfig:
         fields["steps"] = [step.__name__ for step in self.steps]
         if not self.steps:
             del fields["steps"]
+        if not self.share_input_ranges:  # absent when off, as in files written before the option existed
+            del fields["share_input_ranges"]
         if fields["block"] is not None and not fields["block"]["maxima"]:
             del fields["block"]["maxima"]
         return fields

@@ -24,6 +24,10 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
 had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
          to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
          with which published results report a gain
+shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
+         after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
+         fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
+         on round to nearest and on the best recipe, to measure what it costs
 fpends   the output head and the token embedding left in full precision, as other toolkits ship them by default
          (without it, both are quantized: the project's stricter default)
 
@@ -61,11 +65,13 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "rot": lambda config: dataclasses.replace(config, transforms=(ResidualRotation(),) + config.transforms),
     "had16": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(16),)),
     "had32": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(32),)),
+    "shared": lambda config: dataclasses.replace(config, share_input_ranges=True),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
 FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gptq", "rot"), "FPQ": ("gptq", "rot")}
 FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combination of the family's own
 FAMILY_ROTATIONS = {"NVFP4": ("had16",), "MXFP4": ("had32",)}  # in place of rot: added to every other combination
+EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", "shared")))  # beside the combinations
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
@@ -86,5 +92,6 @@ def _component_sets(family: str) -> list[tuple[str, ...]]:
     return sets[1:] + [components + ("fpends",) for components in sets]  # () + fpends: the family as toolkits ship it
 
 
-RECIPES = {config.name: config for config in (recipe(family, components) for family in FAMILIES
-                                                for components in _component_sets(family))}
+RECIPES = {config.name: config for config in [recipe(family, components) for family in FAMILIES
+                                                for components in _component_sets(family)]
+           + [recipe(family, components) for family, components in EXTRA_RECIPES]}

@@ -337,3 +337,41 @@ def test_clip_step_as_a_config_step_calibrates_and_replays(tmp_path):
     linears = [p for p in layers.values() if getattr(p, "kind", None) == "linear"]
     assert all(p.mse <= p.mse_minmax for p in linears)
     assert any(p.act_block_clip is not None and float(p.act_block_clip) < 1 for p in linears)
+
+
+def _shared_nvfp4(**changes) -> QuantConfig:
+    fields = dict(name="shared_test", format_kind="fp", search=False, act_channel_shift=False,
+                  weight_granularity="per_tensor", block=NVFP4_BLOCKS, embedding=False, lm_head=False,
+                  share_input_ranges=True)
+    return QuantConfig(**{**fields, **changes})
+
+
+def test_shared_input_ranges_in_calibration(tmp_path):
+    """share_input_ranges: q/k/v and gate/up each end with one weight range, the largest |W| among them (MinMax: no
+    range search), and one input range, |x|'s maximum; o_proj and down_proj keep their own. Saved and replayed
+    identically (calibrate_and_replay); with the range search and the further steps too."""
+    from conftest import calibrate_and_replay, make_tiny
+
+    weights = {name: m.weight.detach().abs().max() for name, m in make_tiny("llama").named_modules()
+               if isinstance(m, nn.Linear) and ".layers." in name}  # the model calibrate_and_replay builds
+    layers = calibrate_and_replay(_shared_nvfp4(), QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace(), tmp_path)
+    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+    for block in sorted({name.rsplit(".", 2)[0] for name in weights}):
+        for group in groups:
+            names = [f"{block}.{'self_attn' if 'proj' in g and g[0] in 'qkvo' else 'mlp'}.{g}" for g in group]
+            top = max(float(weights[n]) for n in names)
+            for name in names:
+                assert torch.equal(layers[name].weight_max_value, torch.full_like(layers[name].weight_max_value, top))
+            assert len({float(layers[n].act_max_value) for n in names}) == 1
+    searched = calibrate_and_replay(_shared_nvfp4(search=True, steps=(ActBlockClipStep,)),
+                                    QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace((0.5, 1.2, 4), search_round=1),
+                                    tmp_path)
+    qkv = [p for name, p in searched.items() if name.endswith(("q_proj", "k_proj", "v_proj")) and ".0." in name]
+    assert len({float(p.weight_max_value[0]) for p in qkv}) == 1 and len({float(p.act_max_value) for p in qkv}) == 1
+    assert all(math.isfinite(p.mse) for p in qkv)
+
+
+@pytest.mark.parametrize("changes", [dict(weight_granularity="per_channel"), dict(block=MX_BLOCKS)])
+def test_shared_input_ranges_refuse_what_has_no_one_range(changes):
+    with pytest.raises(ValueError, match="shared input ranges"):
+        _shared_nvfp4(**changes)

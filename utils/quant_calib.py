@@ -32,6 +32,7 @@ from utils.attention import attention_modules, calibrate_attention, recording
 from utils.data.architecture import architecture_of, decoder_layers, final_norm
 from utils.params import Checkpoint, Entry, TransformParams, apply_params
 from utils.search.problem import Budget, LinearProblem
+from utils.search.shared_ranges import share_tensor_ranges
 from utils.search.space import TINY, SearchSpace
 from utils.search.steps import fpq_steps, minmax_state, minmax_weight_max, search_linear
 from utils.search.table import search_table
@@ -221,29 +222,61 @@ def _check_inputs(inputs: dict[str, torch.Tensor]) -> None:
             _check_finite(f"the input of {name}", x)
 
 
-def linear_steps(settings: CalibSettings, weight_format, act_format) -> tuple:
-    """The search steps of the config: LLM-FP4's range search (utils/search/steps.py) if it searches, then its
-    further steps built from the run's SearchSpace; none for MinMax configs."""
+def range_steps(settings: CalibSettings, weight_format, act_format) -> tuple:
+    """LLM-FP4's range search (utils/search/steps.py) where the config searches and the run has a SearchSpace."""
     config, space = settings.config, settings.space
-    if space is None:
+    if space is None or not config.search:
         return ()
-    per_tensor = config.weight_granularity == "per_tensor"
-    search = fpq_steps(weight_format, act_format, space, config.act_channel_shift, per_tensor) if config.search else ()
-    return search + tuple(step.from_space(space) for step in config.steps)
+    return fpq_steps(weight_format, act_format, space, config.act_channel_shift,
+                     config.weight_granularity == "per_tensor")
 
 
-def _calibrate_linear(module: QuantLinear, x: torch.Tensor, settings: CalibSettings, formats, budget: Budget
-                      ) -> QuantParams:
-    """MinMax, then the config's search steps; a 16-bit side stays unquantized (MinMax for the other side)."""
+def further_steps(settings: CalibSettings) -> tuple:
+    """The config's further steps, built from the run's SearchSpace; none for MinMax runs."""
+    return () if settings.space is None else tuple(step.from_space(settings.space) for step in settings.config.steps)
+
+
+def linear_steps(settings: CalibSettings, weight_format, act_format) -> tuple:
+    """The search steps of a Linear: the range search, then the config's further steps."""
+    return range_steps(settings, weight_format, act_format) + further_steps(settings)
+
+
+def _calibrate_group(module_of: dict[str, QuantLinear], x: torch.Tensor, settings: CalibSettings, formats,
+                     budget: Budget) -> dict[str, QuantParams]:
+    """The parameters of the Linears that read one input x: MinMax, then the config's search steps; a 16-bit side
+    stays unquantized (MinMax for the other side). With `share_input_ranges` (and more than one Linear) the range
+    phase runs for each, `share_tensor_ranges` gives them one weight and one input range, and the further steps run
+    from there."""
     weight_format, act_format = formats
-    problem = LinearProblem(x, module.weight.detach(), budget)
     per_tensor = settings.config.weight_granularity == "per_tensor"
+
+    def problem_of(name: str) -> LinearProblem:
+        return LinearProblem(x, module_of[name].weight.detach(), budget)
+
     if weight_format is None or act_format is None:
-        weight_max = minmax_weight_max(problem, per_tensor)
-        return QuantParams(weight_format, weight_max if weight_format else None, act_format,
-                           problem.act_absmax.clamp(min=TINY) if act_format else None)
-    start = minmax_state(problem, weight_format, act_format, per_tensor)
-    return search_linear(problem, start, linear_steps(settings, weight_format, act_format))
+        states = {}
+        for name in module_of:
+            problem = problem_of(name)
+            weight_max = minmax_weight_max(problem, per_tensor)
+            states[name] = QuantParams(weight_format, weight_max if weight_format else None, act_format,
+                                       problem.act_absmax.clamp(min=TINY) if act_format else None)
+        return states
+    if not settings.config.share_input_ranges or len(module_of) == 1:  # one Linear's problem at a time
+        steps = linear_steps(settings, weight_format, act_format)
+        states = {}
+        for name in module_of:
+            problem = problem_of(name)
+            states[name] = search_linear(problem, minmax_state(problem, weight_format, act_format, per_tensor), steps)
+        return states
+    problems = {name: problem_of(name) for name in module_of}
+    ranges = range_steps(settings, weight_format, act_format)
+    searched = [search_linear(problem, minmax_state(problem, weight_format, act_format, per_tensor), ranges)
+                for problem in problems.values()]
+    states = {}
+    for (name, problem), shared in zip(problems.items(), share_tensor_ranges(searched)):
+        shared.mse = problem.loss(shared)
+        states[name] = search_linear(problem, shared, further_steps(settings))
+    return states
 
 
 @dataclass
@@ -352,9 +385,14 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
     _check_finite(f"the output of block {index}", outputs)
     _transform_block(run, block, inputs)
     budget = run.settings.budget(_device_of(block))
+    groups: dict[int, dict[str, QuantLinear]] = {}  # by input tensor: Linears that read one input, in module order
     for name, module in linears.items():
-        run.params[name] = _calibrate_linear(module, inputs[name], run.settings, run.formats, budget)
-        module.set_quant_params(run.params[name])
+        groups.setdefault(id(inputs[name]), {})[name] = module
+    for group in groups.values():
+        states = _calibrate_group(group, inputs[next(iter(group))], run.settings, run.formats, budget)
+        for name, module in group.items():
+            run.params[name] = states[name]
+            module.set_quant_params(states[name])
     del inputs
     for name, module in attention.items():
         run.params[name] = calibrate_attention(module, records[name], run.settings.attention,
@@ -378,7 +416,7 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
         name = run.names[head]
         _check_finite(f"the input of {name}", x)
         budget = run.settings.budget(_device_of(head))
-        run.params[name] = _calibrate_linear(head, x, run.settings, run.formats, budget)
+        run.params[name] = _calibrate_group({name: head}, x, run.settings, run.formats, budget)[name]
         head.set_quant_params(run.params[name])
 
 
