@@ -41,7 +41,7 @@ from quant_layers.quantize import quantize
 from utils.export.compressed_tensors import export_compressed_tensors
 from utils.quant_calib import CalibSettings, calibrate
 
-CONFIGS = {"NVFP4": "NVFP4_config_llama", "MXFP4": "MXFP4_config_llama"}
+CONFIGS = {"NVFP4": "NVFP4_config_llama", "MXFP4": "MXFP4_config_llama", "NVFP4_shared": "NVFP4_shared_config_llama"}
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # OCP FP4 E2M1 magnitudes by code, from the spec
 # |served - simulated| log p per token: (max, mean) in nats, and of the mean log-likelihood; see the module docstring
 LOGP_TOLERANCE = {"NVFP4": (0.3, 0.05, 0.01), "MXFP4": (1.0, 0.1, 0.06)}
@@ -339,6 +339,19 @@ def test_shared_global_scales_and_the_dense_head(nvfp4, tmp_path):
     reference = with_library_inputs(model, loaded)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
     assert torch.equal(logits(reference, ids), logits(loaded, ids))
+
+
+def test_calibrated_with_shared_ranges_exports_as_calibrated(tiny_folder, calib_ids, tmp_path):
+    """NVFP4_shared (share_input_ranges): q/k/v and gate/up were calibrated under one range each, so the export that
+    vLLM needs re-encodes nothing (the calibrated codes are written as they are), and each group's global scales
+    agree."""
+    model, layers = quantized_model(tiny_folder, "NVFP4_shared", calib_ids)
+    report = export(model, layers, tmp_path / "out", name="NVFP4_shared")
+    assert report.reencoded == {}
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        values = torch.cat([tensors[f"model.layers.0.{member}.weight_global_scale"] for member in group])
+        assert torch.equal(values, values[:1].expand(len(group)))
 
 
 def test_refusals(nvfp4, tmp_path):
