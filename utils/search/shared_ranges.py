@@ -1,6 +1,7 @@
 """One tensor range for the Linears that share an input (q/k/v, gate/up): what fused serving kernels require, one
 float32 tensor scale for the fused weight and one quantizer for the shared input (NVFP4's tensor scale t is
-max_value / (6 * 448), quant_layers/formats.py). A helper applied to searched states; calibration does not call it.
+max_value / (6 * 448), quant_layers/formats.py). Calibration calls it for configs with share_input_ranges
+(utils/quant_calib.py `_calibrate_group`), between the range search and the further steps.
 """
 
 from __future__ import annotations
