@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from configs.recipes import RECIPES  # noqa: E402
+from configs.recipes import COMPONENTS, RECIPES  # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
 FIGURES = ROOT / "docs" / "figures"
@@ -209,10 +209,35 @@ def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str
                      + " and ".join(f"{percent(v)} ({k})" for k, v in judged.items())
                      + f" of the gap from {reference}; target {targets[model]}% on both: "
                      f"**{'met' if met else 'missed'}**.")
+    lines += ablation_lines(recipes, base, ppl, info)
     scripted = [p.stem for p in sorted((ROOT / "complete_scripts" / model).glob("*.sh"))
                 if f"{p.stem}_config_llama" in RECIPES and p.stem not in recipes]
     return lines + (["", f"Not run yet on this model (scripts ready): {', '.join(scripted)}.", ""] if scripted
                     else [""])
+
+
+def ablation_lines(recipes: dict, base: dict, ppl: dict, info: dict) -> list[str]:
+    """Issue 20's ablation: per family, each component of configs/recipes.py on alone, then the combinations run,
+    against the family's reference row (round to nearest; FPQ: the paper's FPQ), by held-out perplexity and the
+    informative average; components whose row has not run are named."""
+    lines = []
+    for family, reference in (("NVFP4", "NVFP4"), ("MXFP4", "MXFP4"), ("FPQ", "FPQ")):
+        own = {row: row.removeprefix(family + "_").split("_") for row in recipes if row.startswith(family + "_")}
+        if reference not in base or not own:
+            continue
+        alone = [row for row, parts in own.items() if len(parts) == 1]
+        together = sorted((row for row, parts in own.items() if len(parts) > 1), key=lambda row: ppl[row])
+        known = [c for c in COMPONENTS if f"{family}_{c}_config_llama" in RECIPES]
+        lines += [f"Ablation, {family} (reference: {reference}, held-out perplexity {cell(ppl[reference])}, "
+                  f"informative average {cell(info[reference])}):", "",
+                  "| components | held-out ppl | vs reference | informative avg | vs reference |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in sorted(alone, key=lambda row: known.index(own[row][0]) if own[row][0] in known else 99) + together:
+            lines.append(f"| {' + '.join(own[row])} | {cell(ppl[row])} | {ppl[row] / ppl[reference]:.2f}x | "
+                         f"{cell(info[row])} | {info[row] - info[reference]:+.2f} |")
+        missing = [c for c in known if f"{family}_{c}" not in alone]
+        lines += [""] + ([f"Not run alone yet: {', '.join(missing)}.", ""] if missing else [])
+    return lines
 
 
 GPU_PROBE_NOTE = (
