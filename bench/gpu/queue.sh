@@ -21,6 +21,16 @@ S=/tmp/scratch Q=/tmp/scratch/queue
 export PYTHONPATH=/tmp/site:$Q/repo PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -60; }
 wait_for() { until [ -f "$1" ]; do sleep 5; done; }
+task_cache() {  # the tasks' data and the exllamav2 wheel (.gpu_t) unpacked into the cache the rows and benches read
+  wait_for $S/tasks.tar.xz
+  (  # one unpacking at a time (Qwen's and Gemma3's rows call it side by side); the marker says it finished
+    flock 9
+    if [ ! -f $S/cache/tasks.ok ] && [ ! -f $S/smollm2.gguf ]; then  # SmolLM2's join unpacks them itself
+      mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz && cp $S/exllamav2-*.whl $S/cache/wheels/ \
+        && touch $S/cache/tasks.ok
+    fi
+  ) 9> $S/cache.lock
+}
 status() {
   echo "queue: $(cat $Q/current 2>/dev/null || echo 'not started')"
   tail -n 3 $Q/queue.log 2>/dev/null
@@ -42,8 +52,9 @@ start)
   ;;
 stage)
   mkdir -p $S
-  [ -d .gpu_a ] && cp .gpu_a/* $S/
-  [ -d .gpu_t ] && cp .gpu_t/* $S/
+  for file in .gpu_a/* .gpu_t/*; do  # renamed into place: a waiting step never reads a half-copied file
+    [ -f "$file" ] && cp "$file" "$S/.$(basename "$file")" && mv "$S/.$(basename "$file")" "$S/$(basename "$file")"
+  done
   [ -d .gpu_b ] && (source bench/gpu/join_smollm2.sh && touch $S/smollm2.ok)
   bash bench/gpu/model_transfer.sh
   status
@@ -70,11 +81,8 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       ;;
     qwen_bench)
       wait_for $S/qwen.ok
-      wait_for $S/tasks.tar.xz
+      task_cache
       export LLM_FP4_CACHE=$S/cache
-      if [ ! -d $S/cache/tasks ]; then
-        mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz && cp $S/exllamav2-*.whl $S/cache/wheels/
-      fi
       step fp8_eval_throughput 420 python3 bench/fp8_eval_throughput.py --model $S/qwen.gguf
       step packed_model 420 python3 bench/packed_gemm.py --parts model --model_args pretrained=$S/qwen.gguf
       step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf
@@ -84,6 +92,7 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
         [ -n "$4" ] || return 0
         [ -n "$3" ] || { echo "$1 has rows but no wave number (WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA)"; return 1; }
         wait_for "$2"
+        [ "$1" = SmolLM2-135M ] || task_cache
         MODEL=$1 WAVE=$3 ROWS="$4" JOBS=$5 LIMIT_S=7200 OUT=$Q/out bash bench/gpu/table_rows.sh > $Q/rows_$1.log 2>&1
       }
       rows SmolLM2-135M $S/smollm2.ok "${WAVE_SMOL:-}" "${SMOL_ROWS:-}" ${JOBS_SMOL:-4} &
