@@ -5,6 +5,9 @@
 #   benches    pytest -k cuda (FP8 and packed), bench/fp8_gemm.py, bench/packed_gemm.py --parts gemm   (no model)
 #   qwen_bench Qwen2.5-Coder-1.5B: bench/fp8_eval_throughput.py, bench/packed_gemm.py --parts model,
 #              bench/ct_real_check.py                                                            (Qwen's GGUF)
+#   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default NVFP4_4over6_search_gptq_config_llama) at 8 and
+#              32 LLaMA-7B-shaped layers, alone on the GPU (a timing), then --summarize: issue 20's
+#              calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
 #   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN) and Gemma3's
 #              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
 #              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
@@ -78,6 +81,12 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
         tests/test_packed_linear.py -k cuda -rs | tee $Q/out/pytest_cuda.txt
       step fp8_gemm 300 python3 bench/fp8_gemm.py
       step packed_gemm 420 python3 bench/packed_gemm.py --parts gemm
+      ;;
+    calib7b)
+      recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_config_llama}
+      step calib_7b_L8 1200 python3 bench/calib_7b.py --quant_config $recipe --layers 8
+      step calib_7b_L32 3600 python3 bench/calib_7b.py --quant_config $recipe --layers 32
+      step calib_7b_summary 60 python3 bench/calib_7b.py --quant_config $recipe --summarize
       ;;
     qwen_bench)
       wait_for $S/qwen.ok
