@@ -86,8 +86,9 @@ def _recipe_model(architecture: str):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_calibrates_and_replays(tmp_path, name):
-    """Each recipe on the tiny llama: every swapped module gets parameters, no Linear ends above MinMax, the steps it
-    lists leave their mark (clips, block scales, codes), and the saved file replays identical logits."""
+    """Each recipe on the tiny llama: every swapped module gets parameters, no Linear ends above MinMax (unless its
+    ranges are shared), the steps it lists leave their mark (clips, block scales, codes), and the saved file replays
+    identical logits."""
     config = get_config(name)
     assert config is RECIPES[name] and name.split("_")[0] in ("NVFP4", "MXFP4", "FPQ")
     model = _recipe_model("llama")
@@ -96,7 +97,9 @@ def test_every_recipe_calibrates_and_replays(tmp_path, name):
     modules = {n: p for n, p in layers.items() if n in swapped}
     assert set(modules) == set(swapped)
     linears = [p for p in modules.values() if p.kind == "linear"]
-    assert all(p.mse <= p.mse_minmax * (1 + 1e-5) for p in linears)
+    # a shared range is a constraint: a Linear whose own MinMax range was smaller may end above its own MinMax
+    # (tests/test_act_blocks.py checks the sharing itself)
+    assert config.share_input_ranges or all(p.mse <= p.mse_minmax * (1 + 1e-5) for p in linears)
     if GPTQStep in config.steps:
         assert any(p.weight_codes is not None for p in linears)
     if BlockScaleStep in config.steps:
