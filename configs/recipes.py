@@ -24,6 +24,9 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
 had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
          to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
          with which published results report a gain
+smooth   (NVFP4) SmoothQuant's migration (alpha 0.5) folded into the norms before q/k/v and gate/up, ahead of any block
+         Hadamard: the activations' outlier channels moved into the weights before both are cut into blocks. Not in
+         the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
@@ -48,7 +51,7 @@ from utils.search.act_blocks import ActBlockClipStep
 from utils.search.block_scales import BlockScaleStep
 from utils.search.gptq import GPTQStep
 from utils.search.residual_rotation import ResidualRotation
-from utils.search.transforms import BlockHadamard
+from utils.search.transforms import BlockHadamard, SmoothQuant
 
 FAMILIES = {
     "NVFP4": QuantConfig(name="NVFP4", format_kind="fp", search=False, act_channel_shift=False,
@@ -57,6 +60,13 @@ FAMILIES = {
                          weight_granularity="per_tensor", block=MX_BLOCKS),
     "FPQ": QuantConfig(name="FPQ", format_kind="fp", search=True, act_channel_shift=True),
 }
+def _before_block_transforms(config: QuantConfig, transform) -> tuple:
+    """config's transforms with `transform` (a per-block one) after the model-wide ones and before the other per-block
+    ones (SmoothQuant's per-channel scales must be folded before a Hadamard mixes the channels)."""
+    model_wide = tuple(t for t in config.transforms if t.scope == "model")
+    return model_wide + (transform,) + tuple(t for t in config.transforms if t.scope != "model")
+
+
 COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "4over6": lambda config: dataclasses.replace(config, block=NVFP4_4OVER6_BLOCKS),
     "tensor": lambda config: dataclasses.replace(config, search=True),
@@ -65,13 +75,15 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "rot": lambda config: dataclasses.replace(config, transforms=(ResidualRotation(),) + config.transforms),
     "had16": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(16),)),
     "had32": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(32),)),
+    "smooth": lambda config: dataclasses.replace(config, transforms=_before_block_transforms(config, SmoothQuant())),
     "shared": lambda config: dataclasses.replace(config, share_input_ranges=True),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
 FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gptq", "rot"), "FPQ": ("gptq", "rot")}
 FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combination of the family's own
 FAMILY_ROTATIONS = {"NVFP4": ("had16",), "MXFP4": ("had32",)}  # in place of rot: added to every other combination
-EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", "shared")))  # beside the combinations
+EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", "shared")),  # beside the combinations
+                 ("NVFP4", ("smooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth")))
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:

@@ -4,7 +4,7 @@
 # Steps run one after another (timings need a quiet GPU), each waiting for the data it reads:
 #   benches    pytest -k cuda (FP8 and packed), bench/fp8_gemm.py, bench/packed_gemm.py --parts gemm   (no model)
 #   qwen_bench Qwen2.5-Coder-1.5B: bench/fp8_eval_throughput.py, bench/packed_gemm.py --parts model,
-#              bench/ct_real_check.py                                                            (Qwen's GGUF)
+#              bench/ct_real_check.py (or one of them: qwen_fp8, qwen_packed, qwen_ct)           (Qwen's GGUF)
 #   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default NVFP4_4over6_search_gptq_config_llama) at 8 and
 #              32 LLaMA-7B-shaped layers, alone on the GPU (a timing), then --summarize: issue 20's
 #              calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
@@ -88,13 +88,16 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       step calib_7b_L32 3600 python3 bench/calib_7b.py --quant_config $recipe --layers 32
       step calib_7b_summary 60 python3 bench/calib_7b.py --quant_config $recipe --summarize
       ;;
-    qwen_bench)
+    qwen_bench | qwen_fp8 | qwen_packed | qwen_ct)  # qwen_bench: all three
       wait_for $S/qwen.ok
       task_cache
       export LLM_FP4_CACHE=$S/cache
-      step fp8_eval_throughput 420 python3 bench/fp8_eval_throughput.py --model $S/qwen.gguf
-      step packed_model 420 python3 bench/packed_gemm.py --parts model --model_args pretrained=$S/qwen.gguf
-      step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf
+      case $name in qwen_bench | qwen_fp8)
+        step fp8_eval_throughput 420 python3 bench/fp8_eval_throughput.py --model $S/qwen.gguf ;; esac
+      case $name in qwen_bench | qwen_packed)
+        step packed_model 420 python3 bench/packed_gemm.py --parts model --model_args pretrained=$S/qwen.gguf ;; esac
+      case $name in qwen_bench | qwen_ct)
+        step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf ;; esac
       ;;
     rows)
       rows() {  # $1 model, $2 the file its data waits on, $3 wave, $4 rows, $5 jobs
