@@ -358,7 +358,7 @@ def test_shared_input_ranges_in_calibration(tmp_path):
     groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
     for block in sorted({name.rsplit(".", 2)[0] for name in weights}):
         for group in groups:
-            names = [f"{block}.{'self_attn' if 'proj' in g and g[0] in 'qkvo' else 'mlp'}.{g}" for g in group]
+            names = [f"{block}.{'self_attn' if g[0] in 'qkvo' else 'mlp'}.{g}" for g in group]
             top = max(float(weights[n]) for n in names)
             for name in names:
                 assert torch.equal(layers[name].weight_max_value, torch.full_like(layers[name].weight_max_value, top))
