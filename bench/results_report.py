@@ -8,6 +8,7 @@ complete_scripts/<model>/<row>.sh as docs/results/<model>/<row>.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -18,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from configs.recipes import COMPONENTS, RECIPES  # noqa: E402
+from utils.search.space import SearchSpace  # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
 FIGURES = ROOT / "docs" / "figures"
@@ -82,12 +84,12 @@ def cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
+def model_section(model: str, folder: Path) -> tuple[list[str], dict, dict]:
     rows = {row: json.loads((folder / f"{row}.json").read_text()) for row in ROWS if (folder / f"{row}.json").exists()}
     lines = [f"## {MODELS.get(model, model)}", ""]
     if "full_precision" not in rows:
         return lines + ["Not run yet with the current code: `bash complete_scripts/table.sh {}` on a GPU.".format(model),
-                        ""], {}
+                        ""], {}, rows
     informative = informative_tasks(rows["full_precision"])
     tasks = [t for t in PAPER_TASKS + EXTRA_TASKS if any(t in r["results"] for r in rows.values())]
     header = ["row"] + tasks + ["lambada ppl", "held-out ppl", "6-task avg", "informative avg", "LLaMA-7B (paper)",
@@ -132,7 +134,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict]:
                   "Per Linear of the FPQ file, in model order: output MSE of the searched and the MinMax parameters, "
                   "the chosen weight and activation formats, and their exponent biases (`--plot`; "
                   "`python -m utils.report.plots FILE` draws it for any saved parameter file).", ""]
-    return lines, averages
+    return lines, averages, rows
 
 
 # Issue 20's targets: the share of the gap from the family's reference row to full precision the family's best
@@ -327,9 +329,6 @@ def checks(rows: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
-CHEAP_STEPS = ("--weight_refine 8", "--act_coarse_tokens 1024", "--act_refine 2")  # complete_scripts/*/FPQ_cheap_steps.sh
-
-
 VARIANTS = {"FPQ_baseline": "FPQ baseline: no per-channel exponent shifts of the inputs",
             "ablation_sequential": "sequential calibration (each block sees quantized inputs)",
             "ablation_bias_space": "the original's exponent-bias candidates instead of max values",
@@ -337,7 +336,7 @@ VARIANTS = {"FPQ_baseline": "FPQ baseline: no per-channel exponent shifts of the
             "ablation_candidates400": "400 candidates per search step instead of 100",
             "ablation_W4A4E8": "8-bit token embedding", "ablation_W4A8": "8-bit activations (weights stay 4-bit)",
             "ablation_W8A8_E4M3": "8-bit weights and activations (E4M3)",
-            "FPQ_cheap_steps": "the opt-in cheaper search steps (" + " ".join(CHEAP_STEPS) + ")",
+            "FPQ_cheap_steps": "the opt-in cheaper search steps (their flags: \"The cheaper search steps\" below)",
             "NVFP4": "NVFP4: dynamic E4M3 scales per 16 values, no search",
             "MXFP4": "MXFP4: dynamic power-of-two scales per 32 values, no search"}
 
@@ -345,10 +344,19 @@ VARIANTS = {"FPQ_baseline": "FPQ baseline: no per-channel exponent shifts of the
 CHEAP_LIMITS = (2.0, 0.3)  # issue 22: held-out perplexity within 2% and the informative average within 0.3 points
 
 
+def changed_flags(base: dict, other: dict) -> str:
+    """The search flags in which row `other` differs from row `base`, from their results' recorded search knobs; a
+    knob `base` predates counts at its SearchSpace default (what it ran with)."""
+    defaults = json.loads(json.dumps(dataclasses.asdict(SearchSpace())))  # tuples as the files' lists
+    knobs = {**defaults, **base["quantization"]["search"]}
+    theirs = other["quantization"]["search"]
+    return " ".join(f"--{knob} {theirs[knob]}" for knob in theirs if knob in knobs and knobs[knob] != theirs[knob])
+
+
 def cheap_steps_decision(all_rows: dict, all_averages: dict) -> list[str]:
     """Issue 22's rule for the cheaper steps: they become the defaults only if, on every model, FPQ_cheap_steps' held-out
     perplexity is within CHEAP_LIMITS[0] % of FPQ's and its informative average within CHEAP_LIMITS[1] points."""
-    lines, verdicts = [], []
+    lines, verdicts, flags = [], [], set()
     for model, rows in all_rows.items():
         if "FPQ" not in rows:
             continue
@@ -356,6 +364,7 @@ def cheap_steps_decision(all_rows: dict, all_averages: dict) -> list[str]:
             lines.append(f"- {model}: not run yet (`complete_scripts/{model}/FPQ_cheap_steps.sh`).")
             verdicts.append(None)
             continue
+        flags.add(changed_flags(rows["FPQ"], rows["FPQ_cheap_steps"]))
         ppl_change = 100 * (heldout(rows["FPQ_cheap_steps"]) / heldout(rows["FPQ"]) - 1)
         info_change = all_averages[model]["FPQ_cheap_steps"][1] - all_averages[model]["FPQ"][1]
         within = abs(ppl_change) < CHEAP_LIMITS[0] and abs(info_change) < CHEAP_LIMITS[1]
@@ -372,7 +381,8 @@ def cheap_steps_decision(all_rows: dict, all_averages: dict) -> list[str]:
     else:
         verdict = "within the limits on every model: the cheaper steps may become the defaults."
     return (["### The cheaper search steps: defaults by measurement (issue 22)", "",
-             f"`{' '.join(CHEAP_STEPS)}` against the defaults, FPQ W4A4E4 with the paper's settings; the rule: held-out "
+             f"`{' / '.join(sorted(flags)) or 'complete_scripts/<model>/FPQ_cheap_steps.sh'}` against the defaults "
+             "(the rows' recorded search knobs), FPQ W4A4E4 with the paper's settings; the rule: held-out "
              f"perplexity within {CHEAP_LIMITS[0]:g}% and the informative average within {CHEAP_LIMITS[1]:g} points "
              "on every model, else the defaults stay.", ""] + lines + ["", f"Verdict: {verdict}", ""])
 
@@ -564,9 +574,7 @@ def main() -> None:
              "checkpoint. Activation quantization is fully real.", ""]
     all_averages, all_rows = {}, {}
     for model in MODELS:
-        section, all_averages[model] = model_section(model, RESULTS / model)
-        all_rows[model] = {row: json.loads((RESULTS / model / f"{row}.json").read_text())
-                           for row in ("FPQ", "FPQ_cheap_steps") if (RESULTS / model / f"{row}.json").exists()}
+        section, all_averages[model], all_rows[model] = model_section(model, RESULTS / model)
         lines += section
     lines += cheap_steps_decision(all_rows, all_averages)
     figure = accuracy_figure(all_averages)
