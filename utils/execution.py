@@ -27,7 +27,7 @@ from configs import QBits, QuantConfig
 from quant_layers.codes import Encoded
 from quant_layers.fp8_linear import FP8Linear, fp8_format_error, fp8_weight, scaled_mm_reason
 from quant_layers.modules import QuantLinear
-from quant_layers.packed_linear import PackedLinear, PackedWeight, packable_reason
+from quant_layers.packed_linear import DEQUANTIZE_MIN_ROWS, PackedLinear, PackedWeight, packable_reason
 from quant_layers.packed_linear import unavailable_reason as gemm_unavailable_reason
 from utils.export.write import module_weight_codes
 from utils.search.space import range_formats
@@ -157,8 +157,8 @@ EXECUTIONS = {
                      "to float32 summation order (docs/deployment.md)", use_fp8_execution, fp8_config_error),
     "packed": Execution("NVFP4 / MXFP4 weights as 4-bit codes and block scales (0.28 / 0.27 of bf16's bytes), decoded "
                         "to bfloat16 inside a Triton GEMM for few input rows, by a Triton decode before torch's GEMM "
-                        "from 16 (CUDA; the float32 reference GEMM elsewhere), inputs quantized as simulated "
-                        "(docs/deployment.md)", use_packed_execution, packed_config_error),
+                        f"from {DEQUANTIZE_MIN_ROWS} rows (CUDA; the float32 reference GEMM elsewhere), inputs quantized "
+                        "as simulated (docs/deployment.md)", use_packed_execution, packed_config_error),
 }
 
 

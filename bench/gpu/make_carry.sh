@@ -44,4 +44,4 @@ split_model "$qwen" qwen q
 gemma=$cache/models/gemma-3-270m-q4_k_m.gguf
 bash complete_scripts/Gemma3-270M/fetch_model.sh "$gemma"
 split_model "$gemma" gemma3 g
-du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00 .gpu_g0
+du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00 .gpu_g00
