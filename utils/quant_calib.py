@@ -272,10 +272,10 @@ def _calibrate_group(module_of: dict[str, QuantLinear], x: torch.Tensor, setting
     ranges = range_steps(settings, weight_format, act_format)
     searched = [search_linear(problem, minmax_state(problem, weight_format, act_format, per_tensor), ranges)
                 for problem in problems.values()]
-    states = {}
+    states, further = {}, further_steps(settings)
     for (name, problem), shared in zip(problems.items(), share_tensor_ranges(searched)):
         shared.mse = problem.loss(shared)
-        states[name] = search_linear(problem, shared, further_steps(settings))
+        states[name] = search_linear(problem, shared, further)
     return states
 
 
