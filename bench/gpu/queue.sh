@@ -18,6 +18,9 @@
 #                joins when .gpu_b comes, after .gpu_a; Qwen and Gemma3 when their last piece comes,
 #                bench/gpu/model_transfer.sh), then the queue's status
 #   PART=status  (no carry): the queue's status (keep a call in flight: the machine goes back after 30 s idle)
+#   PART=wait    (no carry): WAIT_S seconds (default 120) of status calls' work: every 20 s the archive of
+#                PART=collect is rewritten (renamed into place), so a call cut off at the device budget's end
+#                still brings back everything finished until then (the machine returns $OUT of a killed call)
 #   PART=collect (no carry): everything finished so far as $OUT/queue.tar.gz (parameter files over 4 MiB stay)
 set -uo pipefail
 S=/tmp/scratch Q=/tmp/scratch/queue
@@ -42,7 +45,12 @@ status() {
   done
   true
 }
-case "${PART:?set PART=start, stage, status or collect}" in
+collect() {  # everything finished so far (results, logs, parameter files up to 4 MiB) as $OUT/queue.tar.gz
+  (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
+  tar -czf $OUT/.queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave*/out 2>/dev/null) \
+    -C $Q/repo -T $Q/small_files && mv $OUT/.queue.tar.gz $OUT/queue.tar.gz
+}
+case "${PART:?set PART=start, stage, status, wait or collect}" in
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -65,11 +73,14 @@ stage)
 status)
   status
   ;;
+wait)
+  deadline=$(( $(date +%s) + ${WAIT_S:-120} ))
+  while collect && [ $(( $(date +%s) + 20 )) -lt "$deadline" ]; do sleep 20; done
+  status
+  ;;
 collect)
   status
-  (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
-  tar -czf $OUT/queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave*/out 2>/dev/null) \
-    -C $Q/repo -T $Q/small_files
+  collect
   ;;
 run)  # the queue itself (started by PART=start, in its own session, in the frozen copy)
   export BENCH_RESULTS=$Q/out
