@@ -27,6 +27,11 @@ had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one N
 smooth   (NVFP4) SmoothQuant's migration (alpha 0.5) folded into the norms before q/k/v and gate/up, ahead of any block
          Hadamard: the activations' outlier channels moved into the weights before both are cut into blocks. Not in
          the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe
+smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and alpha in SMOOTH_ALPHAS, the one
+         with the lowest round-to-nearest output error of the Linears after the norm (SmoothQuant(search_alphas)).
+         Round to nearest at the CPU probe scale on SmolLM2-135M: held-out ppl 37.4 without migration, 32.2 with
+         alpha 0.5 for every norm, 30.9 fitted (docs/results/SmolLM2-135M/recipes_heldout_cpu/; one alpha for
+         every norm, bench/cpu_smooth_alpha.sh). Not in the combinations: EXTRA_RECIPES runs it like `smooth`
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
@@ -67,6 +72,8 @@ def _before_block_transforms(config: QuantConfig, transform) -> tuple:
     return model_wide + (transform,) + tuple(t for t in config.transforms if t.scope != "model")
 
 
+SMOOTH_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # smoothfit's candidate strengths (besides no migration)
+
 COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "4over6": lambda config: dataclasses.replace(config, block=NVFP4_4OVER6_BLOCKS),
     "tensor": lambda config: dataclasses.replace(config, search=True),
@@ -76,6 +83,8 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "had16": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(16),)),
     "had32": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(32),)),
     "smooth": lambda config: dataclasses.replace(config, transforms=_before_block_transforms(config, SmoothQuant())),
+    "smoothfit": lambda config: dataclasses.replace(
+        config, transforms=_before_block_transforms(config, SmoothQuant(search_alphas=SMOOTH_ALPHAS))),
     "shared": lambda config: dataclasses.replace(config, share_input_ranges=True),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
@@ -83,7 +92,8 @@ FAMILY_COMPONENTS = {"NVFP4": ("search", "gptq", "rot"), "MXFP4": ("search", "gp
 FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combination of the family's own
 FAMILY_ROTATIONS = {"NVFP4": ("had16",), "MXFP4": ("had32",)}  # in place of rot: added to every other combination
 EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", "shared")),  # beside the combinations
-                 ("NVFP4", ("smooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth")))
+                 ("NVFP4", ("smooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth")),
+                 ("NVFP4", ("smoothfit",)), ("NVFP4", ("4over6", "search", "gptq", "smoothfit")))
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:

@@ -150,3 +150,81 @@ def test_bad_input_is_a_one_line_value_error():
     assert "post_attention_layernorm" in message
     message = one_line_value_error(lambda: apply_saved(model, SmoothQuant(), {"model.norm": torch.ones(64)}))
     assert "model.norm" in message
+
+
+def formula_scales(x: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's s in float64 (the test above's formula), returned in float32."""
+    x_max = x.double().abs().max(dim=0).values.clamp(min=1e-5)
+    w_max = torch.stack([w.double().abs().max(dim=0).values for w in weights]).max(dim=0).values.clamp(min=1e-5)
+    return (x_max ** alpha / w_max ** (1 - alpha)).clamp(min=1e-5).float()
+
+
+@pytest.mark.parametrize("preferred", [None, 0.3, 0.8])
+def test_fitted_strength_takes_the_candidate_the_loss_scores_lowest(preferred):
+    """search_alphas: of s = 1 and s(alpha) for each alpha, fit keeps the one whose summed loss(X / s, W_i s) is
+    lowest. The loss here knows nothing of quantization: it scores a migrated weight by its distance from the
+    weight migrated with `preferred` (None: no migration), so the candidate fit must return is known."""
+    model = tiny("llama")
+    block = model.model.layers[0]
+    inputs = capture(model, block)
+    targets = {}
+    for norm, linears in LLAMA.norm_linear_pairs:
+        weights = [block.get_submodule(n).weight.detach() for n in linears]
+        s = torch.ones(weights[0].shape[1]) if preferred is None else formula_scales(inputs[linears[0]], weights,
+                                                                                      preferred)
+        for n, w in zip(linears, weights):
+            targets[n] = w.float() * s
+    calls = []
+
+    def loss(x, weight):
+        calls.append(x.shape)
+        return min(float((weight.float() - target).abs().max()) for target in targets.values()
+                   if target.shape == weight.shape)
+
+    params = SmoothQuant(search_alphas=(0.3, 0.5, 0.8)).fit(block, inputs, LLAMA, loss)
+    for norm, linears in LLAMA.norm_linear_pairs:
+        weights = [block.get_submodule(n).weight.detach() for n in linears]
+        expected = torch.ones(weights[0].shape[1]) if preferred is None else formula_scales(
+            inputs[linears[0]], weights, preferred)
+        torch.testing.assert_close(params[norm], expected, rtol=1e-6, atol=0)
+    linears_scored = sum(len(linears) for _, linears in LLAMA.norm_linear_pairs)
+    assert len(calls) == 4 * linears_scored  # no migration and three strengths, each Linear after each norm
+
+
+def test_fitted_strength_never_ends_above_no_migration_and_replays(tmp_path):
+    """NVFP4_smoothfit on a tiny Llama: each norm's fitted scales give a round-to-nearest output error no higher than
+    no migration (the loss the calibration hands the transform); the parameter file replays to identical logits."""
+    from quant_layers.formats import BLOCK_ALIASES
+    from utils.search.problem import Budget
+    from utils.search.steps import round_to_nearest_loss
+    from utils.search.transforms import migrated_loss
+
+    model = tiny("llama")
+    block = model.model.layers[0]
+    inputs = capture(model, block)
+    fmt = BLOCK_ALIASES["NVFP4"]
+    loss = round_to_nearest_loss(fmt, fmt, True, Budget(2**28))
+    fitted = SmoothQuant(search_alphas=(0.2, 0.5, 0.8)).fit(block, inputs, LLAMA, loss)
+    for norm, linears in LLAMA.norm_linear_pairs:
+        weights = [block.get_submodule(n).weight for n in linears]
+        x = inputs[linears[0]]
+        chosen = migrated_loss(x, weights, fitted[norm], loss)
+        assert chosen <= migrated_loss(x, weights, torch.ones_like(fitted[norm]), loss)
+        assert chosen <= migrated_loss(x, weights, formula_scales(x, weights, 0.5), loss) * (1 + 1e-6)
+    smoothing = SmoothQuant(search_alphas=(0.2, 0.5, 0.8))
+    assert smoothing.to_dict() == {"name": "smoothquant", "alpha": 0.5, "search_alphas": (0.2, 0.5, 0.8)}
+    assert transform_from_dict({"name": "smoothquant", "alpha": 0.5, "search_alphas": [0.2, 0.5, 0.8]}) == smoothing
+    fresh = copy.deepcopy(model)
+    smoothing.apply(block, fitted, LLAMA)
+    saved = {f"model.layers.0.{norm}": s.clone() for norm, s in fitted.items()}
+    apply_saved(fresh, transform_from_dict(smoothing.to_dict()), saved)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, fresh(IDS).logits)
+
+
+def test_fitted_strength_without_a_loss_or_with_a_bad_alpha_is_one_line():
+    model = tiny("llama")
+    block = model.model.layers[0]
+    message = one_line_value_error(lambda: SmoothQuant(search_alphas=(0.5,)).fit(block, capture(model, block), LLAMA))
+    assert "search_alphas" in message
+    assert "alpha" in one_line_value_error(lambda: SmoothQuant(search_alphas=(0.5, 1.0)))

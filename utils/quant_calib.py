@@ -34,7 +34,7 @@ from utils.params import Checkpoint, Entry, TransformParams, apply_params
 from utils.search.problem import Budget, LinearProblem
 from utils.search.shared_ranges import share_tensor_ranges
 from utils.search.space import TINY, SearchSpace
-from utils.search.steps import fpq_steps, minmax_state, minmax_weight_max, search_linear
+from utils.search.steps import fpq_steps, minmax_state, minmax_weight_max, round_to_nearest_loss, search_linear
 from utils.search.table import search_table
 
 
@@ -362,8 +362,12 @@ def _transform_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor
     prefix = run.names[block] + "."
     arch = architecture_of(block)
     relative = {name.removeprefix(prefix): x for name, x in inputs.items()}  # the same tensors, renamed
+    weight_format, act_format = run.formats
+    loss = None if weight_format is None or act_format is None else round_to_nearest_loss(
+        weight_format, act_format, run.settings.config.weight_granularity == "per_tensor",
+        run.settings.budget(_device_of(block)))
     for transform in transforms:
-        fitted = transform.fit(block, relative, arch)
+        fitted = transform.fit(block, relative, arch, loss)
         transform.apply(block, fitted, arch)
         transform.transform_inputs(fitted, relative, arch)
         for name, value in fitted.items():

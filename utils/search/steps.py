@@ -55,6 +55,16 @@ def minmax_state(problem: LinearProblem, weight_format: QuantFormat, act_format:
     return state
 
 
+def round_to_nearest_loss(weight_format: QuantFormat, act_format: QuantFormat, per_tensor_weight: bool,
+                          budget) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """(x [tokens, in], W [out, in]) -> L of round to nearest (`minmax_state`) in these formats: what a transform
+    choosing between candidates scores (SmoothQuant's fitted strength). budget: utils.search.problem.Budget."""
+    def loss(x: torch.Tensor, weight: torch.Tensor) -> float:
+        problem = LinearProblem(x, weight, budget)
+        return float(minmax_state(problem, weight_format, act_format, per_tensor_weight).mse)
+    return loss
+
+
 @dataclass(frozen=True)
 class ChannelShiftStart:
     """FPQ's per-channel exponent shifts on the current range, kept where they lower L (the descent then starts

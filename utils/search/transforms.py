@@ -10,7 +10,11 @@ SmoothQuant (Xiao et al., 2023): for a norm followed by Linears L_1..L_k that re
     s_j = max_n |X_nj|^alpha / max_{i, o} |W_i[o, j]|^(1 - alpha)      (both maxima and s clamped to >= 1e-5)
 
 then norm(x) -> norm(x) / s and every W_i[:, j] *= s_j: X W^T is unchanged and X / s has flatter channels.
-Which norms feed which Linears, and how a norm absorbs 1 / s, come from the block's Architecture.
+Which norms feed which Linears, and how a norm absorbs 1 / s, come from the block's Architecture. With
+`search_alphas`, each norm's strength is fitted instead (the paper's idea, a choice scored on the layer-output
+error): of s = 1 (no migration) and s(alpha) for each alpha given, the one with the lowest sum over L_1..L_k of
+the round-to-nearest output error loss(X / s, W_i s) (`utils.search.steps.round_to_nearest_loss`: the calibration's formats, so the
+choice sees NVFP4's blocks).
 
 BlockHadamard: for a Linear with input x [N, in], R = diag(H_size, ..., H_size) [in, in] (orthonormal Hadamard
 blocks, quant_layers/hadamard.py), x -> x R online (QuantLinear.input_rotation) and W -> W R offline: the product
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 import torch
@@ -38,16 +43,20 @@ class TransformError(ValueError):
     """A transform cannot be built or applied here (bad settings, unsupported block, bad parameters); one line."""
 
 
+LinearLoss = Callable[[torch.Tensor, torch.Tensor], float]  # (x [tokens, in], W [out, in]) -> a Linear's output error
+
+
 class Transform(Protocol):
     """fit -> params {name relative to the block: tensor}; apply folds them into the block; transform_inputs
-    changes captured inputs {Linear name relative to the block: [tokens, in]} in place to match."""
+    changes captured inputs {Linear name relative to the block: [tokens, in]} in place to match. fit's `loss`, where
+    the calibration has one, scores a Linear's quantized output (a transform that chooses between candidates)."""
 
     name: ClassVar[str]
     tensor_name: ClassVar[str]  # what a parameter file calls its tensor, "<module>.<tensor_name>"
     scope: ClassVar[str]  # "block": fit on each block's captured inputs (here); "model": residual_rotation.py
 
-    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture
-            ) -> dict[str, torch.Tensor]: ...
+    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture,
+            loss: LinearLoss | None = None) -> dict[str, torch.Tensor]: ...
 
     def apply(self, block: nn.Module, params: dict[str, torch.Tensor], arch: Architecture) -> None: ...
 
@@ -64,6 +73,17 @@ def migration_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
     return scales.clamp(min=1e-5)
 
 
+@torch.no_grad()
+def migrated_loss(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, loss: LinearLoss) -> float:
+    """sum_i loss(X / s, W_i s): the Linears' output error after the migration s [in] (X / s in X's dtype, W_i s in
+    W_i's, as `SmoothQuant.transform_inputs` and `apply` round them)."""
+    s = scales.to(x.device)
+    migrated = torch.empty_like(x)
+    for rows, out in zip(x.split(INPUT_ROWS), migrated.split(INPUT_ROWS)):  # no full float32 copy
+        out.copy_((rows.float() / s).to(x.dtype))
+    return sum(loss(migrated, (w.detach().float() * s.to(w.device)).to(w.dtype)) for w in weights)
+
+
 def _check_block(block: nn.Module, arch: Architecture) -> None:
     """TransformError unless block is of a class the adapter describes."""
     if type(block).__name__ not in arch.block_classes:
@@ -78,16 +98,20 @@ def _distinct(inputs: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[t
 
 @dataclass(frozen=True)
 class SmoothQuant:
-    """SmoothQuant's migration with strength alpha in (0, 1); params: {norm name: s [in] float32}."""
+    """SmoothQuant's migration with strength alpha in (0, 1), or with each norm's strength fitted among
+    `search_alphas` (and no migration) on the round-to-nearest output error; params: {norm name: s [in] float32}."""
 
     alpha: float = 0.5
+    search_alphas: tuple[float, ...] = ()
     name: ClassVar[str] = "smoothquant"
     tensor_name: ClassVar[str] = "smooth_scale"
     scope: ClassVar[str] = "block"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.alpha < 1.0:
-            raise TransformError(f"SmoothQuant alpha must be in (0, 1), got {self.alpha}")
+        object.__setattr__(self, "search_alphas", tuple(self.search_alphas))  # a parameter file's list
+        for alpha in (self.alpha, *self.search_alphas):
+            if not 0.0 < alpha < 1.0:
+                raise TransformError(f"SmoothQuant alpha must be in (0, 1), got {alpha}")
 
     def _pairs(self, block: nn.Module, arch: Architecture) -> dict[str, tuple[str, ...]]:
         _check_block(block, arch)
@@ -101,15 +125,25 @@ class SmoothQuant:
         return dict(arch.norm_linear_pairs)
 
     @torch.no_grad()
-    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
-        """{norm name: s [in] float32} from the captured inputs [tokens, in] of the Linears after each norm."""
+    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture,
+            loss: LinearLoss | None = None) -> dict[str, torch.Tensor]:
+        """{norm name: s [in] float32} from the captured inputs [tokens, in] of the Linears after each norm (and,
+        with search_alphas, `loss`)."""
+        if self.search_alphas and loss is None:
+            raise TransformError("SmoothQuant's fitted strength (search_alphas) needs the calibration's output loss")
         scales = {}
         for norm_name, linear_names in self._pairs(block, arch).items():
             captured = _distinct(inputs, linear_names)
             if not captured:
                 raise TransformError(f"SmoothQuant needs the captured input of one of {', '.join(linear_names)}")
             weights = [block.get_submodule(n).weight for n in linear_names]
-            scales[norm_name] = migration_scales(abs_max(captured[0], dim=0), weights, self.alpha)
+            x_absmax = abs_max(captured[0], dim=0)
+            if not self.search_alphas:
+                scales[norm_name] = migration_scales(x_absmax, weights, self.alpha)
+                continue
+            candidates = [torch.ones_like(x_absmax, dtype=torch.float32)]
+            candidates += [migration_scales(x_absmax, weights, alpha) for alpha in self.search_alphas]
+            scales[norm_name] = min(candidates, key=lambda s: migrated_loss(captured[0], weights, s, loss))
         return scales
 
     @torch.no_grad()
@@ -141,7 +175,10 @@ class SmoothQuant:
                     rows.copy_((rows.float() / divisor).to(x.dtype))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
+        fields = {"name": self.name, **asdict(self)}
+        if not self.search_alphas:  # what parameter files written before the search hold
+            del fields["search_alphas"]
+        return fields
 
 
 ROTATION = "input_rotation"  # QuantLinear's InputRotation child: BlockHadamard's params are keyed by it
@@ -190,7 +227,8 @@ class BlockHadamard:
         return self.linears or every
 
     @torch.no_grad()
-    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
+    def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture,
+            loss: LinearLoss | None = None) -> dict[str, torch.Tensor]:
         """{"<linear>.input_rotation": M} for each target Linear; checks the size divides its input width and that
         Linears sharing a captured input are all targets."""
         targets = self._targets(block, arch)
