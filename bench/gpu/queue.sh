@@ -12,6 +12,9 @@
 #              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
 #              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
 #              start once its data is there, a model without rows is skipped)
+#              Keep JOBS_SMOL + JOBS_QWEN + JOBS_GEMMA at 6 or fewer: processes share the GPU by time slices, and
+#              with 10 (5 + 2 + 3, 2026-12-06) SmolLM2's evaluations fell from about 250 to 45-55 requests a second and
+#              no row finished in the session (bench/results/gpu_logs/queue_2026-12-06c_call_output.txt).
 # STEPS (default "benches qwen_bench rows") picks and orders them. Results under /tmp/scratch/queue/.
 #   PART=start   (carry .whl): wheels, a frozen copy of this tree, the queue started in its own session
 #   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q22 .gpu_g00 .. .gpu_g05): stage it (SmolLM2
