@@ -8,6 +8,8 @@
 #   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default NVFP4_4over6_search_gptq_config_llama) at 8 and
 #              32 LLaMA-7B-shaped layers, alone on the GPU (a timing), then --summarize: issue 20's
 #              calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
+#   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
+#              (where calib7b's minutes go; no model data)
 #   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN) and Gemma3's
 #              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
 #              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
@@ -101,6 +103,9 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       step calib_7b_L8 1200 python3 bench/calib_7b.py --quant_config $recipe --layers 8
       step calib_7b_L32 3600 python3 bench/calib_7b.py --quant_config $recipe --layers 32
       step calib_7b_summary 60 python3 bench/calib_7b.py --quant_config $recipe --summarize
+      ;;
+    stepcosts)
+      step step_costs 900 python3 bench/step_costs.py --shape llama7b --device cuda
       ;;
     qwen_bench | qwen_fp8 | qwen_packed | qwen_ct)  # qwen_bench: all three
       wait_for $S/qwen.ok
