@@ -34,7 +34,7 @@ import torch
 
 from quant_layers.formats import QuantFormat
 from quant_layers.modules import QuantParams
-from utils.search.problem import ActCandidates, LinearProblem, channel_shift
+from utils.search.problem import ActCandidates, Budget, LinearProblem, channel_shift
 from utils.search.space import TINY, SearchSpace, range_formats
 
 Step = Callable[[LinearProblem, QuantParams], QuantParams]
@@ -56,9 +56,9 @@ def minmax_state(problem: LinearProblem, weight_format: QuantFormat, act_format:
 
 
 def round_to_nearest_loss(weight_format: QuantFormat, act_format: QuantFormat, per_tensor_weight: bool,
-                          budget) -> Callable[[torch.Tensor, torch.Tensor], float]:
+                          budget: Budget) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """(x [tokens, in], W [out, in]) -> L of round to nearest (`minmax_state`) in these formats: what a transform
-    choosing between candidates scores (SmoothQuant's fitted strength). budget: utils.search.problem.Budget."""
+    choosing between candidates scores (SmoothQuant's fitted strength)."""
     def loss(x: torch.Tensor, weight: torch.Tensor) -> float:
         problem = LinearProblem(x, weight, budget)
         return float(minmax_state(problem, weight_format, act_format, per_tensor_weight).mse)

@@ -13,8 +13,8 @@ then norm(x) -> norm(x) / s and every W_i[:, j] *= s_j: X W^T is unchanged and X
 Which norms feed which Linears, and how a norm absorbs 1 / s, come from the block's Architecture. With
 `search_alphas`, each norm's strength is fitted instead (the paper's idea, a choice scored on the layer-output
 error): of s = 1 (no migration) and s(alpha) for each alpha given, the one with the lowest sum over L_1..L_k of
-the round-to-nearest output error loss(X / s, W_i s) (`utils.search.steps.round_to_nearest_loss`: the calibration's formats, so the
-choice sees NVFP4's blocks).
+the round-to-nearest output error loss(X / s, W_i s) (`utils.search.steps.round_to_nearest_loss`: in the
+calibration's formats, so the choice sees NVFP4's blocks).
 
 BlockHadamard: for a Linear with input x [N, in], R = diag(H_size, ..., H_size) [in, in] (orthonormal Hadamard
 blocks, quant_layers/hadamard.py), x -> x R online (QuantLinear.input_rotation) and W -> W R offline: the product
@@ -25,8 +25,8 @@ per-channel scale of a norm's output cannot pass an online rotation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import ClassVar, Protocol
 
 import torch
