@@ -52,8 +52,10 @@ status() {
 }
 collect() {  # everything finished so far (results, logs, parameter files up to 4 MiB) as $OUT/queue.tar.gz
   (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
-  tar -czf $OUT/.queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) -C $S $(cd $S && ls -d wave*/out 2>/dev/null) \
-    -C $Q/repo -T $Q/small_files && mv $OUT/.queue.tar.gz $OUT/queue.tar.gz
+  tar --warning=no-file-changed -czf $OUT/.queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) \
+    -C $S $(cd $S && ls -d wave*/out 2>/dev/null) -C $Q/repo -T $Q/small_files
+  # tar's status 1: a file changed while it was read (a running row's log), the archive is still whole
+  [ $? -le 1 ] && mv $OUT/.queue.tar.gz $OUT/queue.tar.gz
 }
 case "${PART:?set PART=start, stage, status, wait or collect}" in
 start)
@@ -80,7 +82,7 @@ status)
   ;;
 wait)
   deadline=$(( $(date +%s) + ${WAIT_S:-120} ))
-  while collect && [ $(( $(date +%s) + 20 )) -lt "$deadline" ]; do sleep 20; done
+  while collect; [ $(( $(date +%s) + 20 )) -lt "$deadline" ]; do sleep 20; done
   status
   ;;
 collect)
