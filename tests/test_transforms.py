@@ -191,9 +191,11 @@ def test_fitted_strength_takes_the_candidate_the_loss_scores_lowest(preferred):
     assert len(calls) == 4 * linears_scored  # no migration and three strengths, each Linear after each norm
 
 
-def test_fitted_strength_never_ends_above_no_migration_and_replays(tmp_path):
-    """NVFP4_smoothfit on a tiny Llama: each norm's fitted scales give a round-to-nearest output error no higher than
-    no migration (the loss the calibration hands the transform); the parameter file replays to identical logits."""
+def test_fitted_strength_never_ends_above_no_migration_and_replays():
+    """The fitted strength in NVFP4 on a tiny Llama block: each norm's fitted scales give a round-to-nearest output
+    error no higher than no migration or alpha 0.5 (the loss the calibration hands the transform); the scales, folded
+    into a fresh copy through the transform's saved settings, give identical logits (tests/test_config_steps.py
+    replays whole NVFP4_smoothfit parameter files)."""
     from quant_layers.formats import BLOCK_ALIASES
     from utils.search.problem import Budget
     from utils.search.steps import round_to_nearest_loss
