@@ -33,7 +33,8 @@ smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and
          alpha 0.5 for every norm, 30.9 fitted; on the best recipe 27.4 at 0.5 and 27.6 fitted
          (docs/results/SmolLM2-135M/recipes_heldout_cpu/). One alpha for every norm, 0.2 .. 0.95: 36.0, 34.3, 31.7,
          32.2, 31.4, 31.2, 30.6, 31.9, 30.5 (bench/cpu_smooth_alpha.sh, smooth_alpha_cpu/): none stands out from
-         0.6 up. Not in the combinations: EXTRA_RECIPES runs it like `smooth`
+         0.6 up; ahead of the best recipe 0.5 .. 0.8 all lie within 27.2 .. 27.6. Not in the combinations:
+         EXTRA_RECIPES runs it like `smooth`
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
