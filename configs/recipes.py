@@ -100,7 +100,12 @@ EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", 
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:
-    """The recipe of `family` with `components` (names of COMPONENTS, applied in COMPONENTS' order)."""
+    """The recipe of `family` with `components` (names of COMPONENTS, applied in COMPONENTS' order); ValueError
+    (one line) for an unknown family or component."""
+    unknown = [c for c in components if c not in COMPONENTS]
+    if family not in FAMILIES or unknown:
+        raise ValueError(f"no recipe {family}_{'_'.join(components)}: families {', '.join(FAMILIES)}, components "
+                         f"{', '.join(COMPONENTS)}")
     config = FAMILIES[family]
     ordered = [c for c in COMPONENTS if c in components]
     for component in ordered:

@@ -4,9 +4,9 @@ the range search (or MinMax), recorded in the parameter file's metadata, replaye
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, one_line_value_error
 from configs import QBits, QuantConfig, get_config
-from configs.recipes import RECIPES
+from configs.recipes import RECIPES, recipe
 from quant_layers.formats import NVFP4_BLOCKS
 from quant_layers.modules import QuantLinear, swap_modules
 from quant_layers.quantize import quantize
@@ -163,3 +163,11 @@ def test_block_hadamard_recipes_put_one_blocks_hadamard_on_every_decoder_linear_
     for name in rotated:
         inner = model.get_submodule(name).input_rotation.inner
         assert torch.allclose(inner @ inner.T, torch.eye(size), atol=1e-6) and inner.shape == (size, size)
+
+
+def test_recipe_refuses_an_unknown_family_or_component():
+    """recipe() names what it knows instead of dropping a component it does not (a probe's misspelt base recipe)."""
+    assert "MXFP4" in one_line_value_error(lambda: recipe("NVFP5", ("gptq",)))
+    message = one_line_value_error(lambda: recipe("NVFP4", ("4over6", "gptqq")))
+    assert "NVFP4_4over6_gptqq" in message and "gptq" in message
+    assert recipe("NVFP4", ("gptq", "4over6")).name == "NVFP4_4over6_gptq_config_llama"  # COMPONENTS' order

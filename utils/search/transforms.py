@@ -73,15 +73,26 @@ def migration_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
     return scales.clamp(min=1e-5)
 
 
+def divide_channels(x: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = X / s in X's dtype (float32 division), INPUT_ROWS rows at a time (no full float32 copy); x, out
+    [tokens, in] (out may be x: in place), scales s [in]."""
+    divisor = scales.to(x.device, torch.float32)
+    for rows, target in zip(x.split(INPUT_ROWS), out.split(INPUT_ROWS)):
+        target.copy_((rows.float() / divisor).to(x.dtype))
+    return out
+
+
+def scale_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W s: W [out, in] times s [in] per input channel, in float32, returned in W's dtype."""
+    return (weight.detach().float() * scales.to(weight.device, torch.float32)).to(weight.dtype)
+
+
 @torch.no_grad()
 def migrated_loss(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, loss: LinearLoss) -> float:
-    """sum_i loss(X / s, W_i s): the Linears' output error after the migration s [in] (X / s in X's dtype, W_i s in
-    W_i's, as `SmoothQuant.transform_inputs` and `apply` round them)."""
-    s = scales.to(x.device)
-    migrated = torch.empty_like(x)
-    for rows, out in zip(x.split(INPUT_ROWS), migrated.split(INPUT_ROWS)):  # no full float32 copy
-        out.copy_((rows.float() / s).to(x.dtype))
-    return sum(loss(migrated, (w.detach().float() * s.to(w.device)).to(w.dtype)) for w in weights)
+    """sum_i loss(X / s, W_i s): the Linears' output error after the migration s [in], rounded as
+    `SmoothQuant.transform_inputs` and `apply` round them."""
+    migrated = divide_channels(x, scales, torch.empty_like(x))
+    return sum(loss(migrated, scale_weight(w, scales)) for w in weights)
 
 
 def _check_block(block: nn.Module, arch: Architecture) -> None:
@@ -161,7 +172,7 @@ class SmoothQuant:
             arch.scale_norm(norm, scales)
             for linear_name in pairs[norm_name]:
                 weight = block.get_submodule(linear_name).weight
-                weight.copy_((weight.float() * scales.to(weight.device, torch.float32)).to(weight.dtype))
+                weight.copy_(scale_weight(weight, scales))
 
     @torch.no_grad()
     def transform_inputs(self, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
@@ -170,9 +181,7 @@ class SmoothQuant:
         pairs = dict(arch.norm_linear_pairs)
         for norm_name, scales in params.items():
             for x in _distinct(inputs, pairs.get(norm_name, ())):
-                divisor = scales.to(x.device, torch.float32)
-                for rows in x.split(INPUT_ROWS):
-                    rows.copy_((rows.float() / divisor).to(x.dtype))
+                divide_channels(x, scales, out=x)
 
     def to_dict(self) -> dict:
         fields = {"name": self.name, **asdict(self)}
