@@ -20,13 +20,15 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
          decoder Linear, folded into its weight (BlockHadamard(32)); the norms keep their gains. On SmolLM2-135M at the
          CPU probe scale, MXFP4 W4A4 round to nearest: held-out ppl 218.9 without rotation, 158.8 with rot, 100.3 with
          had32; rot folds the norm gains into gate/up and whitens the error, which the model's massive activation
-         channels then amplify (docs/results/SmolLM2-135M/rotation_probe_cpu/README.md)
+         channels then amplify (docs/results/SmolLM2-135M/rotation_probe_cpu/README.md). GPU rows (SmolLM2-135M,
+         docs/results.md note 6): MXFP4_gptq 74.76 -> MXFP4_gptq_had32 44.38; the block-scale search on top, 50.87
 had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
          to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
          with which published results report a gain
 smooth   (NVFP4) SmoothQuant's migration (alpha 0.5) folded into the norms before q/k/v and gate/up, ahead of any block
          Hadamard: the activations' outlier channels moved into the weights before both are cut into blocks. Not in
-         the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe
+         the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe. On the GPU (SmolLM2-135M,
+         16 x 1024 held-out tokens, docs/results.md note 6): NVFP4_4over6_search_gptq 27.68 -> 26.57 with it
 smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and alpha in SMOOTH_ALPHAS, the one
          with the lowest round-to-nearest output error of the Linears after the norm (SmoothQuant(search_alphas)).
          Round to nearest at the CPU probe scale on SmolLM2-135M: held-out ppl 37.4 without migration, 32.2 with
@@ -38,7 +40,8 @@ smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
-         on round to nearest and on the best recipe, to measure what it costs
+         on round to nearest and on the best recipe, to measure what it costs: nothing measurable on SmolLM2-135M's
+         GPU row (NVFP4_4over6_search_gptq 27.68 either way, docs/results.md note 6)
 fpends   the output head and the token embedding left in full precision, as other toolkits ship them by default
          (without it, both are quantized: the project's stricter default)
 
