@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CPU probe of issue 22's attention rows on the embedded SmolLM2-135M at small scale (bench/cpu_probe_settings.sh),
+# judged on held-out perplexity only: BASE (default FPQ; a --quant_config without _config_llama) without and with the
+# KV cache at 8 and 4 bits and the two attention matmuls at 4 bits, the flags of complete_scripts/SmolLM2-135M/
+# <BASE>_kv8.sh, _kv4.sh and _kv4_attn4.sh. Not comparable with the GPU rows (the evidence); it says early which
+# tensor moves perplexity. One results JSON per variant in docs/results/SmolLM2-135M/kv_heldout_cpu/.
+# VARIANTS="kv8 kv4" runs only those ("none" is the W4A4 row without attention quantization).
+set -euo pipefail
+source "$(dirname "$0")/cpu_probe_settings.sh"
+BASE=${BASE:-FPQ}
+OUT=docs/results/SmolLM2-135M/kv_heldout_cpu
+mkdir -p $OUT
+for variant in ${VARIANTS:-none kv8 kv4 kv4_attn4}; do
+  script=complete_scripts/SmolLM2-135M/${BASE}_$variant.sh
+  extra=()
+  if [ "$variant" != none ]; then
+    [ -f "$script" ] || { echo "no $script: VARIANTS are none kv8 kv4 kv4_attn4"; exit 2; }
+    read -ra extra <<< "$(grep -o -- '--kv_format.* --output' "$script" | sed 's/ --output$//')"
+  fi
+  name=${BASE}_$variant
+  python3 main.py "${common[@]}" --quant_config "${BASE}_config_llama" "${extra[@]}" \
+    --search_result_dir "search_result/kv_cpu/$name" --output_path "$OUT/$name.json" 2>&1 \
+    | grep "held-out perplexity" | sed "s/^/$name: /"
+done
