@@ -211,7 +211,7 @@ def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str
                      + " and ".join(f"{percent(v)} ({k})" for k, v in judged.items())
                      + f" of the gap from {reference}; target {targets[model]}% on both: "
                      f"**{'met' if met else 'missed'}**.")
-    lines += ablation_lines(recipes, base, ppl, info)
+    lines += [""] + ablation_lines(recipes, base, ppl, info)
     scripted = [p.stem for p in sorted((ROOT / "complete_scripts" / model).glob("*.sh"))
                 if f"{p.stem}_config_llama" in RECIPES and p.stem not in recipes]
     return lines + (["", f"Not run yet on this model (scripts ready): {', '.join(scripted)}.", ""] if scripted
