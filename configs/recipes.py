@@ -14,6 +14,9 @@ tensor   (NVFP4) the paper's range search on the float32 tensor scales of weight
          it lowered the output error by 0.12% in 34 s, where the clip, block-scale and GPTQ steps together took 10 s
          and lowered it by 25% (bench/step_costs.py, 2-core CPU; bench/results/step_costs_cpu.json).
 gptq     GPTQ's error-compensating rounding under the frozen scales (GPTQStep, --gptq_damping, --gptq_block)
+gptqout  GPTQ aimed at the exact output error's minimiser W* = W - V G'^-1 instead of W (GPTQOutputStep): its
+         rounding also compensates the error of the Linear's own quantized input (GPTAQ's asymmetric calibration).
+         In place of gptq; not in the combinations: EXTRA_RECIPES runs it alone and on the best recipes
 rot      QuaRot's randomised Hadamard rotation of the residual stream, with the online Hadamard before down_proj
          (ResidualRotation; refused on Gemma3)
 had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input channels (one MX block) before every
@@ -60,7 +63,7 @@ from configs import QuantConfig
 from quant_layers.formats import MX_BLOCKS, NVFP4_4OVER6_BLOCKS, NVFP4_BLOCKS
 from utils.search.act_blocks import ActBlockClipStep
 from utils.search.block_scales import BlockScaleStep
-from utils.search.gptq import GPTQStep
+from utils.search.gptq import GPTQOutputStep, GPTQStep
 from utils.search.residual_rotation import ResidualRotation
 from utils.search.transforms import BlockHadamard, SmoothQuant
 
@@ -85,6 +88,7 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "tensor": lambda config: dataclasses.replace(config, search=True),
     "search": lambda config: dataclasses.replace(config, steps=config.steps + (ActBlockClipStep, BlockScaleStep)),
     "gptq": lambda config: dataclasses.replace(config, steps=config.steps + (GPTQStep,)),
+    "gptqout": lambda config: dataclasses.replace(config, steps=config.steps + (GPTQOutputStep,)),
     "rot": lambda config: dataclasses.replace(config, transforms=(ResidualRotation(),) + config.transforms),
     "had16": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(16),)),
     "had32": lambda config: dataclasses.replace(config, transforms=config.transforms + (BlockHadamard(32),)),
@@ -99,7 +103,10 @@ FAMILY_EXTRAS = {"NVFP4": ("4over6", "tensor")}  # each added to every combinati
 FAMILY_ROTATIONS = {"NVFP4": ("had16",), "MXFP4": ("had32",)}  # in place of rot: added to every other combination
 EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", "shared")),  # beside the combinations
                  ("NVFP4", ("smooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth")),
-                 ("NVFP4", ("smoothfit",)), ("NVFP4", ("4over6", "search", "gptq", "smoothfit")))
+                 ("NVFP4", ("smoothfit",)), ("NVFP4", ("4over6", "search", "gptq", "smoothfit")),
+                 ("NVFP4", ("gptqout",)), ("NVFP4", ("4over6", "search", "gptqout")),
+                 ("NVFP4", ("4over6", "search", "gptqout", "smooth")), ("MXFP4", ("gptqout",)),
+                 ("MXFP4", ("gptqout", "had32")), ("FPQ", ("gptqout", "rot")))
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:

@@ -68,17 +68,38 @@ def activation_order(hessian: torch.Tensor) -> torch.Tensor:
     return torch.argsort(hessian.diagonal(), descending=True, stable=True)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.Tensor,
-                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U = chol(H'^-1) [in, in] in dtype, upper triangular (U^T U = H'^-1), of H' = H + lambda I (dead columns given
-    H_jj = 1 first, lambda = damping * mean(diag H)) with rows and columns in `order`.
-    torch.linalg.LinAlgError where H' is not positive definite."""
+def damped_hessian(hessian: torch.Tensor, damping: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """H' = H + lambda I [in, in] in dtype (a copy): dead columns (H_jj = 0) given H_jj = 1 first, then
+    lambda = damping * mean(diag H) added to the diagonal."""
     h = hessian.to(dtype, copy=True)
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0
     diagonal += damping * diagonal.mean()
-    h = h[order][:, order]
+    return h
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U = chol(H'^-1) [in, in] in dtype, upper triangular (U^T U = H'^-1), of H' = `damped_hessian` with rows and
+    columns in `order`. torch.linalg.LinAlgError where H' is not positive definite."""
+    h = damped_hessian(hessian, damping, dtype)[order][:, order]
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The real-valued weight [rows, in] that minimises the layer's damped output error against the unquantized
+    layer, with the quantized input Xq [N, in] of the unquantized input X:
+
+        W* = argmin_W' ||Xq W'^T - X W^T||^2 + lambda ||W' - W||^2 = W - V H'^-1,
+
+    H = hessian = Xq^T Xq [in, in], H' = `damped_hessian(H, damping)`, V = cross = (D W^T)^T Xq [rows, in] with
+    D = Xq - X (LinearProblem.weight_stats' V). GPTQ rounding W* under H then minimises the exact output error
+    ||Xq Q^T - X W^T||^2 (its linear term 2 (Q - W) . v included), where rounding W minimises ||(Q - W) Xq^T||^2
+    alone (the asymmetric calibration of GPTAQ, Li et al. 2025, with this layer's own input error). In dtype;
+    torch.linalg.LinAlgError where H' is not positive definite."""
+    factor = torch.linalg.cholesky(damped_hessian(hessian, damping, dtype))
+    return weight.to(dtype) - torch.cholesky_solve(cross.to(dtype).T, factor).T
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantize_columns: ColumnQuantizer,

@@ -1,6 +1,8 @@
 """A config's further search steps (QuantConfig.steps): built from the run's SearchSpace, run on every Linear after
 the range search (or MinMax), recorded in the parameter file's metadata, replayed by --only_eval."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -150,7 +152,7 @@ def test_block_hadamard_recipes_put_one_blocks_hadamard_on_every_decoder_linear_
                 for components, steps in (("", ()), ("_search", search), ("_gptq", (GPTQStep,)),
                                           ("_search_gptq", search + (GPTQStep,)))
                 for ends in ("", "_fpends")}
-    assert {n for n in RECIPES if n.startswith(family) and "had" in n} == set(expected)
+    assert {n for n in RECIPES if n.startswith(family) and "had" in n and "gptqout" not in n} == set(expected)
     for name, (steps, ends, block, searched) in expected.items():
         config = RECIPES[name]
         assert config.transforms == (BlockHadamard(size),) and config.block == block and config.search == searched
@@ -171,3 +173,23 @@ def test_recipe_refuses_an_unknown_family_or_component():
     message = one_line_value_error(lambda: recipe("NVFP4", ("4over6", "gptqq")))
     assert "NVFP4_4over6_gptqq" in message and "gptq" in message
     assert recipe("NVFP4", ("gptq", "4over6")).name == "NVFP4_4over6_gptq_config_llama"  # COMPONENTS' order
+
+
+def test_gptqout_recipes_are_their_gptq_twins_aimed_at_the_output():
+    """Each recipe with gptqout is the recipe with gptq in its place, the same in every field but the GPTQ step
+    (GPTQOutputStep for GPTQStep) and the name; the step records itself by its own name."""
+    from utils.search.gptq import GPTQOutputStep
+
+    named = [n for n in RECIPES if "_gptqout" in n]
+    assert {n.removesuffix("_config_llama") for n in named} == {
+        "NVFP4_gptqout", "NVFP4_4over6_search_gptqout", "NVFP4_4over6_search_gptqout_smooth", "MXFP4_gptqout",
+        "MXFP4_gptqout_had32", "FPQ_gptqout_rot"}
+    for name in named:
+        twin = RECIPES.get(name.replace("_gptqout", "_gptq")) or recipe(
+            name.split("_")[0], tuple(name.removesuffix("_config_llama").replace("gptqout", "gptq").split("_")[1:]))
+        config = RECIPES[name]
+        assert GPTQOutputStep in config.steps and GPTQStep not in config.steps
+        assert config.steps == tuple(GPTQOutputStep if s is GPTQStep else s for s in twin.steps)
+        assert dataclasses.replace(config, name=twin.name, steps=twin.steps) == twin
+        assert config.to_dict()["steps"][-1] == "GPTQOutputStep"
+

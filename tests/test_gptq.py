@@ -13,12 +13,12 @@ from configs import QBits, QuantConfig
 from conftest import calibrate_and_replay
 from quant_layers.codes import Encoded, decode_fpq_weight, decode_frozen, encode, encode_frozen
 from quant_layers.formats import BLOCK_ALIASES, NVFP4_BLOCKS, exponent_bias_from_max, fp_format, int_format
-from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale
+from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale, output_target
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from quant_layers.quantize import grid_inverse, quantize
 from utils.params import ParamFileError, apply_params, load_params, save_params
 from utils.search.block_scales import BlockScaleStep
-from utils.search.gptq import GPTQStep
+from utils.search.gptq import GPTQOutputStep, GPTQStep
 from utils.search.problem import Budget, LinearProblem, channel_shift
 from utils.search.space import SearchSpace
 from utils.search.steps import ActRangeStep, WeightRangeStep, minmax_state
@@ -362,13 +362,93 @@ def test_fpq_shifts_fold_after_the_codes():
     assert math.isfinite(result.mse)
 
 
+def _input_error_problem(seed, tokens=256, out=ROWS, width=WIDTH):
+    """x [tokens, width] with two dead channels, w [out, width] and xq = x rounded to E2M1 at its per-tensor max
+    (a coarse input error D = xq - x, as a W4A4 layer sees), float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, 8, generator=g) @ torch.randn(8, width, generator=g)
+         + 0.3 * torch.randn(tokens, width, generator=g)).double()
+    x[:, [3, 30]] = 0.0
+    w = torch.randn(out, width, generator=g, dtype=torch.float64) * 0.1
+    xq = quantize(x.float(), E2M1, x.abs().amax()).double()
+    return x, w, xq
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 0.3])
+def test_output_target_is_the_least_squares_weight(damping):
+    """W* against numpy-free least squares on the stacked system [Xq; sqrt(lambda) I] W'^T = [X W^T; sqrt(lambda) W^T]
+    (float64, torch.linalg.lstsq); dead input channels keep W's values (damping > 0) where lstsq's minimum-norm
+    solution of the undamped system sets them to 0."""
+    x, w, xq = _input_error_problem(0)
+    gram = xq.T @ xq
+    cross = ((xq - x) @ w.T).T @ xq  # V = (D W^T)^T Xq
+    diagonal = gram.diagonal().clone()
+    diagonal[diagonal == 0] = 1.0
+    lam = damping * diagonal.mean()
+    lhs = torch.cat([xq, lam.sqrt() * torch.eye(WIDTH, dtype=torch.float64)])
+    rhs = torch.cat([x @ w.T, lam.sqrt() * w.T])
+    if damping == 0.0:  # dead channels: their column of the system is empty; H_jj = 1 keeps w there
+        lhs = torch.cat([lhs, torch.eye(WIDTH, dtype=torch.float64)[[3, 30]]])
+        rhs = torch.cat([rhs, w.T[[3, 30]]])
+    expected = torch.linalg.lstsq(lhs, rhs).solution.T
+    got = output_target(w, gram, cross, damping, torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-11)
+    assert torch.equal(got[:, [3, 30]], w[:, [3, 30]])
+    assert (got - w).abs().max() > 0.01  # the input error moves the target
+    got32 = output_target(w.float(), gram.float(), cross.float(), damping)
+    assert got32.dtype == torch.float32 and torch.allclose(got32.double(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_rounding_toward_the_output_target_is_the_exact_objective():
+    """For any two weights Q1, Q2: ||Xq Q1^T - X W^T||^2 - ||Xq Q2^T - X W^T||^2 equals the same difference of
+    GPTQ's objective aimed at W*, sum (Q - W*) G (Q - W*)^T (undamped, full-rank G), and not of the one aimed at W."""
+    x, w, xq = _input_error_problem(1)
+    x[:, [3, 30]] = xq[:, [3, 30]] = torch.randn(x.shape[0], 2, generator=torch.Generator().manual_seed(3),
+                                                dtype=torch.float64)  # full rank
+    gram, cross = xq.T @ xq, ((xq - x) @ w.T).T @ xq
+    target = output_target(w, gram, cross, 0.0, torch.float64)
+    g = torch.Generator().manual_seed(2)
+    q1, q2 = (w + 0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def exact(q):
+        return (xq @ q.T - x @ w.T).square().sum()
+
+    def aimed(q, at):
+        return ((q - at) @ gram * (q - at)).sum()
+
+    assert float(exact(q1) - exact(q2)) == pytest.approx(float(aimed(q1, target) - aimed(q2, target)), rel=1e-8)
+    assert float(exact(q1) - exact(q2)) != pytest.approx(float(aimed(q1, w) - aimed(q2, w)), rel=1e-2)
+
+
+@pytest.mark.parametrize("fmt", [E2M1, INT4, NVFP4, MXFP4], ids=lambda f: f.name)
+def test_output_aim_lowers_the_exact_loss_below_gptq(fmt):
+    """Under a coarse activation format (E2M1 per tensor; the block formats' own), GPTQ aimed at W* ends at a lower
+    exact output error than GPTQ aimed at W, on every seed; its loss honours its codes."""
+    for seed in range(3):
+        problem, x, w = _linear_problem(seed, tokens=256)
+        act = fmt if fmt.block is not None else E2M1
+        start = minmax_state(problem, fmt, act)
+        weight_aim = GPTQStep(block_size=16)(problem, start)
+        output_aim = GPTQStep(block_size=16, aim="output")(problem, start)
+        assert output_aim.mse < weight_aim.mse <= start.mse, (seed, output_aim.mse, weight_aim.mse)
+        assert output_aim.mse == pytest.approx(problem.loss(output_aim), rel=1e-6)
+
+
+def test_output_step_takes_the_knobs_and_checks_its_aim():
+    step = GPTQOutputStep.from_space(SearchSpace(gptq_damping=0.1, gptq_block=32))
+    assert step == GPTQStep(damping=0.1, block_size=32, aim="output")
+    with pytest.raises(ValueError, match="aim must be one of weight, output"):
+        GPTQStep(aim="outputs")
+
+
+@pytest.mark.parametrize("step", [GPTQStep, GPTQOutputStep], ids=lambda s: s.__name__)
 @pytest.mark.parametrize("block", [None, NVFP4_BLOCKS], ids=["FPQ", "NVFP4"])
-def test_step_in_calibration_lowers_the_error_and_replays(tmp_path, block):
-    """A config listing GPTQStep (built here, not one of configs/): every Linear gets codes, its error does not rise
-    above MinMax, and the parameter file replays the calibrated logits exactly."""
+def test_step_in_calibration_lowers_the_error_and_replays(tmp_path, block, step):
+    """A config listing GPTQStep or GPTQOutputStep (built here, not one of configs/): every Linear gets codes, its
+    error does not rise above MinMax, and the parameter file replays the calibrated logits exactly."""
     config = QuantConfig(name="gptq_test", format_kind="fp", search=block is None, act_channel_shift=block is None,
                          weight_granularity="per_channel" if block is None else "per_tensor", block=block,
-                         embedding=False, steps=(GPTQStep,))
+                         embedding=False, steps=(step,))
     layers = calibrate_and_replay(config, QBits.parse([4, 4, 16, 2, 2, 2]), SearchSpace((0.5, 1.2, 4), search_round=1),
                                   tmp_path)
     linears = [p for p in layers.values() if getattr(p, "kind", None) == "linear"]

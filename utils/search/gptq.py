@@ -4,7 +4,9 @@ against the layer's output error with the quantized input; the math is in quant_
 1. Freeze the scales: the per-row ranges state.weight_max_value and, for block-scaled formats, the state's block
    scales, or (None) the max-based ones `quantize` derives from the original weight (`max_based_block_scale`).
 2. Round every row by GPTQ (`gptq_round`) with H = G = Xq^T Xq of the state's activation quantizer
-   (`LinearProblem.weight_stats`), in static activation order, damping and lazy block size from the knobs.
+   (`LinearProblem.weight_stats`), in static activation order, damping and lazy block size from the knobs; aimed at
+   W itself (aim "weight", the published algorithm) or at W* = W - V G'^-1, the real-valued minimiser of the exact
+   output error below (aim "output", `output_target`: the rounding also compensates the input's own quantization).
 3. Per row, keep GPTQ's rounding only where its EXACT row loss u^T G u + 2 u.v + c (`LinearProblem.row_losses`) is
    below the one of the state's own rounding under the same scales (round to nearest, or the state's stored codes):
    rows are independent given the activation quantizer, so the sum of the row losses only goes down.
@@ -26,24 +28,31 @@ from dataclasses import dataclass
 import torch
 
 from quant_layers.codes import decode_frozen, encode_frozen
-from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale
+from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale, output_target
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import quantize
 from utils.search.problem import LinearProblem
 from utils.search.space import SearchSpace
 
 DAMPING_RETRIES = (1.0, 10.0, 100.0)  # multipliers of the damping tried in turn while H + lambda I has no factor
+AIMS = ("weight", "output")  # what GPTQ's rounding approaches: W, or the exact output error's minimiser W*
 
 
 @dataclass(frozen=True)
 class GPTQStep:
     """GPTQ's rounding of the weight under the state's frozen scales, kept per row where it lowers the exact loss
     (module docstring). damping: fraction of mean(diag G) added to G's diagonal; block_size: columns per lazy
-    block; act_order: round columns by diag(G) descending (GPTQ's static activation order), else in column order."""
+    block; act_order: round columns by diag(G) descending (GPTQ's static activation order), else in column order;
+    aim: "weight" rounds toward W, "output" toward `output_target`'s W* (AIMS)."""
 
     damping: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    aim: str = "weight"
+
+    def __post_init__(self) -> None:
+        if self.aim not in AIMS:
+            raise ValueError(f"GPTQ's aim must be one of {', '.join(AIMS)}, got {self.aim!r}")
 
     @classmethod
     def from_space(cls, space: SearchSpace) -> GPTQStep:
@@ -63,13 +72,16 @@ class GPTQStep:
             current = quantize(weight, fmt, max_value, block_scale)
         else:
             current = decode_frozen(state.weight_codes.to(weight.device), fmt, max_value, block_scale)
-        gram = problem.weight_stats(state)[0].float()
+        gram, cross, _ = problem.weight_stats(state)
+        gram = gram.float()
         order = activation_order(gram) if self.act_order else None
         rounded = None
         for factor in DAMPING_RETRIES:
+            damping = self.damping * factor
             try:
-                rounded = gptq_round(weight, gram, frozen_quantizer(fmt, max_value, block_scale),
-                                     self.damping * factor, self.block_size, order)
+                target = weight if self.aim == "weight" else output_target(weight, gram, cross.float(), damping)
+                rounded = gptq_round(target, gram, frozen_quantizer(fmt, max_value, block_scale), damping,
+                                     self.block_size, order)
                 break
             except torch.linalg.LinAlgError:
                 continue
@@ -88,3 +100,12 @@ class GPTQStep:
         if math.isnan(state.mse) or result.mse <= state.mse:
             return result
         return state
+
+
+class GPTQOutputStep:
+    """The config step of GPTQ aimed at the exact output error's minimiser (recipe component `gptqout`): built by
+    from_space as GPTQStep(aim="output") with the run's knobs; a parameter file records it by this class's name."""
+
+    @staticmethod
+    def from_space(space: SearchSpace) -> GPTQStep:
+        return dataclasses.replace(GPTQStep.from_space(space), aim="output")
