@@ -10,6 +10,8 @@
 #              calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
+#   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,
+#              TAG=$PROBE_TAG (e.g. PROBE_FLAGS="--gptq_damping 0.1" PROBE_TAG=_damping0.1), all at once, into out/probes
 #   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN) and Gemma3's
 #              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
 #              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
@@ -119,6 +121,12 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
         step packed_model 420 python3 bench/packed_gemm.py --parts model --model_args pretrained=$S/qwen.gguf ;; esac
       case $name in qwen_bench | qwen_ct)
         step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf ;; esac
+      ;;
+    probes)
+      wait_for $S/smollm2.ok
+      mkdir -p $Q/out/probes
+      step probes 1800 env RECIPES="${PROBE_RECIPES:?name PROBE_RECIPES}" FLAGS="${PROBE_FLAGS:-}" TAG="${PROBE_TAG:-}" \
+        OUT=$Q/out/probes LIMIT_S=1700 bash bench/gpu/recipe_probe.sh
       ;;
     rows)
       rows() {  # $1 model, $2 the file its data waits on, $3 wave, $4 rows, $5 jobs
