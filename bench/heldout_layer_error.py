@@ -54,9 +54,9 @@ def variant_step(name: str) -> GPTQStep:
     return GPTQStep(damping=value, aim=VARIANT_AIMS[kind])
 
 
-def captured_inputs(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input rows [tokens, in] of each named Linear over windows [S, T] (one forward pass per window)."""
-    modules = dict(model.named_modules())
+def captured_inputs(model, modules: dict, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input rows [tokens, in] of each named Linear (modules: model's {name: module}) over windows [S, T] (one
+    forward pass per window)."""
     missing = [name for name in names if name not in modules]
     if missing:
         raise SystemExit(f"error: no module {missing[0]!r} in the model")
@@ -92,12 +92,13 @@ def main() -> None:
     calib = get_calib_data(tokenizer, calib_size=args.calib_size, seqlen=args.seqlen)
     text, description = heldout_text()
     heldout = heldout_windows(tokenizer, text, windows=args.heldout_windows, seqlen=args.seqlen)
-    calib_x = captured_inputs(model, args.linears, calib)
-    heldout_x = captured_inputs(model, args.linears, heldout)
+    modules = dict(model.named_modules())
+    calib_x = captured_inputs(model, modules, args.linears, calib)
+    heldout_x = captured_inputs(model, modules, args.linears, heldout)
     budget = Budget(1 << 28)
     table = {}
     for name in args.linears:
-        weight = dict(model.named_modules())[name].weight.detach().float()
+        weight = modules[name].weight.detach().float()
         fit, check = LinearProblem(calib_x[name], weight, budget), LinearProblem(heldout_x[name], weight, budget)
         nearest = minmax_state(fit, fmt, fmt)
         base = fit.loss(nearest), check.loss(nearest)
