@@ -23,7 +23,7 @@ import torch
 
 from common import LLAMA_7B, TINY_SHAPE, environment, llama_7b_shape, results_folder, synchronize, write_result
 from configs import QBits, get_config
-from quant_layers.modules import swap_modules
+from quant_layers.modules import QuantParams, swap_modules
 from utils.data.architecture import decoder_layers
 from utils.quant_calib import CalibSettings, calibrate
 from utils.search.problem import compute_dtype
@@ -69,7 +69,8 @@ def run(layers: int, args) -> dict:
     synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    ratios = [p.mse / p.mse_minmax for p in params.values() if p.kind == "linear" and p.mse_minmax]
+    ratios = [p.mse / p.mse_minmax for p in params.values()  # transforms (smooth, rotations) carry no MSE
+              if isinstance(p, QuantParams) and p.kind == "linear" and p.mse_minmax]
     budget = block_budget_bytes(model, args.calib_size * args.seqlen)
     result = {"layers": layers, "seconds": seconds, "peak_bytes": peak, **budget,
               "mean_mse_over_minmax": sum(ratios) / len(ratios),

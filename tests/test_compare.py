@@ -101,3 +101,21 @@ def test_a_file_that_is_not_results_is_one_line(tmp_path, capsys):
     other.write_text("[1, 2]")
     assert main([str(other)]) == 2
     assert capsys.readouterr().err == f"error: {other} is not a results JSON written by main.py (no 'results' table)\n"
+
+
+def test_calib_7b_runs_a_recipe_with_transforms(tmp_path, monkeypatch):
+    """bench/calib_7b.py on the CPU's tiny LLaMA shape with a recipe whose parameters include a transform
+    (SmoothQuant's scales carry no MSE): one run file and the two target files, the MSE mean over Linears only."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("BENCH_RESULTS", str(tmp_path))
+    recipe = "NVFP4_smooth_config_llama"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "calib_7b.py"), "--layers", "1", "--calib_size", "2",
+                           "--seqlen", "32", "--candidates", "4", "--rounds", "1", "--quant_config", recipe],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-400:]
+    run = json.loads((tmp_path / f"calib_7b_{recipe}_L1.json").read_text())
+    assert run["layers"] == 1 and 0 < run["mean_mse_over_minmax"] <= 1 + 1e-4
+    assert json.loads((tmp_path / "calib_7b_best_recipe_minutes.json").read_text())["name"] == \
+        "calib_7b_best_recipe_minutes"
