@@ -4,7 +4,8 @@
 # KV cache at 8 and 4 bits and the two attention matmuls at 4 bits, the flags of complete_scripts/SmolLM2-135M/
 # <BASE>_kv8.sh, _kv4.sh and _kv4_attn4.sh. Not comparable with the GPU rows (the evidence); it says early which
 # tensor moves perplexity. One results JSON per variant in docs/results/SmolLM2-135M/kv_heldout_cpu/.
-# VARIANTS="kv8 kv4" runs only those ("none" is the W4A4 row without attention quantization).
+# VARIANTS="kv8 kv4" runs only those ("none" is the W4A4 row without attention quantization; kv4_q4 and kv4_p4 split
+# kv4_attn4's two matmul inputs: its flags without --attn_p_format, or without --attn_format, so Q alone or P alone).
 set -euo pipefail
 source "$(dirname "$0")/cpu_probe_settings.sh"
 BASE=${BASE:-FPQ}
@@ -13,9 +14,15 @@ mkdir -p $OUT
 for variant in ${VARIANTS:-none kv8 kv4 kv4_attn4}; do
   script=complete_scripts/SmolLM2-135M/${BASE}_$variant.sh
   extra=()
+  drop=  # the flag (and its value) a split variant leaves out of kv4_attn4's
+  case $variant in kv4_q4) drop=--attn_p_format ;; kv4_p4) drop=--attn_format ;; esac
+  [ -n "$drop" ] && script=complete_scripts/SmolLM2-135M/${BASE}_kv4_attn4.sh
   if [ "$variant" != none ]; then
-    [ -f "$script" ] || { echo "no $script: VARIANTS are none kv8 kv4 kv4_attn4"; exit 2; }
-    read -ra extra <<< "$(grep -o -- '--kv_format.* --output' "$script" | sed 's/ --output$//')"
+    [ -f "$script" ] || { echo "no $script: VARIANTS are none kv8 kv4 kv4_attn4 kv4_q4 kv4_p4"; exit 2; }
+    read -ra flags <<< "$(grep -o -- '--kv_format.* --output' "$script" | sed 's/ --output$//')"
+    for ((i = 0; i < ${#flags[@]}; i++)); do
+      if [ "${flags[i]}" = "$drop" ]; then i=$((i + 1)); else extra+=("${flags[i]}"); fi
+    done
   fi
   name=${BASE}_$variant
   python3 main.py "${common[@]}" --quant_config "${BASE}_config_llama" "${extra[@]}" \
