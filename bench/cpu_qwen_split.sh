@@ -17,7 +17,8 @@ declare -A variant=([W4A4E4]="NVFP4 4 4 4" [W4A16E4]="NVFP4 4 16 4" [W16A4E16]="
 for name in ${VARIANTS:-full_precision W4A16E4 W16A4E16 W4A4E4 fpends_W4A4E4}; do
   if [ "$name" = full_precision ]; then quant=(); else
     read -r config w a e <<< "${variant[$name]}"
-    quant=(--quant_config "${config}_config_llama" --qbits $w $a $e 2 2 2 --search_result_dir "search_result/split_cpu/$name")
+    quant=(--quant_config "${config}_config_llama" --qbits $w $a $e 2 2 2
+           --search_result_dir "search_result/split_cpu/$name")
   fi
   python3 main.py "${common[@]}" "${quant[@]}" --output_path "$OUT/$name.json" 2>&1 \
     | grep "held-out perplexity" | sed "s/^/$name: /"
