@@ -7,8 +7,8 @@ with s = 1 (no migration) or SmoothQuant's s_j = max|h_j|^alpha / max|W_j|^(1-al
 `smooth` component folds into the blocks' norms; the head's final norm could absorb 1 / s the same way), or of
 Q_a(h R) Q_w(W R)^T with R the block Hadamard of --hadamards' sizes (what `had16` / `had32` do to the blocks'
 Linears), beside the head with only its weight or only its input quantized. The recipes quantize the head with the
-block Linears' steps (search, GPTQ) and neither smooth nor rotate it; this measures the head alone under round to
-nearest.
+block Linears' steps (search, GPTQ); `smooth` and the block Hadamards stop at the blocks (only `rot`'s residual
+rotation reaches the head). This measures the head alone under round to nearest.
 Writes one JSON (--output); a model is --model (a .gguf or folder; default the embedded SmolLM2-135M).
 
     python bench/head_probe.py --windows 8 --seqlen 512 --output docs/results/SmolLM2-135M/head_probe_cpu/NVFP4.json
