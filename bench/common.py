@@ -77,6 +77,26 @@ def write_result(name: str, value: float, unit: str, target: str, met: bool, sha
     return path
 
 
+def captured_inputs(model, modules: dict, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input rows [tokens, in] of each named Linear (modules: model's {name: module}) over windows [S, T] (one
+    forward pass per window)."""
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise SystemExit(f"error: no module {missing[0]!r} in the model")
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [modules[name].register_forward_hook(
+        lambda _m, args, _o, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+        for name in names]
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(input_ids=window.view(1, -1), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat(rows) for name, rows in seen.items()}
+
+
 def llama_7b_shape(layers: int, device: str, dtype: torch.dtype = torch.bfloat16, **overrides):
     """LlamaForCausalLM with LLaMA-7B sizes and `layers` blocks, random weights (seed 0), on device."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -28,11 +28,10 @@ from utils.run.reproducible import pin_cpu_numerics  # noqa: E402
 pin_cpu_numerics()  # before torch loads
 import torch  # noqa: E402
 
-from bench.common import environment, git_commit  # noqa: E402
+from bench.common import captured_inputs, environment, git_commit  # noqa: E402
 from quant_layers.formats import parse_format  # noqa: E402
 from quant_layers.hadamard import block_hadamard  # noqa: E402
 from quant_layers.quantize import quantize  # noqa: E402
-from utils.data.architecture import final_norm  # noqa: E402
 from utils.data.calib_data import heldout_text  # noqa: E402
 from utils.data.models import load_model  # noqa: E402
 from utils.report.evaluation import heldout_windows  # noqa: E402
@@ -62,14 +61,11 @@ def main() -> None:
     model, tokenizer, _ = load_model(args.model, device="cpu", dtype="float32")
     text, source = heldout_text()
     ids = heldout_windows(tokenizer, text, windows=args.windows, seqlen=args.seqlen)
-    captured = []
-    hook = final_norm(model).register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
-    for window in ids:
-        model(window[None])
-    hook.remove()
-    h = torch.cat(captured).float()
+    modules = dict(model.named_modules())
+    head_name = next(name for name, module in modules.items() if module is model.get_output_embeddings())
+    h = captured_inputs(model, modules, [head_name], ids)[head_name].float()
     labels = torch.cat([torch.cat([w[1:], torch.tensor([-100])]) for w in ids])
-    weight = model.get_output_embeddings().weight.detach().float()
+    weight = modules[head_name].weight.detach().float()
 
     def q(x: torch.Tensor) -> torch.Tensor:
         return quantize(x, fmt, x.abs().max())

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, git_commit  # noqa: E402
+from bench.common import captured_inputs, environment, git_commit  # noqa: E402
 from quant_layers.formats import BLOCK_ALIASES  # noqa: E402
 from utils.data.calib_data import get_calib_data, heldout_text  # noqa: E402
 from utils.data.models import load_model  # noqa: E402
@@ -52,26 +52,6 @@ def variant_step(name: str) -> GPTQStep:
     except ValueError:
         raise SystemExit(f"error: variant {name!r}: the damping after ':' must be a number") from None
     return GPTQStep(damping=value, aim=VARIANT_AIMS[kind])
-
-
-def captured_inputs(model, modules: dict, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input rows [tokens, in] of each named Linear (modules: model's {name: module}) over windows [S, T] (one
-    forward pass per window)."""
-    missing = [name for name in names if name not in modules]
-    if missing:
-        raise SystemExit(f"error: no module {missing[0]!r} in the model")
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [modules[name].register_forward_hook(
-        lambda _m, args, _o, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]).detach()))
-        for name in names]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model(input_ids=window.view(1, -1), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: torch.cat(rows) for name, rows in seen.items()}
 
 
 def main() -> None:
