@@ -47,7 +47,8 @@ class QuantConfig:
     transforms: function-preserving changes fit on calibration data and saved in the parameter file, in order:
     first the model-wide ones (scope "model", e.g. ResidualRotation(), utils/search/residual_rotation.py), applied
     before calibration, then the per-block ones (utils/search/transforms.py, e.g. SmoothQuant(alpha=0.5)), fit on
-    each block's captured inputs.
+    each block's captured inputs, and those with at_head=True (scope "head"), fit between the final norm and the
+    output head when the head is calibrated (they need lm_head).
     steps: further search steps run on every Linear after the range search (or after MinMax when search is False),
     in order: step classes with `from_space(space)` (utils/search/, e.g. BlockScaleStep, GPTQStep), built from the
     run's SearchSpace so their knobs are flags.
@@ -80,6 +81,8 @@ class QuantConfig:
         scopes = [t.scope for t in self.transforms]
         if scopes != sorted(scopes, key=lambda scope: scope != "model"):
             raise ValueError(f"{self.name}: model-wide transforms come first (they are applied before calibration)")
+        if not self.lm_head and any(t.scope == "head" for t in self.transforms):
+            raise ValueError(f"{self.name}: transforms at the head (at_head) need a quantized head (lm_head=True)")
         if self.block is not None and self.act_channel_shift:
             raise ValueError(f"{self.name}: block-scaled formats take no channel shifts")
         if self.block is not None and self.search and self.block.power_of_two:

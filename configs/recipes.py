@@ -42,6 +42,15 @@ smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and
          32.2, 31.4, 31.2, 30.6, 31.9, 30.5 (bench/cpu_smooth_alpha.sh, smooth_alpha_cpu/): none stands out from
          0.6 up; ahead of the best recipe 0.5 .. 0.8 all lie within 27.2 .. 27.6. Not in the combinations:
          EXTRA_RECIPES runs it like `smooth`
+headsmooth SmoothQuant's migration (alpha 0.5) between the final norm and the output head: the final norm absorbs
+         1 / s, the head's columns take s (SmoothQuant(at_head=True)); `smooth` stops at the decoder blocks. Only the
+         head quantized, round to nearest, on Qwen2.5-Coder-1.5B (bench/head_probe.py, 4 x 1024 held-out tokens, 2-core
+         CPU): NVFP4 13.85 -> 13.65 (full precision 13.40), alpha 0.75 13.64, 0.25 13.85; MXFP4 14.96 -> 14.45.
+         Not in the combinations: EXTRA_RECIPES runs it on round to nearest and on the best NVFP4 recipe
+headhad32 an online Hadamard of each run of 32 channels of the head's input, folded into the head's weight
+         (BlockHadamard(32, at_head=True)); `had32` stops at the decoder blocks. The same probe: MXFP4 14.96 -> 13.90,
+         NVFP4 13.85 -> 13.81 (16-blocks 14.03). Not in the combinations: EXTRA_RECIPES runs it on round to nearest
+         and on the best MXFP4 recipe
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
@@ -97,6 +106,10 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "smooth": lambda config: dataclasses.replace(config, transforms=_before_block_transforms(config, SmoothQuant())),
     "smoothfit": lambda config: dataclasses.replace(
         config, transforms=_before_block_transforms(config, SmoothQuant(search_alphas=SMOOTH_ALPHAS))),
+    "headsmooth": lambda config: dataclasses.replace(
+        config, transforms=config.transforms + (SmoothQuant(at_head=True),)),
+    "headhad32": lambda config: dataclasses.replace(
+        config, transforms=config.transforms + (BlockHadamard(32, at_head=True),)),
     "shared": lambda config: dataclasses.replace(config, share_input_ranges=True),
     "fpends": lambda config: dataclasses.replace(config, lm_head=False, embedding=False),
 }
@@ -108,7 +121,10 @@ EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", 
                  ("NVFP4", ("smoothfit",)), ("NVFP4", ("4over6", "search", "gptq", "smoothfit")),
                  ("NVFP4", ("gptqout",)), ("NVFP4", ("4over6", "search", "gptqout")),
                  ("NVFP4", ("4over6", "search", "gptqout", "smooth")), ("MXFP4", ("gptqout",)),
-                 ("MXFP4", ("gptqout", "had32")), ("FPQ", ("gptqout", "rot")))
+                 ("MXFP4", ("gptqout", "had32")), ("FPQ", ("gptqout", "rot")),
+                 ("NVFP4", ("headsmooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth", "headsmooth")),
+                 ("MXFP4", ("headhad32",)), ("MXFP4", ("headsmooth", "headhad32")),
+                 ("MXFP4", ("gptq", "had32", "headhad32")))
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:

@@ -256,6 +256,17 @@ def _replacements(model: nn.Module, linear: bool, lm_head: bool, embedding: bool
     return replacements
 
 
+def untie_head(model: nn.Module) -> None:
+    """Give the output head its own copy of the weight if it shares the token embedding's, and mark the config untied:
+    for a change to the head alone (a rotation or scale of its columns) that must not reach the embedding."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or head is None:
+        return
+    if head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr():
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        _untie(model)
+
+
 def _untie(model: nn.Module) -> None:
     """Mark the config untied (top level and text sub-config) so no later call re-ties the head."""
     configs = [model.config]

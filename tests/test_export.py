@@ -73,11 +73,13 @@ def logits(model) -> torch.Tensor:
     ("llama", "tied", torch.float32), ("llama", "rotated", torch.float32),
     ("llama", "NVFP4_search_gptq_rot_config_llama", torch.float32), ("qwen2", "MXFP4_search_gptq_config_llama",
                                                                      torch.float32),
-    ("llama", "FPQ_gptq_config_llama", torch.float32), ("llama", "NVFP4_4over6_search_gptq_config_llama", torch.float32)])
+    ("llama", "FPQ_gptq_config_llama", torch.float32), ("llama", "NVFP4_4over6_search_gptq_config_llama", torch.float32),
+    ("qwen2", "NVFP4_headsmooth_config_llama", torch.float32),
+    ("llama", "MXFP4_headsmooth_headhad32_config_llama", torch.float32)])
 def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype, tiny_tokenizer, tmp_path):
     """Every quantized weight decodes to the simulated module's weight and the logits are torch.equal; the block
     configs with a block-scale search export their explicit scales; an unswapped tied head stays one tensor;
-    rotations' online halves (InputRotation buffers) come back."""
+    rotations' online halves (InputRotation buffers, the head's too) come back."""
     config = BLOCK_SEARCH.get(config) or OTHER_CONFIGS.get(config) or get_config(config)
     model, layers = calibrated(architecture, config, dtype)
     export_packed(model, layers, RUN, tmp_path / "export", tiny_tokenizer)
@@ -97,6 +99,9 @@ def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype
     if config is ROTATED:
         rotation = loaded.model.layers[1].self_attn.o_proj.input_rotation
         assert torch.equal(rotation.inner, model.model.layers[1].self_attn.o_proj.input_rotation.inner)
+    if any(t.scope == "head" for t in config.transforms):  # the final norm's new gain, the head's own weight
+        assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)
+        assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
 
 
 def test_sizes_on_disk_are_the_bits_counted_by_hand(tiny_tokenizer, tmp_path):

@@ -8,8 +8,8 @@ import torch
 
 from conftest import make_tiny, one_line_value_error
 from quant_layers.hadamard import hadamard_matrix, random_signs
-from quant_layers.modules import swap_modules
-from utils.data.architecture import architecture_of
+from quant_layers.modules import swap_modules, untie_head
+from utils.data.architecture import architecture_of, head_architecture
 from utils.params import TransformParams, apply_params, load_params, save_params
 from utils.search import transforms
 from utils.search.residual_rotation import ResidualRotation, model_transform_from_dict
@@ -326,3 +326,129 @@ def test_calibration_reads_down_proj_inputs_after_the_online_hadamard():
     layers = calibrate(tiny("llama"), IDS, settings)
     got = layers["model.layers.0.mlp.down_proj"].act_max_value.double()
     assert torch.isclose(got, expected, rtol=1e-5), (float(got), float(expected), float(z.abs().max()))
+
+
+def head_input(model: torch.nn.Module) -> torch.Tensor:
+    """The output head's input [tokens, hidden] (the final norm's output), captured before any input rotation."""
+    captured = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+    logits(model)
+    handle.remove()
+    return captured[0]
+
+
+HEAD_TRANSFORMS = [SmoothQuant(0.5, at_head=True), BlockHadamard(16, at_head=True), BlockHadamard(32, at_head=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("transform", HEAD_TRANSFORMS, ids=["smooth", "had16", "had32"])
+def test_head_transforms_keep_the_logits_and_the_tied_embedding(name, transform, dtype):
+    """SmoothQuant / BlockHadamard at the head (model as block, head_architecture): logits kept, the embedding a tied
+    head shared keeps its values (the head gets its own weight), the transformed input is what the head's quantizer
+    reads, and the saved params replay (apply_saved) to identical weights on a fresh model."""
+    model = tiny(name, dtype)
+    fresh = tiny(name, dtype)
+    fresh.load_state_dict(model.state_dict())
+    if name == "llama":
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # the case untying is for
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    reference, x = logits(model), head_input(model)
+    arch = head_architecture(model)
+    assert arch.norm_linear_pairs == (("model.norm", ("lm_head",)),) and arch.unnormed_linears == ()
+    untie_head(model)
+    params = transform.fit(model, {"lm_head": x}, arch)
+    transform.apply(model, params, arch)
+    transform.transform_inputs(params, {"lm_head": x}, arch)
+    tolerance = RESIDUAL_TOLERANCE if isinstance(transform, SmoothQuant) else TOLERANCE  # its fold is float32 math
+    assert relative_error(logits(model), reference) < tolerance[dtype]
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    quantizer_input = []
+    handle = model.lm_head.input_rotation.register_forward_hook(
+        lambda _m, _a, out: quantizer_input.append(out.detach().reshape(-1, out.shape[-1])))
+    logits(model)
+    handle.remove()
+    assert relative_error(x, quantizer_input[0]) < 1e-5
+    apply_saved(fresh, transform_from_dict(transform.to_dict()), {k: v.clone() for k, v in params.items()})
+    state, fresh_state = model.state_dict(), fresh.state_dict()
+    assert state.keys() == fresh_state.keys() and all(torch.equal(state[k], fresh_state[k]) for k in state)
+
+
+def test_head_transforms_are_the_formulas():
+    """At the head of the tied tiny llama, float64: SmoothQuant's s_j = max|x_j|^0.5 / max|W_j|^0.5, the final norm's
+    w / s and W s (folded in float32); BlockHadamard(32)'s W diag(H, H) with H scipy's Sylvester matrix / sqrt(32), online the same H."""
+    from scipy.linalg import hadamard
+
+    model = tiny("llama", torch.float64)
+    x, weight, gain = head_input(model), model.lm_head.weight.detach().clone(), model.model.norm.weight.detach().clone()
+    arch = head_architecture(model)
+    smoothing = SmoothQuant(0.5, at_head=True)
+    s = smoothing.fit(model, {"lm_head": x}, arch)["model.norm"]
+    expected = x.abs().max(dim=0).values.clamp(min=1e-5) ** 0.5 / weight.abs().max(dim=0).values.clamp(min=1e-5) ** 0.5
+    torch.testing.assert_close(s.double(), expected, rtol=1e-6, atol=0)
+    smoothing.apply(model, {"model.norm": s}, arch)
+    torch.testing.assert_close(model.model.norm.weight, gain / s.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.lm_head.weight, weight * s.double(), rtol=1e-6, atol=0)  # float32 math
+    weight = model.lm_head.weight.detach().clone()
+    rotation = BlockHadamard(32, at_head=True)
+    rotation.apply(model, rotation.fit(model, {"lm_head": x}, arch), arch)
+    h = torch.tensor(hadamard(32), dtype=torch.float64) / 32 ** 0.5
+    torch.testing.assert_close(model.lm_head.weight, weight @ torch.block_diag(h, h), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.lm_head.input_rotation.inner, h, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("recipe_name", ["NVFP4_headsmooth", "MXFP4_headsmooth_headhad32"])
+def test_head_recipes_calibrate_the_transformed_head_and_replay(recipe_name, tmp_path):
+    """calibrate() with a head recipe: the head's parameters are searched on the transformed input (NVFP4's tensor
+    range is max|x / s| from the formula on the plain model's head input), the embedding's quantized table is the one
+    the recipe without head transforms gives (the tied embedding is untouched), and the parameter file replays to
+    identical logits."""
+    from configs import QBits, get_config
+    from configs.recipes import RECIPES
+    from utils.quant_calib import CalibSettings, calibrate
+
+    config, qbits = RECIPES[f"{recipe_name}_config_llama"], QBits.parse([4, 4, 4, 2, 2, 2])
+    x = head_input(tiny("llama"))
+    model = tiny("llama")
+    layers = calibrate(model, IDS, CalibSettings(config, qbits, None))
+    assert {n for n, p in layers.items() if isinstance(p, TransformParams)} == (
+        {"model.norm"} | ({"lm_head.input_rotation"} if "headhad32" in recipe_name else set()))
+    if recipe_name == "NVFP4_headsmooth":
+        s = layers["model.norm"].value.double()
+        expected = x.double().abs().max(dim=0).values ** 0.5 / tiny("llama").lm_head.weight.double().abs().max(
+            dim=0).values ** 0.5
+        torch.testing.assert_close(s, expected, rtol=1e-5, atol=0)
+        torch.testing.assert_close(layers["lm_head"].act_max_value.double(), (x.double() / s).abs().max(), rtol=1e-5,
+                                   atol=0)
+    plain = tiny("llama")  # the family's round to nearest: the same embedding search, no head transform
+    calibrate(plain, IDS, CalibSettings(get_config(recipe_name.split("_")[0] + "_config_llama"), qbits, None))
+    assert torch.equal(model.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    save_params(tmp_path / "p.pt", layers, {})
+    fresh = tiny("llama")
+    apply_params(fresh, load_params(tmp_path / "p.pt")[0])
+    assert torch.equal(logits(fresh), logits(model))
+    assert not torch.equal(logits(fresh), logits(plain))
+
+
+def test_head_transforms_settings_and_bad_input():
+    """to_dict keeps block transforms' dicts as before (no at_head key) and round-trips at_head; a config with a head
+    transform and an unquantized head, a second rotation of the head, SmoothQuant after it, or a head transform on a
+    model without an adapter is one line."""
+    from configs import QuantConfig
+
+    assert "at_head" not in SmoothQuant(0.5).to_dict() and "at_head" not in BlockHadamard(16).to_dict()
+    for transform in HEAD_TRANSFORMS:
+        assert transform_from_dict(transform.to_dict()) == transform and transform.scope == "head"
+    assert SmoothQuant(0.5).scope == BlockHadamard(16).scope == "block"
+    message = one_line_value_error(lambda: QuantConfig(name="bad", format_kind="fp", search=False,
+                                                       act_channel_shift=False, lm_head=False,
+                                                       transforms=(SmoothQuant(at_head=True),)))
+    assert "lm_head" in message
+    model, arch = tiny("llama"), head_architecture(tiny("llama"))
+    signs = {"lm_head.input_rotation": hadamard_matrix(16, torch.float32, normalized=False)}
+    BlockHadamard(16, at_head=True).apply(model, signs, arch)
+    assert "already rotates" in one_line_value_error(lambda: BlockHadamard(16, at_head=True).apply(model, signs, arch))
+    assert "before BlockHadamard" in one_line_value_error(
+        lambda: SmoothQuant(at_head=True).fit(model, {"lm_head": head_input(model)}, arch))
+    assert "no architecture adapter" in one_line_value_error(lambda: head_architecture(torch.nn.Linear(2, 2)))

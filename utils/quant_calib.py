@@ -6,7 +6,7 @@ searched (utils/search/problem.py) and its parameters are set, which quantizes i
 block's inputs live in memory. The block's outputs feed the next block: the full-precision outputs
 of the capture pass (the paper: every layer sees full-precision inputs), or with `sequential` the
 outputs of the block already quantized. The output head is calibrated last on the final norm's
-output; the token embedding by a weight-only search.
+output (after the config's head transforms, if any); the token embedding by a weight-only search.
 
 With a checkpoint, progress is saved after the embedding and after every block; a resumed run sets the
 saved parameters, recomputes the hidden states entering the next block exactly as an uninterrupted run
@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from configs import QBits, QuantConfig
 from configs.attention import AttentionPolicy
-from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
+from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, untie_head
 from quant_layers.quantize import abs_max
 from utils.attention import attention_modules, calibrate_attention, recording
-from utils.data.architecture import architecture_of, decoder_layers, final_norm
+from utils.data.architecture import architecture_of, decoder_layers, final_norm, head_architecture
 from utils.params import Checkpoint, Entry, TransformParams, apply_params
 from utils.search.problem import Budget, LinearProblem
 from utils.search.shared_ranges import share_tensor_ranges
@@ -354,22 +354,29 @@ def _transform_model(run: _Run) -> None:
 
 
 def _transform_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-    """Each per-block transform of the config in turn: fit on the captured inputs, fold into the block, and change the
-    captured inputs the same way (what the transformed block now feeds its Linears); its tensors go into run.params."""
+    """The config's per-block transforms on one block and the captured inputs of its Linears (full names)."""
     transforms = [t for t in run.settings.config.transforms if t.scope == "block"]
     if not transforms:
         return
     prefix = run.names[block] + "."
-    arch = architecture_of(block)
     relative = {name.removeprefix(prefix): x for name, x in inputs.items()}  # the same tensors, renamed
+    _fit_transforms(run, transforms, block, relative, architecture_of(block), prefix, _device_of(block))
+
+
+def _fit_transforms(run: _Run, transforms: list, block: nn.Module, inputs: dict[str, torch.Tensor], arch,
+                    prefix: str, device: torch.device) -> None:
+    """Each transform in turn: fit on the captured inputs {Linear name relative to block: [tokens, in]}, fold into
+    block, and change the captured inputs the same way (what the transformed block now feeds its Linears); its
+    tensors go into run.params under prefix + their names."""
+    if not transforms:
+        return
     weight_format, act_format = run.formats
     loss = None if weight_format is None or act_format is None else round_to_nearest_loss(
-        weight_format, act_format, run.settings.config.weight_granularity == "per_tensor",
-        run.settings.budget(_device_of(block)))
+        weight_format, act_format, run.settings.config.weight_granularity == "per_tensor", run.settings.budget(device))
     for transform in transforms:
-        fitted = transform.fit(block, relative, arch, loss)
+        fitted = transform.fit(block, inputs, arch, loss)
         transform.apply(block, fitted, arch)
-        transform.transform_inputs(fitted, relative, arch)
+        transform.transform_inputs(fitted, inputs, arch)
         for name, value in fitted.items():
             run.params[prefix + name] = TransformParams(transform.to_dict(), value)
 
@@ -412,6 +419,9 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
     head = run.model.get_output_embeddings()
     if not isinstance(head, QuantLinear):
         return
+    transforms = [t for t in run.settings.config.transforms if t.scope == "head"]  # at_head: final norm -> head
+    if transforms:
+        untie_head(run.model)  # before the head moves to the offload device: a tied embedding stays where it is
     with _placed(head, run.settings.offload_device):
         with torch.no_grad():
             norm = final_norm(run.model)
@@ -419,6 +429,7 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
         x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
         name = run.names[head]
         _check_finite(f"the input of {name}", x)
+        _fit_transforms(run, transforms, run.model, {name: x}, head_architecture(run.model), "", x.device)
         budget = run.settings.budget(_device_of(head))
         run.params[name] = _calibrate_group({name: head}, x, run.settings, run.formats, budget)[name]
         head.set_quant_params(run.params[name])

@@ -13,6 +13,7 @@ The decoder blocks and the final norm are found through `LAYOUTS` (paths from th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,22 @@ def architecture_of(model_or_block: nn.Module) -> Architecture:
         return _BY_BLOCK_CLASS[block_class]
     found = f"{own_class} (blocks {block_class})" if block_class else own_class
     raise ArchitectureError(f"no architecture adapter for {found}; supported blocks: {', '.join(_BY_BLOCK_CLASS)}")
+
+
+def head_architecture(model: nn.Module) -> Architecture:
+    """The final norm and the output head seen as one block rooted at the model: module names are full names, the
+    model's class is the block class and the final norm feeds the head alone. A per-block transform (SmoothQuant,
+    BlockHadamard) given the model as its block and this view acts between the last decoder block and the head."""
+    arch = architecture_of(model)
+    final_norm(model)
+    _, norm_path = _layout(model)
+    head = model.get_output_embeddings()
+    head_name = next((name for name, module in model.named_modules() if module is head and name), None)
+    if head_name is None:
+        raise ArchitectureError(f"cannot find the output head of {type(model).__name__}")
+    return dataclasses.replace(arch, name=f"{arch.name} head", block_classes=(type(model).__name__,),
+                               norm_linear_pairs=((norm_path, (head_name,)),), unnormed_linears=(),
+                               residual_writers=(), output_norms=(), product_linear="", attention="")
 
 
 def norm_linear_pairs(block: nn.Module) -> list[tuple[str, tuple[str, ...]]]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from quant_layers.hadamard import (check_block_size, hadamard_factors, hadamard_matrix, is_power_of_two, kron_rotate,
                                    random_signs, rotation_dtype)
-from quant_layers.modules import _untie
+from quant_layers.modules import untie_head
 from utils.data.architecture import Architecture, architecture_of, decoder_layers, final_norm
 from utils.search.transforms import INPUT_ROWS, ROTATION, TransformError, from_registry
 
@@ -150,9 +150,7 @@ class ResidualRotation:
         if set(params) != {"signs"} or signs.shape != (hidden,) or not bool((signs.abs() == 1).all()):
             shapes = {k: tuple(v.shape) for k, v in params.items()}
             raise TransformError(f"ResidualRotation params must be {{'signs': +-1 [{hidden}]}}, got {shapes}")
-        if head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr():
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-            _untie(model)
+        untie_head(model)
         device = embedding.weight.device
         _rotate_rows(embedding.weight, signs.to(device, torch.float64), self._hidden_rotation(hidden, device))
         for block in decoder_layers(model):

@@ -20,6 +20,11 @@ BlockHadamard: for a Linear with input x [N, in], R = diag(H_size, ..., H_size) 
 blocks, quant_layers/hadamard.py), x -> x R online (QuantLinear.input_rotation) and W -> W R offline: the product
 (x R)(W R)^T = x W^T is unchanged and the input quantizer sees rotated blocks. SmoothQuant must come first: a
 per-channel scale of a norm's output cannot pass an online rotation.
+
+With `at_head`, either acts between the final norm and the output head instead of inside the decoder blocks (scope
+"head"): fit, apply and transform_inputs take the model as the block and `head_architecture(model)` as the
+Architecture (the final norm absorbs SmoothQuant's 1 / s; the head rotates its input online), once, when the head is
+calibrated. A tied head is untied first: the embedding keeps its values.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from torch import nn
 
 from quant_layers.hadamard import check_block_size, hadamard_matrix, is_power_of_two, kron_rotate, rotation_dtype
 from quant_layers.quantize import abs_max
-from utils.data.architecture import Architecture, architecture_of, decoder_layers
+from quant_layers.modules import untie_head
+from utils.data.architecture import Architecture, architecture_of, decoder_layers, head_architecture
 
 INPUT_ROWS = 4096  # captured rows rescaled at once (bounds the float32 temporary)
 
@@ -53,7 +59,7 @@ class Transform(Protocol):
 
     name: ClassVar[str]
     tensor_name: ClassVar[str]  # what a parameter file calls its tensor, "<module>.<tensor_name>"
-    scope: ClassVar[str]  # "block": fit on each block's captured inputs (here); "model": residual_rotation.py
+    scope: str  # "block": fit on each block's captured inputs; "head": on the head's (at_head); "model": residual_rotation.py
 
     def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture,
             loss: LinearLoss | None = None) -> dict[str, torch.Tensor]: ...
@@ -114,9 +120,13 @@ class SmoothQuant:
 
     alpha: float = 0.5
     search_alphas: tuple[float, ...] = ()
+    at_head: bool = False
     name: ClassVar[str] = "smoothquant"
     tensor_name: ClassVar[str] = "smooth_scale"
-    scope: ClassVar[str] = "block"
+
+    @property
+    def scope(self) -> str:
+        return "head" if self.at_head else "block"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "search_alphas", tuple(self.search_alphas))  # a parameter file's list
@@ -187,6 +197,8 @@ class SmoothQuant:
         fields = {"name": self.name, **asdict(self)}
         if not self.search_alphas:  # what parameter files written before the search hold
             del fields["search_alphas"]
+        if not self.at_head:  # the same for transforms inside the blocks
+            del fields["at_head"]
         return fields
 
 
@@ -214,9 +226,13 @@ class BlockHadamard:
 
     size: int = 32
     linears: tuple[str, ...] | None = None
+    at_head: bool = False
     name: ClassVar[str] = "block_hadamard"
     tensor_name: ClassVar[str] = "hadamard"
-    scope: ClassVar[str] = "block"
+
+    @property
+    def scope(self) -> str:
+        return "head" if self.at_head else "block"
 
     def __post_init__(self) -> None:
         if not is_power_of_two(self.size) or self.size < 2:
@@ -299,7 +315,10 @@ class BlockHadamard:
                 rows.copy_(kron_rotate(rows, rotation))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
+        fields = {"name": self.name, **asdict(self)}
+        if not self.at_head:  # what parameter files written before head transforms hold
+            del fields["at_head"]
+        return fields
 
 
 TRANSFORMS: dict[str, type] = {cls.name: cls for cls in (SmoothQuant, BlockHadamard)}
@@ -323,7 +342,12 @@ def transform_from_dict(fields: dict) -> Transform:
 
 
 def apply_saved(model: nn.Module, transform: Transform, params: dict[str, torch.Tensor]) -> None:
-    """Fold saved parameters keyed by full module names ("model.layers.0.input_layernorm") into their blocks."""
+    """Fold saved parameters keyed by full module names ("model.layers.0.input_layernorm", or "model.norm" at the
+    head) into their blocks, or between the final norm and the head."""
+    if transform.scope == "head":
+        untie_head(model)
+        transform.apply(model, params, head_architecture(model))
+        return
     arch = architecture_of(model)
     block_ids = {id(block) for block in decoder_layers(model)}
     blocks = {name: m for name, m in model.named_modules() if id(m) in block_ids}
