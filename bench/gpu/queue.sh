@@ -5,8 +5,9 @@
 #   benches    pytest -k cuda (FP8 and packed), bench/fp8_gemm.py, bench/packed_gemm.py --parts gemm   (no model)
 #   qwen_bench Qwen2.5-Coder-1.5B: bench/fp8_eval_throughput.py, bench/packed_gemm.py --parts model,
 #              bench/ct_real_check.py (or one of them: qwen_fp8, qwen_packed, qwen_ct)           (Qwen's GGUF)
-#   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default NVFP4_4over6_search_gptq_smooth_config_llama,
-#              the NVFP4 pick) at 8 and 32 LLaMA-7B-shaped layers, alone on the GPU (a timing), then --summarize:
+#   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default the NVFP4 pick,
+#              NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama) at 8 and 32 LLaMA-7B-shaped layers, alone on
+#              the GPU (a timing), then --summarize:
 #              issue 20's calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
@@ -103,7 +104,7 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       step packed_gemm 420 python3 bench/packed_gemm.py --parts gemm
       ;;
     calib7b)
-      recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_smooth_config_llama}
+      recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama}
       step calib_7b_L8 1200 python3 bench/calib_7b.py --quant_config $recipe --layers 8
       step calib_7b_L32 3600 python3 bench/calib_7b.py --quant_config $recipe --layers 32
       step calib_7b_summary 60 python3 bench/calib_7b.py --quant_config $recipe --summarize
