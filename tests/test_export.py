@@ -73,7 +73,8 @@ def logits(model) -> torch.Tensor:
     ("llama", "tied", torch.float32), ("llama", "rotated", torch.float32),
     ("llama", "NVFP4_search_gptq_rot_config_llama", torch.float32), ("qwen2", "MXFP4_search_gptq_config_llama",
                                                                      torch.float32),
-    ("llama", "FPQ_gptq_config_llama", torch.float32), ("llama", "NVFP4_4over6_search_gptq_config_llama", torch.float32),
+    ("llama", "FPQ_gptq_config_llama", torch.float32),
+    ("llama", "NVFP4_4over6_search_gptq_config_llama", torch.float32),
     ("qwen2", "NVFP4_headsmooth_config_llama", torch.float32),
     ("llama", "MXFP4_headsmooth_headhad32_config_llama", torch.float32)])
 def test_loaded_export_computes_the_simulated_logits(architecture, config, dtype, tiny_tokenizer, tmp_path):

@@ -377,7 +377,8 @@ def test_head_transforms_keep_the_logits_and_the_tied_embedding(name, transform,
 
 def test_head_transforms_are_the_formulas():
     """At the head of the tied tiny llama, float64: SmoothQuant's s_j = max|x_j|^0.5 / max|W_j|^0.5, the final norm's
-    w / s and W s (folded in float32); BlockHadamard(32)'s W diag(H, H) with H scipy's Sylvester matrix / sqrt(32), online the same H."""
+    w / s and W s (folded in float32); BlockHadamard(32)'s W diag(H, H) with H scipy's Sylvester matrix / sqrt(32),
+    online the same H."""
     from scipy.linalg import hadamard
 
     model = tiny("llama", torch.float64)

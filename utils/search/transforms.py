@@ -59,7 +59,7 @@ class Transform(Protocol):
 
     name: ClassVar[str]
     tensor_name: ClassVar[str]  # what a parameter file calls its tensor, "<module>.<tensor_name>"
-    scope: str  # "block": fit on each block's captured inputs; "head": on the head's (at_head); "model": residual_rotation.py
+    scope: str  # "block": on each block's captured inputs; "head": on the head's (at_head); "model": residual_rotation
 
     def fit(self, block: nn.Module, inputs: dict[str, torch.Tensor], arch: Architecture,
             loss: LinearLoss | None = None) -> dict[str, torch.Tensor]: ...
@@ -116,7 +116,8 @@ def _distinct(inputs: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[t
 @dataclass(frozen=True)
 class SmoothQuant:
     """SmoothQuant's migration with strength alpha in (0, 1), or with each norm's strength fitted among
-    `search_alphas` (and no migration) on the round-to-nearest output error; params: {norm name: s [in] float32}."""
+    `search_alphas` (and no migration) on the round-to-nearest output error; params: {norm name: s [in] float32}.
+    at_head: between the final norm and the output head instead of in the blocks (the module docstring)."""
 
     alpha: float = 0.5
     search_alphas: tuple[float, ...] = ()
@@ -222,7 +223,8 @@ class BlockHadamard:
     """Block Hadamard of Linear inputs, size 2^k (16, 32, 128, ...). linears: names relative to the block (None:
     every Linear the Architecture names); Linears that read one tensor (q/k/v, gate/up) go together.
     params: {"<linear>.input_rotation": M [size, size] float32}, M the +-1 Hadamard matrix (M M^T = size I) and
-    H = M / sqrt(size): exact in float32 files, so replay needs no settings and float64 models stay float64-exact."""
+    H = M / sqrt(size): exact in float32 files, so replay needs no settings and float64 models stay float64-exact.
+    at_head: the output head's input instead of the blocks' Linears (the module docstring)."""
 
     size: int = 32
     linears: tuple[str, ...] | None = None
