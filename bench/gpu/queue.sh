@@ -26,9 +26,10 @@
 #                joins when .gpu_b comes, after .gpu_a; Qwen and Gemma3 when their last piece comes,
 #                bench/gpu/model_transfer.sh), then the queue's status
 #   PART=status  (no carry): the queue's status (keep a call in flight: the machine goes back after 30 s idle)
-#   PART=wait    (no carry): WAIT_S seconds (default 120) of status calls' work: every 20 s the archive of
-#                PART=collect is rewritten (renamed into place), so a call cut off at the device budget's end
-#                still brings back everything finished until then (the machine returns $OUT of a killed call)
+#   PART=wait    (no carry): WAIT_S seconds (default 120) of status calls' work, or less once the queue is done:
+#                every 20 s the archive of PART=collect is rewritten (renamed into place), so a call cut off at the
+#                device budget's end still brings back everything finished until then (the machine returns $OUT
+#                of a killed call)
 #   PART=collect (no carry): everything finished so far as $OUT/queue.tar.gz (parameter files over 4 MiB stay)
 set -uo pipefail
 S=/tmp/scratch Q=/tmp/scratch/queue
@@ -85,7 +86,12 @@ status)
   ;;
 wait)
   deadline=$(( $(date +%s) + ${WAIT_S:-120} ))
-  while collect; [ $(( $(date +%s) + 20 )) -lt "$deadline" ]; do sleep 20; done
+  while true; do
+    finished=$(grep -c '^done' $Q/current 2>/dev/null)  # read before the last collect: it holds everything
+    collect
+    { [ "$finished" = 1 ] || [ $(( $(date +%s) + 20 )) -ge "$deadline" ]; } && break
+    sleep 20
+  done
   status
   ;;
 collect)
