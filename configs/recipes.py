@@ -51,7 +51,8 @@ headhad32 an online Hadamard of each run of 32 channels of the head's input, fol
          (BlockHadamard(32, at_head=True)); `had32` stops at the decoder blocks. The same probe: MXFP4 14.96 -> 13.90,
          NVFP4 13.85 -> 13.81 (16-blocks 14.03). Not in the combinations: EXTRA_RECIPES runs it on round to nearest
          and on the best MXFP4 recipe, alone and after headsmooth. CPU probe (SmolLM2-135M, recipes_heldout_cpu/):
-         MXFP4 218.86 -> 128.10 with headhad32, 110.02 with headsmooth and headhad32
+         MXFP4 218.86 -> 128.10 with headhad32, 110.02 with headsmooth and headhad32; MXFP4_gptq_had32 45.64 ->
+         37.05 with headhad32, 36.47 with both
 shared   (NVFP4) one weight range and one input range for the Linears that read one input (q/k/v, gate/up), taken
          after the range search and before the further steps: one float32 tensor scale per fused weight, what vLLM's
          fused NVFP4 kernels require (QuantConfig.share_input_ranges). Not in the combinations: EXTRA_RECIPES runs it
