@@ -198,3 +198,34 @@ def test_smoothquant_file_round_trip(tmp_path):
     apply_params(fresh, load_params(path)[0])
     with torch.no_grad():
         assert torch.equal(fresh(IDS).logits, calibrated(IDS).logits)
+
+
+def test_a_model_without_an_adapter_calibrates_its_head_unless_asked_for_head_transforms():
+    """OPT's layout is in LAYOUTS but has no Architecture: round-to-nearest NVFP4 calibrates it, head included (its
+    MinMax input range is amax of the final norm's output); a recipe with a head transform is one line, with the
+    model unchanged."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from conftest import one_line_value_error
+    from configs.recipes import RECIPES
+
+    def opt():
+        torch.manual_seed(0)
+        config = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                           word_embed_proj_dim=32, max_position_embeddings=64)
+        model = OPTForCausalLM(config).eval()
+        swap_modules(model)
+        return model
+
+    model, captured = opt(), []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().reshape(-1, 32)))
+    with torch.no_grad():
+        model(IDS)
+    layers = calibrate(model, IDS, CalibSettings(get_config("NVFP4_config_llama"), W4A4, None))
+    torch.testing.assert_close(layers["lm_head"].act_max_value, captured[0].abs().max(), rtol=1e-5, atol=0)
+    refused = opt()
+    before = {k: v.clone() for k, v in refused.state_dict().items()}
+    message = one_line_value_error(
+        lambda: calibrate(refused, IDS, CalibSettings(RECIPES["NVFP4_headsmooth_config_llama"], W4A4, None)))
+    assert "no architecture adapter" in message
+    assert all(torch.equal(before[k], v) for k, v in refused.state_dict().items())

@@ -446,7 +446,8 @@ def test_head_transforms_settings_and_bad_input():
                                                        act_channel_shift=False, lm_head=False,
                                                        transforms=(SmoothQuant(at_head=True),)))
     assert "lm_head" in message
-    model, arch = tiny("llama"), head_architecture(tiny("llama"))
+    model = tiny("llama")
+    arch = head_architecture(model)
     signs = {"lm_head.input_rotation": hadamard_matrix(16, torch.float32, normalized=False)}
     BlockHadamard(16, at_head=True).apply(model, signs, arch)
     assert "already rotates" in one_line_value_error(lambda: BlockHadamard(16, at_head=True).apply(model, signs, arch))

@@ -29,7 +29,7 @@ from configs.attention import AttentionPolicy
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams, untie_head
 from quant_layers.quantize import abs_max
 from utils.attention import attention_modules, calibrate_attention, recording
-from utils.data.architecture import architecture_of, decoder_layers, final_norm, head_architecture
+from utils.data.architecture import Architecture, architecture_of, decoder_layers, final_norm, head_architecture
 from utils.params import Checkpoint, Entry, TransformParams, apply_params
 from utils.search.problem import Budget, LinearProblem
 from utils.search.shared_ranges import share_tensor_ranges
@@ -363,8 +363,8 @@ def _transform_block(run: _Run, block: nn.Module, inputs: dict[str, torch.Tensor
     _fit_transforms(run, transforms, block, relative, architecture_of(block), prefix, _device_of(block))
 
 
-def _fit_transforms(run: _Run, transforms: list, block: nn.Module, inputs: dict[str, torch.Tensor], arch,
-                    prefix: str, device: torch.device) -> None:
+def _fit_transforms(run: _Run, transforms: list, block: nn.Module, inputs: dict[str, torch.Tensor],
+                    arch: Architecture | None, prefix: str, device: torch.device) -> None:
     """Each transform in turn: fit on the captured inputs {Linear name relative to block: [tokens, in]}, fold into
     block, and change the captured inputs the same way (what the transformed block now feeds its Linears); its
     tensors go into run.params under prefix + their names."""
@@ -415,11 +415,12 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
     return outputs
 
 
-def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
+def _calibrate_head(run: _Run, hidden: torch.Tensor, transforms: list, arch: Architecture | None) -> None:
+    """Search and set the head on the final norm's output, after the config's head transforms (at_head) with their
+    layout `arch` (head_architecture; None without head transforms)."""
     head = run.model.get_output_embeddings()
     if not isinstance(head, QuantLinear):
         return
-    transforms = [t for t in run.settings.config.transforms if t.scope == "head"]  # at_head: final norm -> head
     if transforms:
         untie_head(run.model)  # before the head moves to the offload device: a tied embedding stays where it is
     with _placed(head, run.settings.offload_device):
@@ -429,7 +430,7 @@ def _calibrate_head(run: _Run, hidden: torch.Tensor) -> None:
         x = x.to(_device_of(head)).reshape(-1, x.shape[-1])
         name = run.names[head]
         _check_finite(f"the input of {name}", x)
-        _fit_transforms(run, transforms, run.model, {name: x}, head_architecture(run.model), "", x.device)
+        _fit_transforms(run, transforms, run.model, {name: x}, arch, "", x.device)
         budget = run.settings.budget(_device_of(head))
         run.params[name] = _calibrate_group({name: head}, x, run.settings, run.formats, budget)[name]
         head.set_quant_params(run.params[name])
@@ -453,6 +454,8 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
     """
     weight_format, act_format, embed_format = settings.qbits.formats(settings.config)
     run = _Run(model, settings, dict(checkpoint.layers) if checkpoint else {}, (weight_format, act_format))
+    head_transforms = [t for t in settings.config.transforms if t.scope == "head"]  # at_head: final norm -> head
+    head_arch = head_architecture(model) if head_transforms else None  # refused here, not after every block
     start = checkpoint.next_block if checkpoint else 0
     _transform_model(run)
     if _calibrate_embedding(run, embed_format) and checkpoint:
@@ -471,7 +474,7 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
         progress.set_postfix(mse_vs_minmax=_mse_ratio(run, blocks[index]))
         if checkpoint:
             checkpoint.save(run.params, index + 1)
-    _calibrate_head(run, hidden)
+    _calibrate_head(run, hidden, head_transforms, head_arch)
     embedding = model.get_input_embeddings()
     if not settings.sequential and run.names.get(embedding) in run.params:
         with _placed(embedding, settings.offload_device):

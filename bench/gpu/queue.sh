@@ -7,8 +7,8 @@
 #              bench/ct_real_check.py (or one of them: qwen_fp8, qwen_packed, qwen_ct)           (Qwen's GGUF)
 #   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default the NVFP4 pick,
 #              NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama) at 8 and 32 LLaMA-7B-shaped layers, alone on
-#              the GPU (a timing), then --summarize:
-#              issue 20's calib_7b_best_recipe_minutes (no model data: it can run while the calls stage the GGUFs)
+#              the GPU (a timing), then --summarize: issue 20's calib_7b_best_recipe_minutes (no model data: it can
+#              run while the calls stage the GGUFs)
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
 #   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,

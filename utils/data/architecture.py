@@ -148,15 +148,12 @@ def head_architecture(model: nn.Module) -> Architecture:
     """The final norm and the output head seen as one block rooted at the model: module names are full names, the
     model's class is the block class and the final norm feeds the head alone. A per-block transform (SmoothQuant,
     BlockHadamard) given the model as its block and this view acts between the last decoder block and the head."""
-    arch = architecture_of(model)
-    final_norm(model)
-    _, norm_path = _layout(model)
-    head = model.get_output_embeddings()
-    head_name = next((name for name, module in model.named_modules() if module is head and name), None)
-    if head_name is None:
+    arch, norm, head = architecture_of(model), final_norm(model), model.get_output_embeddings()
+    names = {module: name for name, module in model.named_modules() if name}
+    if head not in names:
         raise ArchitectureError(f"cannot find the output head of {type(model).__name__}")
     return dataclasses.replace(arch, name=f"{arch.name} head", block_classes=(type(model).__name__,),
-                               norm_linear_pairs=((norm_path, (head_name,)),), unnormed_linears=(),
+                               norm_linear_pairs=((names[norm], (names[head],)),), unnormed_linears=(),
                                residual_writers=(), output_norms=(), product_linear="", attention="")
 
 
