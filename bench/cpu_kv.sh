@@ -6,6 +6,7 @@
 # tensor moves perplexity. One results JSON per variant in docs/results/SmolLM2-135M/kv_heldout_cpu/.
 # VARIANTS="kv8 kv4" runs only those ("none" is the W4A4 row without attention quantization; kv4_q4 and kv4_p4 split
 # kv4_attn4's two matmul inputs: its flags without --attn_p_format, or without --attn_format, so Q alone or P alone).
+# P_FORMAT=UE4M0 puts that format in place of the script's --attn_p_format (the variants' names end in _UE4M0).
 set -euo pipefail
 source "$(dirname "$0")/cpu_probe_settings.sh"
 BASE=${BASE:-FPQ}
@@ -22,9 +23,10 @@ for variant in ${VARIANTS:-none kv8 kv4 kv4_attn4}; do
     read -ra flags <<< "$(grep -o -- '--kv_format.* --output' "$script" | sed 's/ --output$//')"
     for ((i = 0; i < ${#flags[@]}; i++)); do
       if [ "${flags[i]}" = "$drop" ]; then i=$((i + 1)); else extra+=("${flags[i]}"); fi
+      if [ "${flags[i]}" = --attn_p_format ] && [ -n "${P_FORMAT:-}" ]; then extra+=("$P_FORMAT"); i=$((i + 1)); fi
     done
   fi
-  name=${BASE}_$variant
+  name=${BASE}_$variant${P_FORMAT:+_$P_FORMAT}
   python3 main.py "${common[@]}" --quant_config "${BASE}_config_llama" "${extra[@]}" \
     --search_result_dir "search_result/kv_cpu/$name" --output_path "$OUT/$name.json" 2>&1 \
     | grep "held-out perplexity" | sed "s/^/$name: /"

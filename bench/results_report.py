@@ -211,34 +211,49 @@ def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str
                      + " and ".join(f"{percent(v)} ({k})" for k, v in judged.items())
                      + f" of the gap from {reference}; target {targets[model]}% on both: "
                      f"**{'met' if met else 'missed'}**.")
-    lines += [""] + ablation_lines(recipes, base, ppl, info)
+    probed = {run["recipe"]: run for name in gpu_probe_folders(model) for run in probe_runs(folder / name)}
+    lines += [""] + ablation_lines(recipes, base, ppl, info, probed)
     scripted = [p.stem for p in sorted((ROOT / "complete_scripts" / model).glob("*.sh"))
                 if f"{p.stem}_config_llama" in RECIPES and p.stem not in recipes]
     return lines + (["", f"Not run yet on this model (scripts ready): {', '.join(scripted)}.", ""] if scripted
                     else [""])
 
 
-def ablation_lines(recipes: dict, base: dict, ppl: dict, info: dict) -> list[str]:
+def ablation_lines(recipes: dict, base: dict, ppl: dict, info: dict, probed: dict[str, dict]) -> list[str]:
     """Issue 20's ablation: per family, each component of configs/recipes.py on alone, then the combinations run,
     against the family's reference row (round to nearest; FPQ: the paper's FPQ), by held-out perplexity and the
-    informative average; components whose row has not run are named."""
+    informative average. A component alone without a row but with a GPU held-out probe (probed: probe_runs' runs by
+    recipe) shows the probe's perplexity and no task average; components with neither are named."""
     lines = []
     for family, reference in (("NVFP4", "NVFP4"), ("MXFP4", "MXFP4"), ("FPQ", "FPQ")):
         own = {row: row.removeprefix(family + "_").split("_") for row in recipes if row.startswith(family + "_")}
         if reference not in base or not own:
             continue
-        alone = [row for row, parts in own.items() if len(parts) == 1]
-        together = sorted((row for row, parts in own.items() if len(parts) > 1), key=lambda row: ppl[row])
         known = [c for c in COMPONENTS if f"{family}_{c}_config_llama" in RECIPES]
+        alone = {c: (ppl[f"{family}_{c}"], info[f"{family}_{c}"], "") if f"{family}_{c}" in recipes
+                 else (probed[f"{family}_{c}"]["ppl"], None, " (probe)")
+                 for c in known if f"{family}_{c}" in recipes or f"{family}_{c}" in probed}
+        together = sorted((row for row, parts in own.items() if len(parts) > 1), key=lambda row: ppl[row])
         lines += [f"Ablation, {family} (reference: {reference}, held-out perplexity {cell(ppl[reference])}, "
                   f"informative average {cell(info[reference])}):", "",
                   "| components | held-out ppl | vs reference | informative avg | vs reference |",
                   "|---|---:|---:|---:|---:|"]
-        for row in sorted(alone, key=lambda row: known.index(own[row][0]) if own[row][0] in known else 99) + together:
-            lines.append(f"| {' + '.join(own[row])} | {cell(ppl[row])} | {ppl[row] / ppl[reference]:.2f}x | "
-                         f"{cell(info[row])} | {info[row] - info[reference]:+.2f} |")
-        missing = [c for c in known if f"{family}_{c}" not in alone]
+        probed_together = sorted((row for row in probed if row.startswith(family + "_") and row not in recipes
+                                  and len(row.split("_")) > 2 and row + "_config_llama" in RECIPES),
+                                 key=lambda row: probed[row]["ppl"])
+        entries = [(c + source, p, i) for c, (p, i, source) in alone.items()]
+        entries += [(" + ".join(own[row]), ppl[row], info[row]) for row in together]
+        entries += [(row.removeprefix(family + "_").replace("_", " + ") + " (probe)", probed[row]["ppl"], None)
+                    for row in probed_together]
+        for label, row_ppl, row_info in entries:
+            lines.append(f"| {label} | {cell(row_ppl)} | {row_ppl / ppl[reference]:.2f}x | {cell(row_info)} | "
+                         + ("-" if row_info is None else f"{row_info - info[reference]:+.2f}") + " |")
+        missing = [c for c in known if c not in alone]
         lines += [""] + ([f"Not run alone yet: {', '.join(missing)}.", ""] if missing else [])
+    if any(lines):
+        lines += ["(probe): held-out perplexity of a GPU run without task scores (its file under "
+                  "`recipes_probe_gpu/`, `recipes_wave6_gpu/` or `probes_wave*_gpu/`, listed in the held-out section).",
+                  ""]
     return lines
 
 
@@ -250,6 +265,17 @@ GPU_PROBE_NOTE = (
     "stopped in their task evaluation when the session's GPU time ran out: held-out perplexity is measured before "
     "the tasks, so the log holds it; calibration seconds are upper bounds (shared GPU). NVFP4_gptq moved from 31.54 "
     "(code 871eaa6) to 31.69 (later code; GPTQ's block-scale handling changed in between, cause not isolated).")
+
+
+def gpu_probe_folders(model: str) -> list[str]:
+    """The folders of a model's held-out-only GPU runs (docs/results/<model>/): the two early ones, then
+    bench/gpu/queue.sh's probes of each wave (probes_wave<N>_gpu/), in wave order."""
+    folder = RESULTS / model
+    waves = sorted(folder.glob("probes_wave*_gpu"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    return [name for name in ("recipes_probe_gpu", "recipes_wave6_gpu") if (folder / name).is_dir()] + \
+        [p.name for p in waves]
+
+
 HELDOUT_LINE = re.compile(r"held-out perplexity \(.*\): ([0-9.]+)")
 CALIBRATION_LINE = re.compile(r"calibration finished in ([0-9.]+) s")
 
@@ -582,7 +608,7 @@ def main() -> None:
         lines += ["## Accuracy per method", "", figure, ""]
     lines += ablation_section(RESULTS / "SmolLM2-135M" / "ablation_heldout_cpu.jsonl")
     lines += variants_section(RESULTS / "SmolLM2-135M" / "variants_heldout_cpu")
-    lines += heldout_probe_section("SmolLM2-135M", ["recipes_probe_gpu", "recipes_wave6_gpu"], GPU_PROBE_NOTE)
+    lines += heldout_probe_section("SmolLM2-135M", gpu_probe_folders("SmolLM2-135M"), GPU_PROBE_NOTE)
     lines += [note.read_text().rstrip("\n") + "\n" for note in sorted(NOTES.glob("*.md"))]
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")

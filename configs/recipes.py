@@ -126,7 +126,8 @@ EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", 
                  ("MXFP4", ("gptqout", "had32")), ("FPQ", ("gptqout", "rot")),
                  ("NVFP4", ("headsmooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth", "headsmooth")),
                  ("MXFP4", ("headhad32",)), ("MXFP4", ("headsmooth", "headhad32")),
-                 ("MXFP4", ("gptq", "had32", "headhad32")), ("MXFP4", ("gptq", "had32", "headsmooth", "headhad32")))
+                 ("MXFP4", ("gptq", "had32", "headhad32")), ("MXFP4", ("gptq", "had32", "headsmooth", "headhad32")),
+                 ("NVFP4", ("4over6", "search", "gptq", "smooth", "fpends")))  # the NVFP4 pick as toolkits ship it
 
 
 def recipe(family: str, components: tuple[str, ...]) -> QuantConfig:

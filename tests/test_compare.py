@@ -66,6 +66,28 @@ def test_results_report_gap_closed_and_probe_runs(tmp_path):
     assert runs == {"A_gptq": (31.691, 97.5), "C": (12.5, 5.0)}
 
 
+def test_results_report_ablation_takes_probes_where_no_row_ran():
+    """A component alone with a row shows its task average; one with only a GPU probe shows the probe's perplexity
+    (marked, no task average); a combination only probed is listed after the rows; one with neither is named."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    ppl = {"NVFP4": 40.0, "NVFP4_search": 30.0, "NVFP4_search_gptq": 25.0, "full_precision": 20.0}
+    info = {"NVFP4": 38.0, "NVFP4_search": 40.5, "NVFP4_search_gptq": 41.0, "full_precision": 44.0}
+    recipes = {"NVFP4_search": {}, "NVFP4_search_gptq": {}}
+    probed = {"NVFP4_gptq": {"ppl": 32.0}, "NVFP4_search_gptq_fpends": {"ppl": 24.0}, "NVFP4_bogus_x": {"ppl": 1.0}}
+    lines = results_report.ablation_lines(recipes, {"NVFP4": {}}, ppl, info, probed)
+    assert "| search | 30.00 | 0.75x | 40.50 | +2.50 |" in lines
+    assert "| gptq (probe) | 32.00 | 0.80x | - | - |" in lines
+    assert "| search + gptq | 25.00 | 0.62x | 41.00 | +3.00 |" in lines
+    assert "| search + gptq + fpends (probe) | 24.00 | 0.60x | - | - |" in lines
+    assert not any("bogus" in line for line in lines)
+    named = next(line for line in lines if line.startswith("Not run alone yet:"))
+    assert "search," not in named and "gptq," not in named and "rot" in named and "fpends" in named
+
+
 def test_runs_of_one_config_get_titles_that_say_what_differs(tmp_path):
     """Two FPQ runs that differ in calib_size are told apart by it; a rerun identical in every setting gets its
     file's name; search settings an older file lacks count as their legacy value (weight_refine 0)."""

@@ -12,11 +12,13 @@
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
 #   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,
-#              TAG=$PROBE_TAG (e.g. PROBE_FLAGS="--gptq_damping 0.1" PROBE_TAG=_damping0.1), all at once, into out/probes
+#              TAG=$PROBE_TAG (e.g. PROBE_FLAGS="--gptq_damping 0.1" PROBE_TAG=_damping0.1), PROBE_JOBS at once (default
+#              all), into out/probes
 #   rows       table rows: SmolLM2's SMOL_ROWS (JOBS_SMOL at once) beside Qwen's QWEN_ROWS (JOBS_QWEN) and Gemma3's
 #              GEMMA_ROWS (JOBS_GEMMA) (bench/gpu/table_rows.sh, waves WAVE_SMOL, WAVE_QWEN, WAVE_GEMMA: numbers not
 #              yet used in that model's docs/results folder, since run_wave<N>.json lands there); each model's rows
-#              start once its data is there, a model without rows is skipped)
+#              start once its data is there, a model without rows is skipped); with PROBE_RECIPES set, the probes
+#              (as the step probes) follow SmolLM2's rows in the slots they free, beside the other models' rows
 #              Keep JOBS_SMOL + JOBS_QWEN + JOBS_GEMMA at 6 or fewer: processes share the GPU by time slices, and
 #              with 10 (5 + 2 + 3, 2026-12-06) SmolLM2's evaluations fell from about 250 to 45-55 requests a second and
 #              no row finished in the session (bench/results/gpu_logs/queue_2026-12-06c_call_output.txt).
@@ -100,6 +102,12 @@ collect)
   ;;
 run)  # the queue itself (started by PART=start, in its own session, in the frozen copy)
   export BENCH_RESULTS=$Q/out
+  probes() {
+    wait_for $S/smollm2.ok
+    mkdir -p $Q/out/probes
+    step probes 1800 env RECIPES="${PROBE_RECIPES:?name PROBE_RECIPES}" FLAGS="${PROBE_FLAGS:-}" TAG="${PROBE_TAG:-}" \
+      JOBS="${PROBE_JOBS:-999}" OUT=$Q/out/probes LIMIT_S=1700 bash bench/gpu/recipe_probe.sh
+  }
   for name in ${STEPS:-benches qwen_bench rows}; do
     echo "$name since $(date +%T)" > $Q/current
     case $name in
@@ -130,10 +138,7 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
         step ct_real_check 420 python3 bench/ct_real_check.py --model $S/qwen.gguf ;; esac
       ;;
     probes)
-      wait_for $S/smollm2.ok
-      mkdir -p $Q/out/probes
-      step probes 1800 env RECIPES="${PROBE_RECIPES:?name PROBE_RECIPES}" FLAGS="${PROBE_FLAGS:-}" TAG="${PROBE_TAG:-}" \
-        OUT=$Q/out/probes LIMIT_S=1700 bash bench/gpu/recipe_probe.sh
+      probes
       ;;
     rows)
       rows() {  # $1 model, $2 the file its data waits on, $3 wave, $4 rows, $5 jobs
@@ -143,7 +148,8 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
         [ "$1" = SmolLM2-135M ] || task_cache
         MODEL=$1 WAVE=$3 ROWS="$4" JOBS=$5 LIMIT_S=7200 OUT=$Q/out bash bench/gpu/table_rows.sh > $Q/rows_$1.log 2>&1
       }
-      rows SmolLM2-135M $S/smollm2.ok "${WAVE_SMOL:-}" "${SMOL_ROWS:-}" ${JOBS_SMOL:-4} &
+      { rows SmolLM2-135M $S/smollm2.ok "${WAVE_SMOL:-}" "${SMOL_ROWS:-}" ${JOBS_SMOL:-4}
+        [ -z "${PROBE_RECIPES:-}" ] || probes; } &
       rows Qwen2.5-Coder-1.5B $S/qwen.ok "${WAVE_QWEN:-}" "${QWEN_ROWS:-}" ${JOBS_QWEN:-2} &
       rows Gemma3-270M $S/gemma3.ok "${WAVE_GEMMA:-}" "${GEMMA_ROWS:-}" ${JOBS_GEMMA:-4} &
       wait
