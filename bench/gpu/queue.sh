@@ -42,7 +42,7 @@ task_cache() {  # the tasks' data and the exllamav2 wheel (.gpu_t) unpacked into
   wait_for $S/tasks.tar.xz
   (  # one unpacking at a time (Qwen's and Gemma3's rows call it side by side); the marker says it finished
     flock 9
-    if [ ! -f $S/cache/tasks.ok ] && [ ! -f $S/smollm2.gguf ]; then  # SmolLM2's join unpacks them itself
+    if [ ! -f $S/cache/tasks.ok ]; then  # SmolLM2's join (bench/gpu/join_smollm2.sh) may have unpacked them
       mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz && cp $S/exllamav2-*.whl $S/cache/wheels/ \
         && touch $S/cache/tasks.ok
     fi
