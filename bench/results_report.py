@@ -127,7 +127,7 @@ def model_section(model: str, folder: Path) -> tuple[list[str], dict, dict]:
     lines += variants_against_fpq(rows, averages) + READING.get(model, []) + run_conditions(folder)
     lines += ["Commands (each row's script in `complete_scripts/{}/`):".format(model), "", "```"]
     lines += [f"# {row}\n{command_of(model, row)}" for row in rows if command_of(model, row)]
-    lines += ["```", ""] + recipes_section(model, folder, rows)
+    lines += ["```", ""] + recipes_section(model, folder, rows) + attention_section(model, folder)
     figure = folder / "FPQ_only_eval.layers.png"
     if figure.exists():
         lines += [f"![per-layer FPQ parameters]({figure.relative_to(DOC.parent).as_posix()})", "",
@@ -263,7 +263,9 @@ GPU_PROBE_NOTE = (
     "`bench/gpu/recipe_probe.sh` (NVFP4 and NVFP4_gptq on 2026-12-05 with code 871eaa6, the others on 2026-12-06); "
     "`recipes_wave6_gpu/`: the row scripts (`bench/gpu/table_rows.sh`, ten rows at once on the one GPU, 2026-12-06), "
     "stopped in their task evaluation when the session's GPU time ran out: held-out perplexity is measured before "
-    "the tasks, so the log holds it; calibration seconds are upper bounds (shared GPU). NVFP4_gptq moved from 31.54 "
+    "the tasks, so the log holds it; calibration seconds are upper bounds (shared GPU); `probes_wave<N>_gpu/`: "
+    "`bench/gpu/queue.sh`'s probes after wave N's rows (each folder's README says when and on which code). "
+    "NVFP4_gptq moved from 31.54 "
     "(code 871eaa6) to 31.69 (later code; GPTQ's block-scale handling changed in between, cause not isolated).")
 
 
@@ -317,6 +319,53 @@ def heldout_probe_section(model: str, folders: list[str], note: str) -> list[str
         closed = gap_closed(-run["ppl"], -reference, -full) if reference else None
         lines.append(f"| {run['recipe']} | {run['ppl']:.2f} | {'-' if closed is None else f'{closed:.0f}%'} | "
                      f"{cell(run['calib_seconds'], 0)} | `{run['source'].relative_to(base).as_posix()}` |")
+    return lines + [""]
+
+
+ATTENTION_VARIANTS = (("", "W4A4 (no attention quantization)"), ("_kv8", "+ KV8"), ("_kv4", "+ KV4"),
+                      ("_kv4_attn4", "+ KV4, Q and P at 4 bits"))
+
+
+def attention_section(model: str, folder: Path) -> list[str]:
+    """Issue 22's rows of one model: each base with a `<base>_kv*.sh` script, W4A4 then the KV cache at 8 and 4 bits
+    and the two attention matmuls' inputs at 4 bits, by held-out perplexity and the informative average (a row's
+    results file, else a GPU held-out probe's log of heldout_wave*_gpu/, marked), with the formats each row records."""
+    scripts = ROOT / "complete_scripts" / model
+    bases = sorted({path.stem.split("_kv")[0] for path in scripts.glob("*_kv*.sh")})
+    if not bases or not (folder / "full_precision.json").exists():
+        return []
+    informative = informative_tasks(json.loads((folder / "full_precision.json").read_text()))
+    probed = {run["recipe"]: run for path in sorted(folder.glob("heldout_wave*_gpu")) for run in probe_runs(path)}
+    lines = [f"### Attention quantized too on {MODELS.get(model, model)} (issue 22)", "",
+             "Each base with the KV cache quantized as stored (keys after RoPE) and then the inputs of Q K^T and P V "
+             "(`--kv_format`, `--attn_format`, `--attn_p_format`; each row's flags in its script). Change: against the "
+             "base's W4A4 row. (probe): held-out perplexity from a GPU log whose task evaluation did not finish.", "",
+             "| base | variant | held-out ppl | change | informative avg | change | KV cache | Q / P | GPU |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for base in bases:
+        reference = None
+        for suffix, label in ATTENTION_VARIANTS:
+            row = base + suffix
+            if (folder / f"{row}.json").exists():
+                results = json.loads((folder / f"{row}.json").read_text())
+                quant = results["quantization"]
+                ppl, info = heldout(results), mean([accuracy(results, t) for t in informative])
+                kv, attention, gpu = quant.get("kv_cache"), quant.get("attention"), gpu_name(results)
+            elif row in probed:
+                ppl, info, kv, attention, gpu = probed[row]["ppl"], None, None, None, "(probe)"
+            else:
+                lines.append(f"| {base} | {label} | not run | | | | | | |")
+                continue
+            if suffix == "":
+                reference = (ppl, info)
+            change = (f"{100 * (ppl / reference[0] - 1):+.1f}%" if reference and suffix else "")
+            info_change = (f"{info - reference[1] + 0.0:+.2f}".replace("-0.00", "+0.00") if reference and suffix and None not in (info, reference[1])
+                           else "")
+            kv_cell = (f"{kv['format']} K {kv['key_granularity']}, V {kv['value_granularity']}" if kv else "-")
+            attention_cell = (f"{attention['query_format'] or '-'} / {attention['probs_format'] or '-'}" if attention
+                              else "-")
+            lines.append(f"| {base} | {label} | {cell(ppl)} | {change} | {cell(info)} | {info_change} | {kv_cell} | "
+                         f"{attention_cell} | {gpu} |")
     return lines + [""]
 
 

@@ -88,6 +88,36 @@ def test_results_report_ablation_takes_probes_where_no_row_ran():
     assert "search," not in named and "gptq," not in named and "rot" in named and "fpends" in named
 
 
+def test_results_report_attention_rows_against_their_w4a4_row(tmp_path, monkeypatch):
+    """A base's KV and attention rows are read against the base's W4A4 row (perplexity ratio, informative points),
+    a GPU probe's log stands in for a row without results (marked), and a variant with neither says so."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    monkeypatch.setattr(results_report, "ROOT", tmp_path)
+    (tmp_path / "complete_scripts" / "M").mkdir(parents=True)
+    for row in ("B_kv8", "B_kv4", "B_kv4_attn4"):
+        (tmp_path / "complete_scripts" / "M" / f"{row}.sh").write_text("")
+    folder = tmp_path / "results"
+    (folder / "heldout_wave9_gpu").mkdir(parents=True)
+
+    def write(row, acc, ppl, **quant):
+        (folder / f"{row}.json").write_text(json.dumps({"results": {"piqa": {"acc,none": acc}}, "quantization": {
+            "heldout_perplexity": {"perplexity": ppl}, "device": "NVIDIA H100 80GB HBM3", **quant}}))
+
+    write("full_precision", 0.70, 10.0)
+    write("B", 0.60, 20.0)
+    write("B_kv8", 0.59, 21.0, kv_cache={"format": "E4M3", "key_granularity": "per_channel",
+                                         "value_granularity": "per_token"})
+    (folder / "heldout_wave9_gpu" / "B_kv4.log").write_text("held-out perplexity (t): 30.0")
+    lines = results_report.attention_section("M", folder)
+    assert "| B | + KV8 | 21.00 | +5.0% | 59.00 | -1.00 | E4M3 K per_channel, V per_token | - | H100 |" in lines
+    assert "| B | + KV4 | 30.00 | +50.0% | - |  | - | - | (probe) |" in lines
+    assert "| B | + KV4, Q and P at 4 bits | not run | | | | | | |" in lines
+
+
 def test_runs_of_one_config_get_titles_that_say_what_differs(tmp_path):
     """Two FPQ runs that differ in calib_size are told apart by it; a rerun identical in every setting gets its
     file's name; search settings an older file lacks count as their legacy value (weight_refine 0)."""
