@@ -353,8 +353,10 @@ def attention_section(model: str, folder: Path) -> list[str]:
                 kv, attention, gpu = quant.get("kv_cache"), quant.get("attention"), gpu_name(results)
             elif row in probed:
                 ppl, info, kv, attention, gpu = probed[row]["ppl"], None, None, None, "(probe)"
-            else:
+            elif suffix == "" or (scripts / f"{row}.sh").exists():
                 lines.append(f"| {base} | {label} | not run | | | | | | |")
+                continue
+            else:
                 continue
             if suffix == "":
                 reference = (ppl, info)
