@@ -353,16 +353,15 @@ def attention_section(model: str, folder: Path) -> list[str]:
                 kv, attention, gpu = quant.get("kv_cache"), quant.get("attention"), gpu_name(results)
             elif row in probed:
                 ppl, info, kv, attention, gpu = probed[row]["ppl"], None, None, None, "(probe)"
-            elif suffix == "" or (scripts / f"{row}.sh").exists():
-                lines.append(f"| {base} | {label} | not run | | | | | | |")
-                continue
             else:
+                if suffix == "" or (scripts / f"{row}.sh").exists():
+                    lines.append(f"| {base} | {label} | not run | | | | | | |")
                 continue
             if suffix == "":
                 reference = (ppl, info)
-            change = (f"{100 * (ppl / reference[0] - 1):+.1f}%" if reference and suffix else "")
-            info_change = (f"{info - reference[1] + 0.0:+.2f}".replace("-0.00", "+0.00") if reference and suffix and None not in (info, reference[1])
-                           else "")
+            change = f"{100 * (ppl / reference[0] - 1):+.1f}%" if reference and suffix else ""
+            info_change = (f"{round(info - reference[1], 2) + 0.0:+.2f}"  # + 0.0: a -0.0 difference reads +0.00
+                           if reference and suffix and None not in (info, reference[1]) else "")
             kv_cell = (f"{kv['format']} K {kv['key_granularity']}, V {kv['value_granularity']}" if kv else "-")
             attention_cell = (f"{attention['query_format'] or '-'} / {attention['probs_format'] or '-'}" if attention
                               else "-")
