@@ -58,7 +58,9 @@ status() {
 }
 collect() {  # everything finished so far (results, logs, parameter files up to 4 MiB) as $OUT/queue.tar.gz
   (cd $Q/repo && find search_result -type f ! -size +4194304c 2>/dev/null) > $Q/small_files
-  tar --warning=no-file-changed -czf $OUT/.queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) \
+  # out/wave*.tar.gz (table_rows.sh's archives) left out: they repeat wave*/out and the small parameter files, and
+  # with them the archive passed the 16 MiB a returned file may have (2026-12-07)
+  tar --warning=no-file-changed --exclude='out/wave*.tar.gz' -czf $OUT/.queue.tar.gz -C $Q $(cd $Q && ls -d out *.log) \
     -C $S $(cd $S && ls -d wave*/out 2>/dev/null) -C $Q/repo -T $Q/small_files
   # tar's status 1: a file changed while it was read (a running row's log), the archive is still whole
   [ $? -le 1 ] && mv $OUT/.queue.tar.gz $OUT/queue.tar.gz
