@@ -13,10 +13,7 @@ if [ ! -f $S/smollm2.gguf ]; then
 fi
 if [ ! -f $S/cache/tasks.ok ]; then
   [ -f $S/tasks.tar.xz ] || { echo "the task data is not staged yet: run the stage call that carries .gpu_t"; exit 1; }
-  (  # the lock and marker of queue.sh's task_cache: one unpacking at a time
-    flock 9
-    [ -f $S/cache/tasks.ok ] || { mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz \
-      && cp $S/exllamav2-*.whl $S/cache/wheels/ && touch $S/cache/tasks.ok; }
-  ) 9> $S/cache.lock || exit 1
+  source "$(dirname "${BASH_SOURCE[0]}")/unpack_tasks.sh"
+  unpack_tasks || exit 1
 fi
 export LLM_FP4_SMOLLM2_GGUF=$S/smollm2.gguf LLM_FP4_CACHE=$S/cache

@@ -38,16 +38,8 @@ S=/tmp/scratch Q=/tmp/scratch/queue
 export PYTHONPATH=/tmp/site:$Q/repo PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
 step() { echo "== $1 $(date +%T)"; shift; timeout "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -60; }
 wait_for() { until [ -f "$1" ]; do sleep 5; done; }
-task_cache() {  # the tasks' data and the exllamav2 wheel (.gpu_t) unpacked into the cache the rows and benches read
-  wait_for $S/tasks.tar.xz
-  (  # one unpacking at a time (Qwen's and Gemma3's rows call it side by side); the marker says it finished
-    flock 9
-    if [ ! -f $S/cache/tasks.ok ]; then  # SmolLM2's join (bench/gpu/join_smollm2.sh) may have unpacked them
-      mkdir -p $S/cache/wheels && tar -C $S/cache -xJf $S/tasks.tar.xz && cp $S/exllamav2-*.whl $S/cache/wheels/ \
-        && touch $S/cache/tasks.ok
-    fi
-  ) 9> $S/cache.lock
-}
+source "$(dirname "${BASH_SOURCE[0]}")/unpack_tasks.sh"
+task_cache() { wait_for $S/tasks.tar.xz; unpack_tasks; }  # the tasks' data, once it came (bench/gpu/unpack_tasks.sh)
 status() {
   echo "queue: $(cat $Q/current 2>/dev/null || echo 'not started')"
   tail -n 3 $Q/queue.log 2>/dev/null
