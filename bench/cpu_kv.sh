@@ -14,7 +14,7 @@ OUT=docs/results/SmolLM2-135M/kv_heldout_cpu
 mkdir -p $OUT
 for variant in ${VARIANTS:-none kv8 kv4 kv4_attn4}; do
   script=complete_scripts/SmolLM2-135M/${BASE}_$variant.sh
-  extra=()
+  extra=() swapped=
   drop=  # the flag (and its value) a split variant leaves out of kv4_attn4's
   case $variant in kv4_q4) drop=--attn_p_format ;; kv4_p4) drop=--attn_format ;; esac
   [ -n "$drop" ] && script=complete_scripts/SmolLM2-135M/${BASE}_kv4_attn4.sh
@@ -22,10 +22,16 @@ for variant in ${VARIANTS:-none kv8 kv4 kv4_attn4}; do
     [ -f "$script" ] || { echo "no $script: VARIANTS are none kv8 kv4 kv4_attn4 kv4_q4 kv4_p4"; exit 2; }
     read -ra flags <<< "$(grep -o -- '--kv_format.* --output' "$script" | sed 's/ --output$//')"
     for ((i = 0; i < ${#flags[@]}; i++)); do
-      if [ "${flags[i]}" = "$drop" ]; then i=$((i + 1)); else extra+=("${flags[i]}"); fi
-      if [ "${flags[i]}" = --attn_p_format ] && [ -n "${P_FORMAT:-}" ]; then extra+=("$P_FORMAT"); i=$((i + 1)); fi
+      if [ "${flags[i]}" = "$drop" ]; then
+        i=$((i + 1))
+      elif [ "${flags[i]}" = --attn_p_format ] && [ -n "${P_FORMAT:-}" ]; then
+        extra+=(--attn_p_format "$P_FORMAT") swapped=1 i=$((i + 1))
+      else
+        extra+=("${flags[i]}")
+      fi
     done
   fi
+  [ -z "${P_FORMAT:-}" ] || [ -n "$swapped" ] || { echo "P_FORMAT: $variant quantizes no P (kv4_attn4 and kv4_p4 do)"; exit 2; }
   name=${BASE}_$variant${P_FORMAT:+_$P_FORMAT}
   python3 main.py "${common[@]}" --quant_config "${BASE}_config_llama" "${extra[@]}" \
     --search_result_dir "search_result/kv_cpu/$name" --output_path "$OUT/$name.json" 2>&1 \
