@@ -44,7 +44,7 @@ setup)
   ;;
 setup_qwen)
   install_wheels
-  mkdir -p $S/cache/wheels && tar -C $S/cache -xJf .gpu_t/tasks.tar.xz && cp .gpu_t/exllamav2-*.whl $S/cache/wheels/
+  mkdir -p $S && cp .gpu_t/* $S/ && source bench/gpu/unpack_tasks.sh && unpack_tasks
   ;;
 1)
   setup
