@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.report.evaluation import write_results  # noqa: E402
-from utils.data.models import gguf_to_folder, smollm2_gguf_path  # noqa: E402
+from utils.data.models import ModelLoadError, gguf_to_folder, smollm2_gguf_path  # noqa: E402
 from utils.data.task_data import get_task_specs  # noqa: E402
 
 TASKS = "arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande,lambada_openai"
@@ -35,7 +35,10 @@ def main() -> None:
     import lm_eval
 
     path = Path(args.model) if args.model else smollm2_gguf_path()
-    folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
+    try:
+        folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
+    except ModelLoadError as e:
+        sys.exit(str(e))
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype={args.dtype}",
                                       tasks=get_task_specs(args.tasks.split(",")), num_fewshot=0,

@@ -160,3 +160,45 @@ def test_heldout_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_token
     assert value == pytest.approx(len(tiny_tokenizer), rel=1e-5)
     with pytest.raises(ValueError, match="windows"):
         heldout_perplexity(model, tiny_tokenizer, "too short", windows=3, seqlen=16)
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """SmolLM2's tokenizer made to start every text with BOS, as Gemma's does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos = copy.deepcopy(tok)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos.bos_token} $A", special_tokens=[(bos.bos_token, bos.bos_token_id)])
+    return bos
+
+
+def test_leading_special_ids(tok, bos_tok, tiny_tokenizer):
+    assert cd.leading_special_ids(tok) == [] and cd.leading_special_ids(tiny_tokenizer) == []
+    assert bos_tok("a").input_ids == [bos_tok.bos_token_id] + tok("a").input_ids
+    assert cd.leading_special_ids(bos_tok) == [bos_tok.bos_token_id]
+
+
+def test_stream_rows_start_with_the_tokenizers_bos(tok, bos_tok, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(_text(), encoding="utf-8")
+    stream = tok(_text(), add_special_tokens=False).input_ids
+    plain = get_calib_data(tok, calib_size=5, seqlen=64, seed=2, source=str(path))
+    rows = get_calib_data(bos_tok, calib_size=5, seqlen=64, seed=2, source=str(path))
+    assert rows.shape == (5, 64) and (rows[:, 0] == bos_tok.bos_token_id).all()
+    assert all(_is_slice(row[1:], stream) for row in rows) and all(_is_slice(row, stream) for row in plain)
+    with pytest.raises(CalibDataError, match="no room"):
+        get_calib_data(bos_tok, calib_size=1, seqlen=1, source=str(path))
+
+
+def test_heldout_windows_begin_with_bos_only_where_the_tokenizer_adds_it(tok, bos_tok):
+    from utils.report.evaluation import heldout_windows
+
+    text = _text()
+    ids = tok(text, add_special_tokens=False).input_ids
+    plain = heldout_windows(tok, text, windows=3, seqlen=32)
+    assert plain.tolist() == [ids[i * 32:(i + 1) * 32] for i in range(3)]
+    with_bos = heldout_windows(bos_tok, text, windows=3, seqlen=32)
+    assert with_bos.tolist() == [[bos_tok.bos_token_id] + ids[i * 31:(i + 1) * 31] for i in range(3)]

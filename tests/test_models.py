@@ -11,7 +11,7 @@ import gguf
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from utils.data.architecture import decoder_layers
 from utils.data.models import ModelLoadError, embedding_and_head, hub_reachable, load_model, weights_fingerprint
@@ -146,8 +146,9 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_llama_gguf(path, model, tokenizer) -> None:
-    """Write ``model`` (tiny Llama, fp32) and a byte-level BPE tokenizer as a GGUF file, llama.cpp style."""
+def _write_tiny_llama_gguf(path, model, tokenizer, add_bos: bool = False) -> None:
+    """Write ``model`` (tiny Llama, fp32) and a byte-level BPE tokenizer as a GGUF file, llama.cpp style, its
+    ``tokenizer.ggml.add_bos_token`` set to ``add_bos``."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -170,7 +171,7 @@ def _write_tiny_llama_gguf(path, model, tokenizer) -> None:
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])  # "a b" or ["a", "b"]
     w.add_bos_token_id(tokenizer.bos_token_id)
     w.add_eos_token_id(tokenizer.eos_token_id)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -209,6 +210,39 @@ def test_gguf_round_trip_and_cache(tmp_path, bpe_tok):
     again, _, info2 = load_model(str(path), device="cpu", dtype="bfloat16")
     assert info2.dtype == "bfloat16" and next(again.parameters()).dtype == torch.bfloat16
     assert list((tmp_path / "cache" / "gguf_hf").iterdir()) == cached
+
+
+def test_gguf_tokenizer_must_follow_the_files_bos_flag(tmp_path, bpe_tok, monkeypatch):
+    """A converted tokenizer that starts texts with BOS exactly when the GGUF's add_bos_token says so loads; one that
+    disagrees (transformers before 5.23 on Gemma3's GGUF) is one error line and leaves no cache folder; a cached
+    folder that disagrees names itself."""
+    torch.manual_seed(1)
+    original = AutoModelForCausalLM.from_config(CONFIGS["llama"][0]).eval()
+    for add_bos in (False, True):
+        path = tmp_path / f"tiny_bos{add_bos}.gguf"
+        _write_tiny_llama_gguf(path, original, bpe_tok, add_bos=add_bos)
+        converted = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+        adds = converted("the lazy dog").input_ids[0] == converted.bos_token_id
+        if adds == add_bos:
+            _, tok, _ = load_model(str(path), device="cpu")
+            assert (tok("the lazy dog").input_ids[0] == tok.bos_token_id) == add_bos
+        else:
+            before = sorted((tmp_path / "cache" / "gguf_hf").glob("*-float32"))
+            message = _one_line_error(str(path), f"add_bos_token={add_bos}")
+            assert "transformers >= 5.23" in message
+            assert sorted((tmp_path / "cache" / "gguf_hf").glob("*-float32")) == before
+    cached, fresh = tmp_path / "tiny_cached.gguf", tmp_path / "tiny_fresh.gguf"
+    _write_tiny_llama_gguf(cached, original, bpe_tok, add_bos=False)
+    _write_tiny_llama_gguf(fresh, original, bpe_tok, add_bos=False)
+    with fresh.open("ab") as f:  # another file (sha256), the same GGUF content
+        f.write(b"\0" * 32)
+    load_model(str(cached), device="cpu")
+    before = sorted((tmp_path / "cache" / "gguf_hf").iterdir())
+    monkeypatch.setattr("utils.data.models._gguf_add_bos", lambda path: True)  # as Gemma3's GGUF says
+    assert "transformers >= 5.23" in _one_line_error(str(fresh), "omits the BOS")
+    assert sorted((tmp_path / "cache" / "gguf_hf").iterdir()) == before  # nothing half-converted left
+    message = _one_line_error(str(cached), "the cached conversion")
+    assert "(delete it)" in message and "omits the BOS" in message
 
 
 def test_embedded_smollm2(monkeypatch):

@@ -7,6 +7,10 @@
 #   .gpu_b/    the rest of it and its sha256
 #   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
 #              tracked tree (9 MB) plus .whl and .gpu_a, or .gpu_a and .gpu_t, passes 64 MiB
+#   .gpu_tf/   transformers 5.24.0 and regex, for Gemma3-270M's rows only (carried with .whl in queue.sh's start call):
+#              the machine's transformers 5.17 converts Gemma3's GGUF tokenizer without its BOS and into character
+#              pieces (held-out perplexity 12,523, 2026-12-07); 5.24 is the newest >= 5.23 whose dependencies the
+#              machine's image meets (huggingface_hub 1.33, tokenizers 0.23.2); SmolLM2's and Qwen's rows keep 5.17
 #   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF (23 pieces) and .gpu_gNN/ Gemma3-270M's (6 pieces), 48 MiB each, with a
 #              manifest (bench/gpu/model_transfer.sh, one piece per call)
 set -euo pipefail
@@ -19,6 +23,10 @@ python3 -m pip download -q --no-deps -d .whl --python-version 3.12 --only-binary
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   pytest pluggy iniconfig pygments "compressed-tensors==0.20.1" loguru psutil pydantic pydantic_core \
   typing_inspection annotated_types typing_extensions
+mkdir -p .gpu_tf
+python3 -m pip download -q --no-deps -d .gpu_tf --python-version 3.12 --only-binary=:all: \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  transformers==5.24.0 regex==2026.5.9
 smollm2=$(python3 -c "from utils.data.models import smollm2_gguf_path; from utils.data.task_data import build_task_data
 build_task_data(); print(smollm2_gguf_path())" | tail -1)
 mkdir -p .gpu_a .gpu_b .gpu_t
@@ -44,4 +52,4 @@ split_model "$qwen" qwen q
 gemma=$cache/models/gemma-3-270m-q4_k_m.gguf
 bash complete_scripts/Gemma3-270M/fetch_model.sh "$gemma"
 split_model "$gemma" gemma3 g
-du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_q00 .gpu_g00
+du -sh .whl .gpu_a .gpu_b .gpu_t .gpu_tf .gpu_q00 .gpu_g00

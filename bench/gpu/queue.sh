@@ -23,7 +23,7 @@
 #              with 10 (5 + 2 + 3, 2026-12-06) SmolLM2's evaluations fell from about 250 to 45-55 requests a second and
 #              no row finished in the session (bench/results/gpu_logs/queue_2026-12-06c_call_output.txt).
 # STEPS (default "benches qwen_bench rows") picks and orders them. Results under /tmp/scratch/queue/.
-#   PART=start   (carry .whl): wheels, a frozen copy of this tree, the queue started in its own session
+#   PART=start   (carry .whl, and .gpu_tf for Gemma3's rows): wheels, a frozen copy of this tree, the queue started in its own session
 #   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q22 .gpu_g00 .. .gpu_g05): stage it (SmolLM2
 #                joins when .gpu_b comes, after .gpu_a; Qwen and Gemma3 when their last piece comes,
 #                bench/gpu/model_transfer.sh), then the queue's status
@@ -60,6 +60,9 @@ collect() {  # everything finished so far (results, logs, parameter files up to 
 case "${PART:?set PART=start, stage, status, wait or collect}" in
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # Gemma3's rows only: transformers >= 5.23 (bench/gpu/make_carry.sh, .gpu_tf), carried beside .whl
+  [ -d .gpu_tf ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site_gemma3 .gpu_tf/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   rm -rf $Q && mkdir -p $Q/repo $Q/out

@@ -20,7 +20,10 @@
 #   ROW_GPUS="0" deals the rows to these GPUs only (default: every GPU), e.g. while a benchmark has another.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_MININTERVAL=60
-export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-32} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+MODEL=${MODEL:-SmolLM2-135M}
+# Gemma3's 262,144-token vocabulary: at 32, boolq's longest batch asked 76 GiB for the head's logits (2026-12-07)
+[ "$MODEL" = Gemma3-270M ] && default_batch=8 || default_batch=32
+export OMP_NUM_THREADS=1 BATCH_SIZE=${BATCH_SIZE:-$default_batch} OUT PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 case "${WAVE:?set WAVE=1 to 4, or any number with ROWS}" in
   1) rows="full_precision plain_lm_eval MinMax_FP ablation_sequential" ;;
   2) rows="FPQ FPQ_baseline MinMax_INT SmoothQuant NVFP4 MXFP4" ;;
@@ -29,7 +32,6 @@ case "${WAVE:?set WAVE=1 to 4, or any number with ROWS}" in
   *) [ -n "${ROWS:-}" ] || { echo "WAVE=$WAVE has no rows of its own: set ROWS"; exit 2; } ;;
 esac
 rows=${ROWS:-$rows}
-MODEL=${MODEL:-SmolLM2-135M}
 if [ "$MODEL" = SmolLM2-135M ]; then
   source bench/gpu/join_smollm2.sh
   gguf=$LLM_FP4_SMOLLM2_GGUF
@@ -38,6 +40,10 @@ else  # Qwen2.5-Coder-1.5B or Gemma3-270M: joined by the bench/gpu/model_transfe
     *) echo "MODEL=$MODEL: SmolLM2-135M, Qwen2.5-Coder-1.5B or Gemma3-270M"; exit 2 ;; esac
   [ -f "${gguf%.gguf}.ok" ] || { echo "no checked $gguf: run the bench/gpu/model_transfer.sh calls first"; exit 1; }
   export LLM_FP4_CACHE=/tmp/scratch/cache MODEL_ADDR=$gguf
+  if [ "$MODEL" = Gemma3-270M ]; then  # transformers >= 5.23 (bench/gpu/make_carry.sh, .gpu_tf)
+    [ -d /tmp/site_gemma3 ] || { echo "no /tmp/site_gemma3: carry .gpu_tf beside .whl in queue.sh's start call"; exit 1; }
+    export PYTHONPATH=/tmp/site_gemma3:$PYTHONPATH
+  fi
 fi
 export MODEL gguf
 W=/tmp/scratch/wave$WAVE

@@ -15,8 +15,10 @@ Sources (``source`` argument / ``--calib_data``):
 
 Stream scheme: ``rng = random.Random(seed)``; ``rng.shuffle`` the non-blank documents; tokenize each without
 special tokens; join them with the tokenizer's EOS id between documents (the tokens of ``"\\n\\n"`` if it has
-no EOS); then each of the ``calib_size`` rows is ``stream[s : s + seqlen]`` with ``s = rng.randint(0,
-len(stream) - seqlen)``. Rows may overlap; the stream must hold at least ``seqlen`` tokens.
+no EOS); then each of the ``calib_size`` rows is ``lead + stream[s : s + seqlen - len(lead)]`` with ``s =
+rng.randint(0, len(stream) - seqlen + len(lead))``, ``lead = leading_special_ids(tokenizer)`` (Gemma's BOS; empty
+for SmolLM2 and Qwen2, whose rows are then plain stream windows). Rows may overlap; the stream must hold at least
+``seqlen - len(lead)`` tokens.
 """
 
 from __future__ import annotations
@@ -186,9 +188,25 @@ def _file_docs(path: Path) -> tuple[list[str], str]:
     return docs, hashlib.sha256(raw).hexdigest()
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The token ids `tokenizer` puts before every text by default (Gemma's and Llama-2's BOS; none for SmolLM2 or
+    Qwen2). A window cut from a token stream starts with them, as every sequence did in the model's training:
+    Gemma3-270M's held-out perplexity is 18.3 without its BOS and 12.0 with it (2 x 1024 tokens, CPU)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 def _stream_windows(docs: list[str], tokenizer, calib_size: int, seqlen: int, seed: int,
                     what: str) -> tuple[torch.Tensor, int]:
     """Stream scheme (module docstring): int64 [calib_size, seqlen] windows and the stream length in tokens."""
+    lead = leading_special_ids(tokenizer)
+    if seqlen <= len(lead):
+        raise CalibDataError(f"--calib_seqlen {seqlen} leaves no room after the tokenizer's {len(lead)} leading "
+                             "special token(s); raise it")
     rng = random.Random(seed)
     docs = list(docs)
     rng.shuffle(docs)
@@ -199,9 +217,10 @@ def _stream_windows(docs: list[str], tokenizer, calib_size: int, seqlen: int, se
     for ids in encoded[1:]:
         stream += sep
         stream += ids
-    if len(stream) < seqlen:
+    body = seqlen - len(lead)
+    if len(stream) < body:
         raise CalibDataError(f"{what} gives only {len(stream)} tokens but --calib_seqlen {seqlen} needs at least "
-                             f"{seqlen}; provide more text or lower --calib_seqlen")
-    flat = torch.tensor(stream, dtype=torch.long)
-    starts = [rng.randint(0, len(stream) - seqlen) for _ in range(calib_size)]
-    return torch.stack([flat[s:s + seqlen] for s in starts]), len(stream)
+                             f"{body}; provide more text or lower --calib_seqlen")
+    flat, lead = torch.tensor(stream, dtype=torch.long), torch.tensor(lead, dtype=torch.long)
+    starts = [rng.randint(0, len(stream) - body) for _ in range(calib_size)]
+    return torch.stack([torch.cat([lead, flat[s:s + body]]) for s in starts]), len(stream)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.data.calib_data import leading_special_ids
 from utils.run.fileio import write_bytes_atomic
 
 CPU_AUTO_BATCH_SIZE = 8  # what --batch_size auto means on the CPU, where lm-eval's probe takes minutes
@@ -79,14 +80,19 @@ def evaluate(model: nn.Module, tokenizer, task_specs: list, *, batch_size: str, 
 
 
 def heldout_windows(tokenizer, text: str, *, windows: int, seqlen: int) -> torch.Tensor:
-    """The first `windows` non-overlapping windows of `seqlen` tokens of `text`, int64 [windows, seqlen]; ValueError
-    if the text holds fewer."""
+    """int64 [windows, seqlen]: each row the tokenizer's leading special ids (`leading_special_ids`: Gemma's BOS, none
+    for SmolLM2 or Qwen2) followed by the next non-overlapping run of `text`'s tokens; ValueError if the text holds
+    fewer."""
+    lead = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
+    body = seqlen - lead.numel()
+    if body < 1:
+        raise ValueError(f"held-out windows of {seqlen} tokens leave no room after {lead.numel()} special token(s)")
     prefix = text[: windows * seqlen * 8]  # about 4 characters a token: enough text, not all of it tokenized
     ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    available = ids.numel() // seqlen
+    available = ids.numel() // body
     if available < windows:
         raise ValueError(f"the held-out text holds {available} windows of {seqlen} tokens, {windows} asked")
-    return ids[: windows * seqlen].view(windows, seqlen)
+    return torch.cat([lead.expand(windows, -1), ids[: windows * body].view(windows, body)], dim=1)
 
 
 @torch.no_grad()
