@@ -8,7 +8,7 @@
 #   .gpu_t/    the 8 tasks' data (tasks.tar.xz) and the exllamav2 wheel (C4 excerpt); each its own call since the
 #              tracked tree (9 MB) plus .whl and .gpu_a, or .gpu_a and .gpu_t, passes 64 MiB
 #   .gpu_tf/   transformers 5.24.0 and regex, for Gemma3-270M's rows only (carried with .whl in queue.sh's start call):
-#              the machine's transformers 5.17 converts Gemma3's GGUF tokenizer without its BOS and into character
+#              the machine's transformers 5.17 converts Gemma3's GGUF tokenizer without its BOS and into wrong
 #              pieces (held-out perplexity 12,523, 2026-12-07); 5.24 is the newest >= 5.23 whose dependencies the
 #              machine's image meets (huggingface_hub 1.33, tokenizers 0.23.2); SmolLM2's and Qwen's rows keep 5.17
 #   .gpu_qNN/  Qwen2.5-Coder-1.5B's GGUF (23 pieces) and .gpu_gNN/ Gemma3-270M's (6 pieces), 48 MiB each, with a

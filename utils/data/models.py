@@ -166,7 +166,7 @@ def _gguf_add_bos(path: Path) -> bool | None:
 def check_gguf_tokenizer(path: Path, tokenizer, cached: Path | None = None) -> None:
     """ModelLoadError (one line) unless `tokenizer` starts a text with BOS exactly when the GGUF says it should.
     transformers before 5.23 converts Gemma3's GGUF tokenizer without the BOS the model needs (before 5.18 also into
-    character pieces): held-out perplexity 12,523 instead of 18 on the GPU's 5.17 (2026-12-07). `cached`: the cache
+    wrong pieces): held-out perplexity 12,523 on the GPU's 5.17 (docs/results.md, note 13). `cached`: the cache
     folder the tokenizer came from (converted by an earlier transformers)."""
     wanted = _gguf_add_bos(path)
     if wanted is None:
