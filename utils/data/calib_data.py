@@ -191,7 +191,8 @@ def _file_docs(path: Path) -> tuple[list[str], str]:
 def leading_special_ids(tokenizer) -> list[int]:
     """The token ids `tokenizer` puts before every text by default (Gemma's and Llama-2's BOS; none for SmolLM2 or
     Qwen2). A window cut from a token stream starts with them, as every sequence did in the model's training:
-    Gemma3-270M's held-out perplexity is 18.3 without its BOS and 12.0 with it (2 x 1024 tokens, CPU)."""
+    Gemma3-270M's held-out perplexity is 18.3 without its BOS and 12.0 with it (2 x 1024 tokens, CPU;
+    docs/results/Gemma3-270M/bos_check_cpu/)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     for start in range(len(full) - len(plain) + 1):
