@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from utils.data.architecture import decoder_layers
-from utils.data.models import ModelLoadError, embedding_and_head, hub_reachable, load_model, weights_fingerprint
+from utils.data.models import GGUF_TOKENIZER_CHECKED, ModelLoadError, embedding_and_head, hub_reachable, load_model, weights_fingerprint
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -238,9 +238,13 @@ def test_gguf_tokenizer_must_follow_the_files_bos_flag(tmp_path, bpe_tok, monkey
         f.write(b"\0" * 32)
     load_model(str(cached), device="cpu")
     before = sorted((tmp_path / "cache" / "gguf_hf").iterdir())
+    assert [(folder / GGUF_TOKENIZER_CHECKED).is_file() for folder in before] == [True] * len(before)
     monkeypatch.setattr("utils.data.models._gguf_add_bos", lambda path: True)  # as Gemma3's GGUF says
     assert "transformers >= 5.23" in _one_line_error(str(fresh), "omits the BOS")
     assert sorted((tmp_path / "cache" / "gguf_hf").iterdir()) == before  # nothing half-converted left
+    assert load_model(str(cached), device="cpu")  # a checked conversion is not checked again
+    for folder in before:  # as folders converted before the check
+        (folder / GGUF_TOKENIZER_CHECKED).unlink()
     message = _one_line_error(str(cached), "the cached conversion")
     assert "(delete it)" in message and "omits the BOS" in message
 

@@ -183,9 +183,14 @@ def check_gguf_tokenizer(path: Path, tokenizer, cached: Path | None = None) -> N
                              "use transformers >= 5.23 (Gemma3's GGUF needs it)")
 
 
+GGUF_TOKENIZER_CHECKED = "gguf_tokenizer_checked"  # marks a conversion whose tokenizer passed check_gguf_tokenizer
+
+
 def gguf_to_folder(path: Path) -> Path:
     """Convert a GGUF file once into an HF folder in the cache (fp32, or bf16 above the size limit); return it.
-    The tokenizer is checked against the GGUF's BOS flag (check_gguf_tokenizer), the cached one too."""
+    The tokenizer is checked against the GGUF's BOS flag (check_gguf_tokenizer) when converted; a cached folder
+    without the GGUF_TOKENIZER_CHECKED mark (converted before the check) is checked when found (reading the GGUF's
+    fields takes 4-13 s, so a checked folder is not read again)."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelLoadError(f"cannot load model {path}: not a GGUF file (bad magic bytes); "
@@ -193,7 +198,8 @@ def gguf_to_folder(path: Path) -> Path:
     key = f"{path.stat().st_size}-{file_sha256(path)[:16]}"
     for folder in (cache_dir() / "gguf_hf" / f"{key}-{d}" for d in ("float32", "bfloat16")):
         if (folder / "config.json").is_file():
-            check_gguf_tokenizer(path, AutoTokenizer.from_pretrained(folder), cached=folder)
+            if not (folder / GGUF_TOKENIZER_CHECKED).is_file():
+                check_gguf_tokenizer(path, AutoTokenizer.from_pretrained(folder), cached=folder)
             return folder
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -211,6 +217,7 @@ def gguf_to_folder(path: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_TOKENIZER_CHECKED).touch()
         tmp.chmod(0o755)
         os.rename(tmp, folder)
     except OSError:
