@@ -66,6 +66,30 @@ def test_results_report_gap_closed_and_probe_runs(tmp_path):
     assert runs == {"A_gptq": (31.691, 97.5), "C": (12.5, 5.0)}
 
 
+def test_results_report_judges_only_recipes_with_the_reference_coverage(tmp_path, monkeypatch):
+    """Issue 20's targets compare recipes that quantize what the reference rows quantize: a recipe with the head and
+    embedding in full precision (fpends) is listed but never the family's judged best, however low its perplexity."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    assert results_report.covers_all("FPQ_gptq_rot") and not results_report.covers_all("FPQ_gptq_rot_fpends")
+
+    def row(ppl: float, acc: float) -> dict:
+        return {"results": {t: {"acc,none": acc} for t in results_report.PAPER_TASKS},
+                "quantization": {"heldout_perplexity": {"perplexity": ppl}}}
+
+    for name, (ppl, acc) in {"FPQ_gptq_rot": (18.0, 0.55), "FPQ_gptq_rot_fpends": (15.0, 0.60)}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(row(ppl, acc)))
+    base = {"full_precision": row(10.0, 0.60), "MinMax_FP": row(1e6, 0.30)}
+    monkeypatch.setitem(results_report.RECIPE_FAMILIES, "FPQ", ("MinMax_FP", {"M": 85}))
+    lines = results_report.recipes_section("M", tmp_path, base)
+    judged = [line for line in lines if line.startswith("- FPQ:")]
+    assert judged == ["- FPQ: `FPQ_gptq_rot` (of 1 FPQ recipes run) closes 83% (6-task) and 83% (informative) of the "
+                      "gap from MinMax_FP; target 85% on both: **missed**."]
+
+
 def test_results_report_ablation_takes_probes_where_no_row_ran():
     """A component alone with a row shows its task average; one with only a GPU probe shows the probe's perplexity
     (marked, no task average); a combination only probed is listed after the rows; one with neither is named."""
