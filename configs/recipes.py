@@ -30,6 +30,10 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
 had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
          to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
          with which published results report a gain
+ohad32   (FPQ, after rot) an online Hadamard of each run of 32 channels of o_proj's input, the attention output,
+         which the residual rotation leaves unrotated (BlockHadamard(32) on self_attn.o_proj; QuaRot rotates it per
+         head). Not in the combinations: EXTRA_RECIPES runs FPQ_gptq_rot_ohad32. CPU probe (SmolLM2-135M,
+         recipes_heldout_cpu/, held-out ppl): FPQ 122.74, FPQ_gptq_rot 69.02, FPQ_gptq_rot_ohad32 66.62
 smooth   (NVFP4) SmoothQuant's migration (alpha 0.5) folded into the norms before q/k/v and gate/up, ahead of any block
          Hadamard: the activations' outlier channels moved into the weights before both are cut into blocks. Not in
          the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe. On the GPU (SmolLM2-135M,
@@ -108,6 +112,8 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "smooth": lambda config: dataclasses.replace(config, transforms=_before_block_transforms(config, SmoothQuant())),
     "smoothfit": lambda config: dataclasses.replace(
         config, transforms=_before_block_transforms(config, SmoothQuant(search_alphas=SMOOTH_ALPHAS))),
+    "ohad32": lambda config: dataclasses.replace(
+        config, transforms=config.transforms + (BlockHadamard(32, linears=("self_attn.o_proj",)),)),
     "headsmooth": lambda config: dataclasses.replace(
         config, transforms=config.transforms + (SmoothQuant(at_head=True),)),
     "headhad32": lambda config: dataclasses.replace(
@@ -124,6 +130,7 @@ EXTRA_RECIPES = (("NVFP4", ("shared",)), ("NVFP4", ("4over6", "search", "gptq", 
                  ("NVFP4", ("gptqout",)), ("NVFP4", ("4over6", "search", "gptqout")),
                  ("NVFP4", ("4over6", "search", "gptqout", "smooth")), ("MXFP4", ("gptqout",)),
                  ("MXFP4", ("gptqout", "had32")), ("FPQ", ("gptqout", "rot")),
+                 ("FPQ", ("gptq", "rot", "ohad32")),  # QuaRot's set on the paper's format: o_proj's input rotated too
                  ("NVFP4", ("headsmooth",)), ("NVFP4", ("4over6", "search", "gptq", "smooth", "headsmooth")),
                  ("MXFP4", ("headhad32",)), ("MXFP4", ("headsmooth", "headhad32")),
                  ("MXFP4", ("gptq", "had32", "headhad32")), ("MXFP4", ("gptq", "had32", "headsmooth", "headhad32")),
