@@ -30,10 +30,6 @@ had32    (MXFP4, in place of rot) an online Hadamard of each run of 32 input cha
 had16    (NVFP4, in place of rot) the same with runs of 16 input channels (one NVFP4 block), BlockHadamard(16): round
          to nearest alone lost at the CPU probe scale (held-out ppl 46.2 against 37.4), kept to measure it with GPTQ,
          with which published results report a gain
-ohad32   (FPQ, after rot) an online Hadamard of each run of 32 channels of o_proj's input, the attention output,
-         which the residual rotation leaves unrotated (BlockHadamard(32) on self_attn.o_proj; QuaRot rotates it per
-         head). Not in the combinations: EXTRA_RECIPES runs FPQ_gptq_rot_ohad32. CPU probe (SmolLM2-135M,
-         recipes_heldout_cpu/, held-out ppl): FPQ 122.74, FPQ_gptq_rot 69.02, FPQ_gptq_rot_ohad32 66.62
 smooth   (NVFP4) SmoothQuant's migration (alpha 0.5) folded into the norms before q/k/v and gate/up, ahead of any block
          Hadamard: the activations' outlier channels moved into the weights before both are cut into blocks. Not in
          the combinations: EXTRA_RECIPES runs it on round to nearest and on the best recipe. On the GPU (SmolLM2-135M,
@@ -46,6 +42,10 @@ smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and
          32.2, 31.4, 31.2, 30.6, 31.9, 30.5 (bench/cpu_smooth_alpha.sh, smooth_alpha_cpu/): none stands out from
          0.6 up; ahead of the best recipe 0.5 .. 0.8 all lie within 27.2 .. 27.6. Not in the combinations:
          EXTRA_RECIPES runs it like `smooth`
+ohad32   (FPQ, after rot) an online Hadamard of each run of 32 channels of o_proj's input, the attention output,
+         which the residual rotation leaves unrotated (BlockHadamard(32) on self_attn.o_proj; QuaRot rotates it per
+         head). Not in the combinations: EXTRA_RECIPES runs FPQ_gptq_rot_ohad32. CPU probe (SmolLM2-135M,
+         recipes_heldout_cpu/, held-out ppl): FPQ 122.74, FPQ_gptq_rot 69.02, FPQ_gptq_rot_ohad32 66.62
 headsmooth SmoothQuant's migration (alpha 0.5) between the final norm and the output head: the final norm absorbs
          1 / s, the head's columns take s (SmoothQuant(at_head=True)); `smooth` stops at the decoder blocks. Only the
          head quantized, round to nearest, on Qwen2.5-Coder-1.5B (bench/head_probe.py, 4 x 1024 held-out tokens, 2-core
