@@ -25,6 +25,9 @@ VARIANTS = {
     "rotnoonline": (ResidualRotation(online_down_proj=False),),
     **{f"rot{size}": (ResidualRotation(hidden_block=size, down_proj_block=size),) for size in (16, 32, 64)},
     **{f"had{size}": (BlockHadamard(size),) for size in (16, 32, 64)},  # online block Hadamard of every Linear
+    # rot, then an online block Hadamard of o_proj's input only (the recipes' ohad32 at other sizes)
+    **{f"rot_ohad{size}": (ResidualRotation(), BlockHadamard(size, linears=("self_attn.o_proj",)))
+       for size in (32, 64)},
 }
 
 

@@ -45,7 +45,8 @@ smoothfit (NVFP4) `smooth` with each norm's strength fitted: of no migration and
 ohad32   (FPQ, after rot) an online Hadamard of each run of 32 channels of o_proj's input, the attention output,
          which the residual rotation leaves unrotated (BlockHadamard(32) on self_attn.o_proj; QuaRot rotates it per
          head). Not in the combinations: EXTRA_RECIPES runs FPQ_gptq_rot_ohad32. CPU probe (SmolLM2-135M,
-         recipes_heldout_cpu/, held-out ppl): FPQ 122.74, FPQ_gptq_rot 69.02, FPQ_gptq_rot_ohad32 66.62
+         recipes_heldout_cpu/, held-out ppl): FPQ 122.74, FPQ_gptq_rot 69.02, FPQ_gptq_rot_ohad32 66.62;
+         64-channel blocks (one head of SmolLM2) 68.76 (rotation_probe_cpu/, bench/cpu_rotation.sh)
 headsmooth SmoothQuant's migration (alpha 0.5) between the final norm and the output head: the final norm absorbs
          1 / s, the head's columns take s (SmoothQuant(at_head=True)); `smooth` stops at the decoder blocks. Only the
          head quantized, round to nearest, on Qwen2.5-Coder-1.5B (bench/head_probe.py, 4 x 1024 held-out tokens, 2-core
