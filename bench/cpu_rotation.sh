@@ -5,7 +5,7 @@
 # Variants (bench/rotation_variants.py): none, rot (QuaRot: full-width Hadamard of the residual stream + online
 # Hadamard before down_proj), rotnoonline (without the online one), rot16/32/64 (block-diagonal residual and
 # down_proj Hadamards of that size), had16/32/64 (BlockHadamard: an online block Hadamard before every Linear),
-# rot_ohad32/64 (rot, then an online block Hadamard of o_proj's input only: the recipes' ohad32 and a 64 twin).
+# rot_ohad64 (rot, then an online Hadamard of 64-channel blocks of o_proj's input only: the recipes' ohad32 at 64).
 # RUNS lists "<base>:<variant>:<bits>" (base: a config or recipe without _config_llama; bits W4A4, W4 = weights only,
 # A4 = activations only); the default is what the committed note reports, in the order it ran (about 5 to 12 min a
 # run on the shared 2-core CPU; the NVFP4_gptq row without rotation is recipes_heldout_cpu/NVFP4_gptq.json, the same

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main  # noqa: E402  (pins CPU numerics before torch loads)
 from configs import get_config  # noqa: E402
-from configs.recipes import RECIPES  # noqa: E402
+from configs.recipes import O_PROJ_INPUT, RECIPES  # noqa: E402
 from utils.search.residual_rotation import ResidualRotation  # noqa: E402
 from utils.search.transforms import BlockHadamard  # noqa: E402
 
@@ -25,9 +25,7 @@ VARIANTS = {
     "rotnoonline": (ResidualRotation(online_down_proj=False),),
     **{f"rot{size}": (ResidualRotation(hidden_block=size, down_proj_block=size),) for size in (16, 32, 64)},
     **{f"had{size}": (BlockHadamard(size),) for size in (16, 32, 64)},  # online block Hadamard of every Linear
-    # rot, then an online block Hadamard of o_proj's input only (the recipes' ohad32 at other sizes)
-    **{f"rot_ohad{size}": (ResidualRotation(), BlockHadamard(size, linears=("self_attn.o_proj",)))
-       for size in (32, 64)},
+    "rot_ohad64": (ResidualRotation(), BlockHadamard(64, linears=O_PROJ_INPUT)),  # the recipes' rot + ohad32 at 64
 }
 
 

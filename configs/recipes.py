@@ -99,6 +99,7 @@ def _before_block_transforms(config: QuantConfig, transform) -> tuple:
     return model_wide + (transform,) + tuple(t for t in config.transforms if t.scope != "model")
 
 
+O_PROJ_INPUT = ("self_attn.o_proj",)  # ohad32's Linear: the attention output, the input `rot` leaves unrotated
 SMOOTH_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # smoothfit's candidate strengths (besides no migration)
 
 COMPONENTS = {  # name: the change it makes to a config, applied in this order
@@ -114,7 +115,7 @@ COMPONENTS = {  # name: the change it makes to a config, applied in this order
     "smoothfit": lambda config: dataclasses.replace(
         config, transforms=_before_block_transforms(config, SmoothQuant(search_alphas=SMOOTH_ALPHAS))),
     "ohad32": lambda config: dataclasses.replace(
-        config, transforms=config.transforms + (BlockHadamard(32, linears=("self_attn.o_proj",)),)),
+        config, transforms=config.transforms + (BlockHadamard(32, linears=O_PROJ_INPUT),)),
     "headsmooth": lambda config: dataclasses.replace(
         config, transforms=config.transforms + (SmoothQuant(at_head=True),)),
     "headhad32": lambda config: dataclasses.replace(
