@@ -23,7 +23,14 @@ from utils.search.space import SearchSpace  # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
 FIGURES = ROOT / "docs" / "figures"
-NOTES = RESULTS / "notes"  # checks and probes written by hand from their committed files, appended in name order
+NOTES = RESULTS / "notes"  # checks and probes written by hand from their committed files, appended in number order
+
+
+def note_order(path: Path) -> tuple[int, str]:
+    """A note's place: the number its file name starts with (10 after 9), then the name."""
+    number = re.match(r"\d+", path.name)
+    return (int(number.group()) if number else 0, path.name)
+
 
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
 EXTRA_TASKS = ["openbookqa", "lambada_openai"]
@@ -669,7 +676,7 @@ def main() -> None:
     lines += ablation_section(RESULTS / "SmolLM2-135M" / "ablation_heldout_cpu.jsonl")
     lines += variants_section(RESULTS / "SmolLM2-135M" / "variants_heldout_cpu")
     lines += heldout_probe_section("SmolLM2-135M", gpu_probe_folders("SmolLM2-135M"), GPU_PROBE_NOTE)
-    lines += [note.read_text().rstrip("\n") + "\n" for note in sorted(NOTES.glob("*.md"))]
+    lines += [note.read_text().rstrip("\n") + "\n" for note in sorted(NOTES.glob("*.md"), key=note_order)]
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")
 

@@ -1,6 +1,7 @@
 """The side-by-side table of results files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,18 @@ def test_results_report_informative_tasks_and_averages():
     results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
     assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
     assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
+
+
+def test_results_report_appends_notes_in_number_order():
+    """Notes 1 .. 15 follow each other by their number, not their name ("10_" sorts before "9_" as text)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    names = ["15_e.md", "9_d.md", "10_c.md", "1_b.md", "1_a.md"]
+    ordered = sorted((Path(n) for n in names), key=results_report.note_order)
+    assert [p.name for p in ordered] == ["1_a.md", "1_b.md", "9_d.md", "10_c.md", "15_e.md"]
 
 
 def test_results_report_gap_closed_and_probe_runs(tmp_path):
