@@ -154,17 +154,31 @@ RECIPE_FAMILIES = {"NVFP4": ("NVFP4", {"SmolLM2-135M": 50, "Qwen2.5-Coder-1.5B":
                    "FPQ": ("MinMax_FP", {"Qwen2.5-Coder-1.5B": 85})}
 
 
+# A recipe row run with other settings than the paper's: its file name's suffix and the flag its script adds.
+RECIPE_SETTINGS = {"calib128": "--calib_size 128"}
+
+
+def recipe_of(row: str) -> str:
+    """The recipe a row ran: its name without a RECIPE_SETTINGS suffix (FPQ_gptq_rot_calib128 -> FPQ_gptq_rot)."""
+    for suffix in RECIPE_SETTINGS:
+        if row.endswith("_" + suffix):
+            return row.removesuffix("_" + suffix)
+    return row
+
+
 def recipe_rows(folder: Path) -> dict[str, dict]:
-    """{row: results} of the recipes of configs/recipes.py that have a results file, in RECIPES' order."""
+    """{row: results} of the recipes of configs/recipes.py that have a results file, in RECIPES' order, each followed
+    by its RECIPE_SETTINGS variants."""
     names = [name.removesuffix("_config_llama") for name in RECIPES]
-    return {row: json.loads((folder / f"{row}.json").read_text()) for row in names if (folder / f"{row}.json").exists()}
+    rows = [row for name in names for row in [name] + [f"{name}_{suffix}" for suffix in RECIPE_SETTINGS]]
+    return {row: json.loads((folder / f"{row}.json").read_text()) for row in rows if (folder / f"{row}.json").exists()}
 
 
 def covers_all(row: str) -> bool:
-    """Whether recipe `row` quantizes the output head and the token embedding, as the reference rows do: issue 20's
-    targets ask for the same coverage, so a recipe that leaves the ends in full precision (fpends) is reported but
+    """Whether recipe row `row` quantizes the output head and the token embedding, as the reference rows do: issue
+    20's targets ask for the same coverage, so a recipe that leaves the ends in full precision (fpends) is reported but
     never judged."""
-    config = RECIPES[f"{row}_config_llama"]
+    config = RECIPES[f"{recipe_of(row)}_config_llama"]
     return config.lm_head and config.embedding
 
 
@@ -191,7 +205,9 @@ def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str
              "Recipes of `configs/recipes.py` (README, `--quant_config`), each with its script in "
              f"`complete_scripts/{model}/`. Gap closed: the share of the gap from the family's reference row (NVFP4 "
              "and MXFP4: round to nearest; FPQ: MinMax FP, the paper's gap) to full precision, on held-out "
-             "perplexity and on the informative average.", "",
+             "perplexity and on the informative average."
+             + "".join(f" `<recipe>_{suffix}`: the recipe run with `{flag}`." for suffix, flag in RECIPE_SETTINGS.items()
+                       if any(row.endswith("_" + suffix) for row in recipes)), "",
              "| row | 6-task avg | informative avg | held-out ppl | gap closed: ppl | 6-task | informative | "
              "calib s | calib peak GiB | GPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     def closed(row: str) -> tuple[float | None, float | None, float | None]:
@@ -231,7 +247,7 @@ def recipes_section(model: str, folder: Path, rows: dict[str, dict]) -> list[str
     probed = {run["recipe"]: run for name in gpu_probe_folders(model) for run in probe_runs(folder / name)}
     lines += [""] + ablation_lines(recipes, base, ppl, info, probed)
     scripted = [p.stem for p in sorted((ROOT / "complete_scripts" / model).glob("*.sh"))
-                if f"{p.stem}_config_llama" in RECIPES and p.stem not in recipes]
+                if f"{recipe_of(p.stem)}_config_llama" in RECIPES and p.stem not in recipes]
     return lines + (["", f"Not run yet on this model (scripts ready): {', '.join(scripted)}.", ""] if scripted
                     else [""])
 

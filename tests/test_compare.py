@@ -103,6 +103,36 @@ def test_results_report_judges_only_recipes_with_the_reference_coverage(tmp_path
                       "gap from MinMax_FP; target 85% on both: **missed**."]
 
 
+def test_results_report_reads_recipe_rows_run_with_other_settings(tmp_path, monkeypatch):
+    """A row named <recipe>_calib128 is that recipe run with --calib_size 128: listed after its recipe, judged with the
+    recipe's coverage, said so above the table; a suffix on a name that is no recipe is not a row."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_report
+
+    assert results_report.recipe_of("FPQ_gptq_rot_calib128") == "FPQ_gptq_rot"
+    assert results_report.recipe_of("FPQ_gptq_rot") == "FPQ_gptq_rot"
+    assert not results_report.covers_all("FPQ_gptq_rot_fpends_calib128")
+
+    def row(ppl: float, acc: float) -> dict:
+        return {"results": {t: {"acc,none": acc} for t in results_report.PAPER_TASKS},
+                "quantization": {"heldout_perplexity": {"perplexity": ppl}}}
+
+    for name, (ppl, acc) in {"FPQ_gptq_rot_calib128": (17.0, 0.58), "FPQ_gptq_rot": (18.0, 0.55),
+                             "FPQ_gptq_rot_fpends_calib128": (15.0, 0.60), "FPQ_bogus_calib128": (1.0, 0.6)}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(row(ppl, acc)))
+    assert list(results_report.recipe_rows(tmp_path)) == ["FPQ_gptq_rot", "FPQ_gptq_rot_calib128",
+                                                          "FPQ_gptq_rot_fpends_calib128"]
+    base = {"full_precision": row(10.0, 0.60), "MinMax_FP": row(1e6, 0.30)}
+    monkeypatch.setitem(results_report.RECIPE_FAMILIES, "FPQ", ("MinMax_FP", {"M": 85}))
+    lines = results_report.recipes_section("M", tmp_path, base)
+    assert any("`<recipe>_calib128`: the recipe run with `--calib_size 128`." in line for line in lines)
+    judged = [line for line in lines if line.startswith("- FPQ:")]
+    assert judged == ["- FPQ: `FPQ_gptq_rot_calib128` (of 2 FPQ recipes run) closes 93% (6-task) and 93% "
+                      "(informative) of the gap from MinMax_FP; target 85% on both: **met**."]
+
+
 def test_results_report_ablation_takes_probes_where_no_row_ran():
     """A component alone with a row shows its task average; one with only a GPU probe shows the probe's perplexity
     (marked, no task average); a combination only probed is listed after the rows; one with neither is named."""
