@@ -18,7 +18,8 @@ def _table_rows() -> dict[str, str]:
 
 
 def _recipes_with(component: str) -> set[str]:
-    return {name[:-len(SUFFIX)] for name in RECIPES if component in name[:-len(SUFFIX)].split("_")[1:]}
+    recipes = (name.removesuffix(SUFFIX) for name in RECIPES)
+    return {recipe for recipe in recipes if component in recipe.split("_")[1:]}
 
 
 def test_the_table_has_every_component_in_the_order_they_apply():
