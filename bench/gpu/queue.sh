@@ -22,6 +22,9 @@
 #              Keep JOBS_SMOL + JOBS_QWEN + JOBS_GEMMA at 6 or fewer: processes share the GPU by time slices, and
 #              with 10 (5 + 2 + 3, 2026-12-06) SmolLM2's evaluations fell from about 250 to 45-55 requests a second and
 #              no row finished in the session (bench/results/gpu_logs/queue_2026-12-06c_call_output.txt).
+#              Memory on an 80 GB H100: a Qwen evaluation holds about 29 GiB and lm-eval's log_softmax asks up to
+#              11.5 GiB more, a Gemma3 one about 13 GiB; JOBS_QWEN=2 beside JOBS_GEMMA=2 ran out of memory there
+#              (bench/results/gpu_logs/queue_2026-12-07e.txt): keep JOBS_QWEN=1 beside Gemma3's rows on an H100.
 # STEPS (default "benches qwen_bench rows") picks and orders them. Results under /tmp/scratch/queue/.
 #   PART=start   (carry .whl, and .gpu_tf for Gemma3's rows): wheels, a frozen copy of this tree, the queue started in its own session
 #   PART=stage   (carry one of .gpu_a .gpu_t .gpu_b .gpu_q00 .. .gpu_q22 .gpu_g00 .. .gpu_g05): stage it (SmolLM2
