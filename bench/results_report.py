@@ -355,8 +355,8 @@ def heldout_probe_section(model: str, folders: list[str], note: str) -> list[str
     return lines + [""]
 
 
-ATTENTION_VARIANTS = (("", "W4A4 (no attention quantization)"), ("_kv8", "+ KV8"), ("_kv4", "+ KV4"),
-                      ("_kv4_attn4", "+ KV4, Q and P at 4 bits"))
+ATTENTION_VARIANTS = (("", "W4A4 (no attention quantization)"), ("_kv8", "+ KV8"), ("_kv8_int8", "+ KV8 as INT8"),
+                      ("_kv4", "+ KV4"), ("_kv4_attn4", "+ KV4, Q and P at 4 bits"))
 
 
 def attention_section(model: str, folder: Path) -> list[str]:
