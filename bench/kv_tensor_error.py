@@ -40,7 +40,8 @@ CAPTURE = "kv_tensor_error_capture"
 
 
 def capture(model, windows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """(query, key, value) of every attention call, [1, heads, tokens, head_dim] after RoPE, one window at a time."""
+    """(query, key, value) of every attention call, [1, heads, tokens, head_dim] after RoPE, one window at a time;
+    the model's attention implementation is restored afterwards (CAPTURE stays registered: it runs SDPA)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -51,10 +52,14 @@ def capture(model, windows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(CAPTURE, record)
+    previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE)
-    with torch.no_grad():
-        for window in windows:
-            model(window[None])
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(window[None])
+    finally:
+        model.set_attn_implementation(previous)
     return captured
 
 
