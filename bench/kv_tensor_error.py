@@ -8,7 +8,9 @@ no clipping search), alone, and the layer's attention output O = softmax(Q K^T /
 recomputed. Reported per format and tensor, over layers and windows: the relative squared error |Kq - K|^2 / |K|^2
 (V alike) and that of the output |Oq - O|^2 / |O|^2 (mean, worst and the worst one's layer), and per layer K's
 largest channel offset |mean_t k| / std_t(k) (a near-constant channel: a float grid rounds it at its magnitude, 2^-4
-relative for E4M3, where INT8's per-channel step is range / 127).
+relative for E4M3, where INT8's per-channel step is range / 127). The recomputed attention is plain causal softmax
+with scale 1 / sqrt(head_dim): exact for the three models at --seqlen up to 512 (Gemma3-270M: query_pre_attn_scalar =
+head_dim = 256, sliding window 512, no soft-capping).
 
     python bench/kv_tensor_error.py --model Qwen2.5-Coder-1.5B \
         --output docs/results/Qwen2.5-Coder-1.5B/kv_heldout_cpu/tensor_error.json
@@ -29,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, git_commit  # noqa: E402
 from quant_layers.formats import parse_format  # noqa: E402
 from quant_layers.quantize import quantize  # noqa: E402
+from utils.data.cache import cache_dir  # noqa: E402
 from utils.data.calib_data import heldout_text  # noqa: E402
 from utils.data.models import load_model  # noqa: E402
 from utils.report.evaluation import heldout_windows  # noqa: E402
 from utils.run.fileio import write_bytes_atomic  # noqa: E402
 
-MODELS = {"SmolLM2-135M": None,
-          "Qwen2.5-Coder-1.5B": Path.home() / ".cache/llm_fp4/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
+MODELS = {"SmolLM2-135M": None,  # the embedded default; the others' GGUFs as complete_scripts/<model>/env.sh fetch them
+          "Qwen2.5-Coder-1.5B": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "Gemma3-270M": "gemma-3-270m-q4_k_m.gguf"}
 CAPTURE = "kv_tensor_error_capture"
 
 
@@ -85,7 +88,7 @@ def main() -> None:
     if args.output.exists():
         raise SystemExit(f"error: {args.output} exists; name a new file")
     formats = {name: parse_format(name) for name in args.formats}
-    model, tokenizer, _ = load_model(MODELS[args.model])
+    model, tokenizer, _ = load_model(MODELS[args.model] and cache_dir() / "models" / MODELS[args.model])
     text, description = heldout_text()
     windows = heldout_windows(tokenizer, text, windows=args.windows, seqlen=args.seqlen)
     calls = capture(model, windows)
@@ -95,10 +98,11 @@ def main() -> None:
     for name, fmt in formats.items():
         rows = {"key": [], "value": [], "key_output": [], "value_output": []}
         for layer in per_layer:
-            key_max = torch.stack([k.abs().amax(dim=2, keepdim=True) for _, k, _ in layer]).amax(dim=0)
+            tiny = torch.finfo(torch.float32).tiny  # a channel or token of zeros (Gemma3's k_norm) keeps its zeros
+            key_max = torch.stack([k.abs().amax(dim=2, keepdim=True) for _, k, _ in layer]).amax(dim=0).clamp_min(tiny)
             for query, key, value in layer:
                 key_q = quantize(key, fmt, key_max)  # per channel, static: [1, heads, 1, head_dim]
-                value_q = quantize(value, fmt, value.abs().amax(dim=-1, keepdim=True))  # per token, dynamic
+                value_q = quantize(value, fmt, value.abs().amax(dim=-1, keepdim=True).clamp_min(tiny))  # per token
                 exact = attention(query, key, value)
                 rows["key"].append(relative_error(key_q, key))
                 rows["value"].append(relative_error(value_q, value))
