@@ -3,14 +3,15 @@
 For every attention layer of a full-precision model (CPU), query / key / value after RoPE are captured on held-out
 windows of the Wikipedia excerpt (the text of --heldout_ppl), through a function registered with transformers'
 AttentionInterface that records them and runs SDPA. Each is quantize-dequantized as the cache rows store it (K per
-channel, V per token, `quant_layers.quantize.quantize`; K's range here is each channel's maximum over the windows,
-no clipping search), alone, and the layer's attention output O = softmax(Q K^T / sqrt(d) + causal mask) V is
-recomputed. Reported per format and tensor, over layers and windows: the relative squared error |Kq - K|^2 / |K|^2
-(V alike) and that of the output |Oq - O|^2 / |O|^2 (mean, worst and the worst one's layer), and per layer K's
-largest channel offset |mean_t k| / std_t(k) (a near-constant channel: a float grid rounds it at its magnitude, 2^-4
-relative for E4M3, where INT8's per-channel step is range / 127). The recomputed attention is plain causal softmax
-with scale 1 / sqrt(head_dim): exact for the three models at --seqlen up to 512 (Gemma3-270M: query_pre_attn_scalar =
-head_dim = 256, sliding window 512, no soft-capping).
+channel, V per token, `quant_layers.quantize.quantize`; K's range here is each channel's maximum over the windows, no
+clipping search; ranges floored at 1e-30 as `quant_layers.attention.minmax_range` floors them), alone, and the layer's
+attention output O = softmax(Q K^T / sqrt(d) + causal mask) V is recomputed. Reported per format and tensor, over
+layers and windows: the relative squared error |Kq - K|^2 / |K|^2 (V alike) and that of the output |Oq - O|^2 / |O|^2
+(mean, worst and the worst one's layer), and per layer K's largest channel offset |mean_t k| / std_t(k) (a
+near-constant channel: a float grid rounds it at its magnitude, 2^-4 relative for E4M3, where INT8's per-channel step
+is range / 127). The recomputed attention is plain causal softmax with scale 1 / sqrt(head_dim): exact for the three
+models at --seqlen up to 512 (Gemma3-270M: query_pre_attn_scalar = head_dim = 256, sliding window 512, no
+soft-capping).
 
     python bench/kv_tensor_error.py --model Qwen2.5-Coder-1.5B \
         --output docs/results/Qwen2.5-Coder-1.5B/kv_heldout_cpu/tensor_error.json
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, git_commit  # noqa: E402
+from quant_layers.attention import minmax_range  # noqa: E402
 from quant_layers.formats import parse_format  # noqa: E402
 from quant_layers.quantize import quantize  # noqa: E402
 from utils.data.cache import cache_dir  # noqa: E402
@@ -98,11 +100,10 @@ def main() -> None:
     for name, fmt in formats.items():
         rows = {"key": [], "value": [], "key_output": [], "value_output": []}
         for layer in per_layer:
-            tiny = torch.finfo(torch.float32).tiny  # a channel or token of zeros (Gemma3's k_norm) keeps its zeros
-            key_max = torch.stack([k.abs().amax(dim=2, keepdim=True) for _, k, _ in layer]).amax(dim=0).clamp_min(tiny)
+            key_max = minmax_range(torch.cat([k for _, k, _ in layer]), "per_channel")  # [1, heads, 1, head_dim]
             for query, key, value in layer:
-                key_q = quantize(key, fmt, key_max)  # per channel, static: [1, heads, 1, head_dim]
-                value_q = quantize(value, fmt, value.abs().amax(dim=-1, keepdim=True).clamp_min(tiny))  # per token
+                key_q = quantize(key, fmt, key_max)
+                value_q = quantize(value, fmt, minmax_range(value, "per_token"))
                 exact = attention(query, key, value)
                 rows["key"].append(relative_error(key_q, key))
                 rows["value"].append(relative_error(value_q, value))
