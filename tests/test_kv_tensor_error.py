@@ -1,40 +1,49 @@
-"""bench/kv_tensor_error.py's two pieces: the capture records one (query, key, value) per layer and window, its
-recording attention leaves the logits as they are, and the model's implementation comes back; its causal GQA
-attention equals a plain loop over heads and queries."""
+"""bench/kv_tensor_error.py's layer errors against a hand computation: K quantized per channel (each channel's
+maximum over the calls) and V per token with quant_layers.quantize.quantize, attention as a plain causal loop."""
 
 import torch
 
-from bench.kv_tensor_error import CAPTURE, attention, capture
+from bench.kv_tensor_error import layer_errors, record_windows
 from conftest import make_tiny
+from quant_layers.formats import parse_format
+from quant_layers.quantize import quantize
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
 
 
-def test_capture_keeps_logits_and_records_each_layer():
+def loop_attention(query, key, value, scaling):
+    """[1, heads, tokens, d] causal softmax(Q K^T * scaling) V, one head and one query at a time (GQA by index)."""
+    groups = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query)
+    for head in range(query.shape[1]):
+        for i in range(query.shape[2]):
+            scores = torch.stack([query[0, head, i] @ key[0, head // groups, j] for j in range(i + 1)]) * scaling
+            weights = scores.softmax(0)
+            out[0, head, i] = sum(weights[j] * value[0, head // groups, j] for j in range(i + 1))
+    return out
+
+
+def relative(approx, exact):
+    return float((approx - exact).pow(2).sum() / exact.pow(2).sum())
+
+
+def test_layer_errors_match_a_hand_computation():
     model = make_tiny("qwen2")
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        reference = model(IDS).logits
-    calls = capture(model, IDS)
-    assert len(calls) == IDS.shape[0] * model.config.num_hidden_layers
-    assert model.config._attn_implementation == "sdpa"
-    model.set_attn_implementation(CAPTURE)  # the recording function itself, as capture runs it
-    with torch.no_grad():
-        captured = model(IDS).logits
-    torch.testing.assert_close(captured, reference, rtol=0, atol=0)
-    query, key, value = calls[0]
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    assert query.shape == (1, model.config.num_attention_heads, IDS.shape[1], head_dim)
-    assert key.shape == value.shape == (1, model.config.num_key_value_heads, IDS.shape[1], head_dim)
-
-
-def test_attention_equals_a_loop():
-    generator = torch.Generator().manual_seed(3)
-    query, key, value = (torch.randn(1, heads, 7, 8, generator=generator) for heads in (4, 2, 2))
-    expected = torch.empty_like(query)
-    for head in range(4):
-        for i in range(7):
-            scores = torch.stack([query[0, head, i] @ key[0, head // 2, j] for j in range(i + 1)]) / 8 ** 0.5
-            weights = scores.softmax(0)
-            expected[0, head, i] = sum(weights[j] * value[0, head // 2, j] for j in range(i + 1))
-    torch.testing.assert_close(attention(query, key, value), expected, rtol=1e-5, atol=1e-6)
+    recorded = record_windows(model, IDS)
+    assert len(recorded) == model.config.num_hidden_layers
+    fmt = parse_format("E2M1")
+    for module, records in recorded.values():
+        assert len(records) == IDS.shape[0]
+        errors = layer_errors(module, records, fmt)
+        key_max = torch.cat([r.key for r in records]).abs().amax(dim=(0, 2), keepdim=True)
+        for w, r in enumerate(records):
+            key_q = quantize(r.key, fmt, key_max)
+            value_q = quantize(r.value, fmt, r.value.abs().amax(dim=-1, keepdim=True))
+            exact = loop_attention(r.query, r.key, r.value, module.scaling)
+            expected = {"key": relative(key_q, r.key), "value": relative(value_q, r.value),
+                        "key_output": relative(loop_attention(r.query, key_q, r.value, module.scaling), exact),
+                        "value_output": relative(loop_attention(r.query, r.key, value_q, module.scaling), exact)}
+            for metric, value in expected.items():
+                assert value > 0
+                assert abs(errors[metric][w] - value) <= 1e-4 * value, (metric, errors[metric][w], value)
