@@ -236,5 +236,31 @@ def test_calib_7b_runs_a_recipe_with_transforms(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-400:]
     run = json.loads((tmp_path / f"calib_7b_{recipe}_L1.json").read_text())
     assert run["layers"] == 1 and 0 < run["mean_mse_over_minmax"] <= 1 + 1e-4
-    assert json.loads((tmp_path / "calib_7b_best_recipe_minutes.json").read_text())["name"] == \
-        "calib_7b_best_recipe_minutes"
+    # one layer is not LLaMA-7B's 32: no minutes target from it, the peak ratio (every layer count) is written
+    assert not (tmp_path / "calib_7b_best_recipe_minutes.json").exists()
+    assert "minutes target not written: the largest run has 1 layers" in done.stdout
+    assert json.loads((tmp_path / "calib_best_recipe_peak_mem_over_block_budget.json").read_text())["met"] is False
+
+
+def test_calib_7b_minutes_come_from_the_32_layer_run(tmp_path, monkeypatch):
+    """--summarize over an 8- and a 32-layer run file: the minutes are the 32-layer run's seconds / 60, the peak
+    ratio the worst of the two."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("BENCH_RESULTS", str(tmp_path))
+    recipe = "NVFP4_smooth_config_llama"
+    common = {"config": {}, "calib_tokens": [32, 1024], "rounds": 3, "candidates": 100, "formats": "W4A4E4",
+              "act_coarse_tokens": 4096, "offload": True, "device": "GPU X", "torch": "t", "triton": "t",
+              "command": "c", "block_weights": 1, "calib_activations": 1, "mean_mse_over_minmax": 0.5,
+              "search_dtype": "torch.bfloat16"}
+    for layers, seconds, peak in ((8, 120.0, 30), (32, 540.0, 45)):
+        run = {**common, "layers": layers, "seconds": seconds, "peak_bytes": peak, "budget": 50}
+        (tmp_path / f"calib_7b_{recipe}_L{layers}.json").write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "calib_7b.py"), "--summarize", "--quant_config",
+                           recipe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-400:]
+    minutes = json.loads((tmp_path / "calib_7b_best_recipe_minutes.json").read_text())
+    assert minutes["value"] == 9.0 and minutes["met"] is True and minutes["target"] == "<= 15"
+    peak = json.loads((tmp_path / "calib_best_recipe_peak_mem_over_block_budget.json").read_text())
+    assert peak["value"] == 0.9 and peak["met"] is True

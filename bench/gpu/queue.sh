@@ -7,8 +7,9 @@
 #              bench/ct_real_check.py (or one of them: qwen_fp8, qwen_packed, qwen_ct)           (Qwen's GGUF)
 #   calib7b    bench/calib_7b.py with the recipe CALIB_RECIPE (default the NVFP4 pick,
 #              NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama) at 8 and 32 LLaMA-7B-shaped layers, alone on
-#              the GPU (a timing), then --summarize: issue 20's calib_7b_best_recipe_minutes (no model data: it can
-#              run while the calls stage the GGUFs); CALIB_LAYERS (default "8 32") picks the layer counts
+#              the GPU (a timing); each run writes issue 20's calib_7b_best_recipe_minutes (once 32 layers ran) and
+#              the peak ratio (no model data: it can run while the calls stage the GGUFs); CALIB_LAYERS (default
+#              "8 32") picks the layer counts
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
 #   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,
@@ -119,12 +120,10 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       ;;
     calib7b)
       recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama}
+      # each run rewrites the target files from every run file so far (the minutes only once 32 layers ran)
       for layers in ${CALIB_LAYERS:-8 32}; do
         step calib_7b_L$layers 3600 python3 bench/calib_7b.py --quant_config $recipe --layers $layers
       done
-      # the target is on 32 layers: a run of 8 alone (CALIB_LAYERS=8) only writes its run file
-      case " ${CALIB_LAYERS:-8 32} " in *" 32 "*)
-        step calib_7b_summary 60 python3 bench/calib_7b.py --quant_config $recipe --summarize ;; esac
       ;;
     stepcosts)
       step step_costs 900 python3 bench/step_costs.py --shape llama7b --device cuda
