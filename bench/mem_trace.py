@@ -5,7 +5,9 @@ writes one line per stage to $OUT (or .)/mem_<placement>_<shape>_L<layers>_S<cal
 after the stage and the stage's own peak. Memory that stays in use from block to block is memory the
 calibration keeps; a block's peak above the resident model, against its captured inputs (the `formula` line:
 S*T*(3*hidden + intermediate + 2*hidden)*2 bytes), is the search's working memory. This trace found the
-candidate shifts kept per block and the |X| copies of captured inputs (bench/results/NOTES.md).
+candidate shifts kept per block and the |X| copies of captured inputs (bench/results/NOTES.md). Within a block,
+indented lines give the peak of the input capture, of the block's transforms and of every search step of every
+Linear (the step's class and the weight's shape), so a recipe's (--quant_config) peak is found at its step.
 --placement: offload (blocks on the CPU, one on the GPU at a time), single (whole model on cuda:0), split
 (accelerate's balanced map over every GPU, as bench/multi_gpu.py) or cpu (whole model in CPU memory; memory is
 the process's resident set from /proc, with glibc told to return every freed buffer over 64 KiB at once).
@@ -13,6 +15,8 @@ the process's resident set from /proc, with glibc told to return every freed buf
     python bench/mem_trace.py --layers 32 --calib_size 8 --placement offload
     python bench/mem_trace.py --placement cpu --shape qwen1.5b --vocab 1000 --layers 2 --calib_size 8 \\
         --candidates 8 --rounds 1
+    python bench/mem_trace.py --placement cpu --layers 1 --calib_size 2 --vocab 1000 --candidates 8 --rounds 1 \\
+        --quant_config NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama
 """
 
 from __future__ import annotations
@@ -77,14 +81,47 @@ def gib(values: list[float]) -> str:
     return " / ".join(f"{v / GIB:.3f}" for v in values)
 
 
-def traced(name: str, stage, memory, log):
+class Peaks:
+    """Stage peaks that nest: a stage's peak is the largest of its own since its start and its inner stages' (an
+    inner stage resets the high-water mark)."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self.inner = memory, []
+
+    def measure(self, stage, *args, **kwargs):
+        """(stage's result, its peak per device)."""
+        self.memory.reset()
+        self.inner.append([0.0] * len(self.memory.now()))
+        out = stage(*args, **kwargs)
+        own = [max(a, b) for a, b in zip(self.memory.peak(), self.inner.pop())]
+        if self.inner:
+            self.inner[-1] = [max(a, b) for a, b in zip(self.inner[-1], own)]
+        self.memory.reset()
+        return out, own
+
+
+def traced(name: str, stage, peaks: Peaks, log):
     """stage, with the memory in use after it and its own peak (GiB) written to log."""
     def run(*args, **kwargs):
-        memory.reset()
-        out = stage(*args, **kwargs)
+        out, peak = peaks.measure(stage, *args, **kwargs)
         label = f"block {args[1]}" if name == "block" else name
-        print(f"{label}: in use {gib(memory.now())} GiB, peak {gib(memory.peak())} GiB", file=log, flush=True)
+        print(f"{label}: in use {gib(peaks.memory.now())} GiB, peak {gib(peak)} GiB", file=log, flush=True)
         return out
+    return run
+
+
+def traced_steps(search_linear, peaks: Peaks, log):
+    """search_linear with each search step's peak written to log ("  step <class>: peak ..."): which step of a
+    recipe holds the block's peak."""
+    def run(problem, state, steps):
+        def step_of(step):
+            def measured(problem, state):
+                out, peak = peaks.measure(step, problem, state)
+                print(f"  step {type(step).__name__} {tuple(problem.weight.shape)}: peak {gib(peak)} GiB", file=log,
+                      flush=True)
+                return out
+            return measured
+        return search_linear(problem, state, [step_of(step) for step in steps])
     return run
 
 
@@ -112,6 +149,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size instead of the shape's")
     parser.add_argument("--candidates", type=int, default=100, help="search candidates per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quant_config", default="FPQ_config_llama", help="a config or recipe (configs/recipes.py)")
     args = parser.parse_args()
     if args.placement == "cpu":
         if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # freed buffers leave the resident set
@@ -124,20 +162,24 @@ def main() -> None:
         memory = GpuMemory()
     model = build(args)
     shape = "llama7b" if args.placement == "split" else args.shape
-    out = Path(os.environ.get("OUT", ".")) / f"mem_{args.placement}_{shape}_L{args.layers}_S{args.calib_size}.txt"
+    tag = "" if args.quant_config == "FPQ_config_llama" else f"_{args.quant_config}"
+    out = Path(os.environ.get("OUT", ".")) / f"mem_{args.placement}_{shape}_L{args.layers}_S{args.calib_size}{tag}.txt"
     config = model.config
     tokens = args.calib_size * 1024
     formula = tokens * (5 * config.hidden_size + config.intermediate_size) * 2
     with open(out, "w") as log:
         print(f"shape {shape} (hidden {config.hidden_size}, intermediate {config.intermediate_size}, vocab "
               f"{config.vocab_size}), {args.layers} blocks, {args.calib_size} x 1024 tokens, {args.rounds} rounds x "
-              f"{args.candidates} candidates, placement {args.placement}", file=log)
+              f"{args.candidates} candidates, placement {args.placement}, {args.quant_config}", file=log)
         print(f"formula: one block's captured inputs {formula / GIB:.3f} GiB", file=log)
+        peaks = Peaks(memory)
         for attribute, name in (("_calibrate_embedding", "embedding"), ("first_block_inputs", "first_block_inputs"),
-                                ("_calibrate_block", "block"), ("_calibrate_head", "head")):
-            setattr(quant_calib, attribute, traced(name, getattr(quant_calib, attribute), memory, log))
+                                ("_calibrate_block", "block"), ("_calibrate_head", "head"),
+                                ("capture_inputs", "  capture_inputs"), ("_transform_block", "  transforms")):
+            setattr(quant_calib, attribute, traced(name, getattr(quant_calib, attribute), peaks, log))
+        quant_calib.search_linear = traced_steps(quant_calib.search_linear, peaks, log)
         ids = torch.randint(0, config.vocab_size, (args.calib_size, 1024), generator=torch.Generator().manual_seed(0))
-        settings = quant_calib.CalibSettings(get_config("FPQ_config_llama"), QBits.parse([4, 4, 4, 2, 2, 2]),
+        settings = quant_calib.CalibSettings(get_config(args.quant_config), QBits.parse([4, 4, 4, 2, 2, 2]),
                                              SearchSpace((0.01, 1.2, args.candidates), act_coarse_tokens=4096,
                                                          search_round=args.rounds),
                                              offload_device="cuda" if args.placement == "offload" else None)
