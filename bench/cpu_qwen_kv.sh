@@ -15,7 +15,8 @@ mkdir -p $OUT
 common=(--model_args "pretrained=$MODEL_ADDR" --tasks piqa --limit 1 --device cpu --batch_size 8 --heldout_ppl 4
         --calib_size 4 --calib_seqlen 512 --quant_config MinMax_config_llama --qbits 16 16 16 2 2 2)
 declare -A variant=([none]="" [kv8_static]="--kv_format E4M3" [kv4_static]="--kv_format E2M1"
-                    [kv8_int8_static]="--kv_format INT8"
+                    [kv8_int8_static]="--kv_format INT8" [kv4_int4_static]="--kv_format INT4"
+                    [kv4_nvfp4_dynamic]="--kv_format NVFP4 --kv_granularity per_token per_token"
                     [kv8_dynamic]="--kv_format E4M3 --kv_granularity per_token per_token"
                     [kv4_dynamic]="--kv_format E2M1 --kv_granularity per_token per_token")
 for name in ${VARIANTS:-none kv8_static kv8_dynamic}; do
