@@ -151,6 +151,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quant_config", default="FPQ_config_llama", help="a config or recipe (configs/recipes.py)")
     args = parser.parse_args()
+    try:
+        quant_config = get_config(args.quant_config)  # before the model is built: a wrong name fails at once
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     if args.placement == "cpu":
         if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # freed buffers leave the resident set
             os.execve(sys.executable, [sys.executable, *sys.argv],
@@ -179,7 +183,7 @@ def main() -> None:
             setattr(quant_calib, attribute, traced(name, getattr(quant_calib, attribute), peaks, log))
         quant_calib.search_linear = traced_steps(quant_calib.search_linear, peaks, log)
         ids = torch.randint(0, config.vocab_size, (args.calib_size, 1024), generator=torch.Generator().manual_seed(0))
-        settings = quant_calib.CalibSettings(get_config(args.quant_config), QBits.parse([4, 4, 4, 2, 2, 2]),
+        settings = quant_calib.CalibSettings(quant_config, QBits.parse([4, 4, 4, 2, 2, 2]),
                                              SearchSpace((0.01, 1.2, args.candidates), act_coarse_tokens=4096,
                                                          search_round=args.rounds),
                                              offload_device="cuda" if args.placement == "offload" else None)
