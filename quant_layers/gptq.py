@@ -81,9 +81,24 @@ def damped_hessian(hessian: torch.Tensor, damping: float, dtype: torch.dtype = t
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.Tensor,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """U = chol(H'^-1) [in, in] in dtype, upper triangular (U^T U = H'^-1), of H' = `damped_hessian` with rows and
-    columns in `order`. torch.linalg.LinAlgError where H' is not positive definite."""
-    h = damped_hessian(hessian, damping, dtype)[order][:, order]
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    columns in `order`. torch.linalg.LinAlgError where H' is not positive definite. At most two [in, in] matrices
+    live at once (each step's input is dropped as its output exists)."""
+    factor = damped_hessian(hessian, damping, dtype)[order][:, order]
+    factor = torch.linalg.cholesky(factor)
+    factor = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(factor, upper=True)
+
+
+def output_target_factor(hessian: torch.Tensor, damping: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L = chol(H') [in, in] (lower), H' = `damped_hessian`: what `target_from_factor` solves with.
+    torch.linalg.LinAlgError where H' is not positive definite."""
+    return torch.linalg.cholesky(damped_hessian(hessian, damping, dtype))
+
+
+def target_from_factor(weight: torch.Tensor, cross: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """W* = W - V H'^-1 [rows, in] in factor's dtype, from L = `output_target_factor` (rows independent: any
+    slice of rows of weight and cross gives those rows of W*)."""
+    return weight.to(factor.dtype) - torch.cholesky_solve(cross.to(factor.dtype).T, factor).T
 
 
 def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float,
@@ -98,8 +113,7 @@ def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tens
     ||Xq Q^T - X W^T||^2 (its linear term 2 (Q - W) . v included), where rounding W minimises ||(Q - W) Xq^T||^2
     alone (the asymmetric calibration of GPTAQ, Li et al. 2025, with this layer's own input error). In dtype;
     torch.linalg.LinAlgError where H' is not positive definite."""
-    factor = torch.linalg.cholesky(damped_hessian(hessian, damping, dtype))
-    return weight.to(dtype) - torch.cholesky_solve(cross.to(dtype).T, factor).T
+    return target_from_factor(weight, cross, output_target_factor(hessian, damping, dtype))
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantize_columns: ColumnQuantizer,
@@ -125,20 +139,30 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantize_columns: Co
         raise ValueError(f"order must be a permutation of 0..{width - 1}")
     order = order.to(device=weight.device, dtype=torch.int64)
     factor = inverse_hessian_factor(hessian.to(weight.device), damping, order, dtype)
+    return gptq_round_factored(weight, factor, quantize_columns, block_size, order)
+
+
+def gptq_round_factored(weight: torch.Tensor, factor: torch.Tensor, quantize_columns: ColumnQuantizer,
+                        block_size: int, order: torch.Tensor) -> torch.Tensor:
+    """`gptq_round` from its factor U = `inverse_hessian_factor(H, damping, order, dtype)` [in, in] (the updates in
+    U's dtype; order int64 on weight's device, unchecked). Each row's updates read only that row and U, so U is
+    computed once and the rows may come in slices (a slice's products are those of its rows in the whole weight,
+    up to the summation order a matrix product picks for its shape). Returns float32 [rows, in]."""
+    rows, width = weight.shape
+    dtype = factor.dtype
     w = weight.to(dtype)[:, order]  # a copy, in the order of rounding
-    rounded = torch.empty(rows, width, dtype=torch.float32, device=weight.device)
+    rounded = torch.empty(rows, width, dtype=torch.float32, device=weight.device)  # in the weight's column order
     for start in range(0, width, block_size):
         stop = min(start + block_size, width)
         block = w[:, start:stop]  # a view: updated in place
         errors = torch.empty(rows, stop - start, dtype=dtype, device=weight.device)
         for i in range(stop - start):
             j = start + i
-            q = quantize_columns(block[:, i:i + 1], order[j:j + 1])
-            rounded[:, j:j + 1] = q
+            column = order[j:j + 1]
+            q = quantize_columns(block[:, i:i + 1], column)
+            rounded[:, column] = q
             error = (block[:, i:i + 1] - q.to(dtype)) / factor[j, j]
             block[:, i:] -= error * factor[j, j:stop]
             errors[:, i:i + 1] = error
         w[:, stop:] -= errors @ factor[start:stop, stop:]
-    result = torch.empty_like(rounded)
-    result[:, order] = rounded
-    return result
+    return rounded
