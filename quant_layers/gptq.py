@@ -145,9 +145,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantize_columns: Co
 def gptq_round_factored(weight: torch.Tensor, factor: torch.Tensor, quantize_columns: ColumnQuantizer,
                         block_size: int, order: torch.Tensor) -> torch.Tensor:
     """`gptq_round` from its factor U = `inverse_hessian_factor(H, damping, order, dtype)` [in, in] (the updates in
-    U's dtype; order int64 on weight's device, unchecked). Each row's updates read only that row and U, so U is
-    computed once and the rows may come in slices (a slice's products are those of its rows in the whole weight,
-    up to the summation order a matrix product picks for its shape). Returns float32 [rows, in]."""
+    U's dtype; order int64 on weight's device, unchecked), for a caller that makes U itself (GPTQStep: once, with
+    its damping retries). Returns float32 [rows, in]."""
     rows, width = weight.shape
     dtype = factor.dtype
     w = weight.to(dtype)[:, order]  # a copy, in the order of rounding

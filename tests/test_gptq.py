@@ -13,14 +13,13 @@ from configs import QBits, QuantConfig
 from conftest import calibrate_and_replay
 from quant_layers.codes import Encoded, decode_fpq_weight, decode_frozen, encode, encode_frozen
 from quant_layers.formats import BLOCK_ALIASES, NVFP4_BLOCKS, exponent_bias_from_max, fp_format, int_format
-from quant_layers.gptq import (activation_order, frozen_quantizer, gptq_round, gptq_round_factored,
-                               inverse_hessian_factor, max_based_block_scale, output_target)
+from quant_layers.gptq import activation_order, frozen_quantizer, gptq_round, max_based_block_scale, output_target
 from quant_layers.modules import QuantEmbedding, QuantLinear, QuantParams
 from quant_layers.quantize import grid_inverse, quantize
 from utils.params import ParamFileError, apply_params, load_params, save_params
 from utils.search.block_scales import BlockScaleStep
 from utils.search.gptq import GPTQOutputStep, GPTQStep
-from utils.search.problem import Budget, LinearProblem, channel_shift, chunks
+from utils.search.problem import Budget, LinearProblem, channel_shift
 from utils.search.space import SearchSpace
 from utils.search.steps import ActRangeStep, WeightRangeStep, minmax_state
 
@@ -102,54 +101,26 @@ def test_gptq_equals_the_published_algorithm(fmt, act_order, dtype):
     assert torch.equal(got[:, [5, 9, 40]], nearest[:, [5, 9, 40]])  # dead columns: kept, rounded to nearest
 
 
-@pytest.mark.parametrize("fmt", [E2M1, INT4, NVFP4, MXFP4], ids=lambda f: f.name)
-def test_rows_rounded_in_slices_equal_the_published_algorithm(fmt):
-    """One factor U for every slice of rows (GPTQStep's row chunks): the slices, rounded apart and stacked, equal the
-    plain-loop reference on the whole weight."""
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(11, WIDTH, generator=g) * torch.logspace(-1, 1, 11).view(-1, 1)
-    max_value, block_scale = _frozen(fmt, w)
-    hessian = _hessian(4)
-    order = activation_order(hessian)
-
-    def quant(current, j):
-        return quantize(current.float(), fmt, max_value.view(-1, 1), block_scale)[:, j].double()
-
-    expected = _reference_gptq(w, hessian, quant, 0.01, order)
-    factor = inverse_hessian_factor(hessian.float(), 0.01, order)
-    slices = [slice(0, 4), slice(4, 5), slice(5, 11)]
-    got = torch.cat([gptq_round_factored(w[rows], factor, frozen_quantizer(fmt, max_value[rows],
-                                                                           None if block_scale is None
-                                                                           else block_scale[rows]), 16, order)
-                     for rows in slices])
-    assert torch.equal(got.double(), expected)
-
-
 @pytest.mark.parametrize("step", [GPTQStep(block_size=16), GPTQOutputStep.from_space(SearchSpace((0.01, 1.2, 4)))],
                          ids=["weight", "output"])
 @pytest.mark.parametrize("fmt", [E2M1, NVFP4], ids=lambda f: f.name)
-def test_step_in_row_chunks_equals_the_step_in_one(monkeypatch, fmt, step):
-    """GPTQStep with 3-row chunks (MIN_CHUNK_ROWS 3 and a tiny budget) gives the codes, block scales and loss of the
-    same step with all rows in one chunk, from round to nearest and from codes of an earlier step."""
-    import utils.search.gptq as gptq_step
-
-    problem, _, _ = _linear_problem(5, out=10)
+def test_step_selects_and_encodes_in_row_slices(fmt, step):
+    """GPTQStep's selection and encoding in the row slices of a tiny budget (3 slices of 4, 4 and 2 rows) give the
+    codes and block scales of one slice, from round to nearest and from codes of an earlier step."""
+    problem, x, w = _linear_problem(5, out=10)
+    whole = LinearProblem(x, w, Budget(1 << 40))
+    problem.budget = Budget(4 * WIDTH * 16)
+    assert [s.stop - s.start for s in problem.row_loss_chunks(10)] == [4, 4, 2]
     start = minmax_state(problem, fmt, _act_format(fmt))
-    earlier = GPTQStep(block_size=8)(problem, dataclasses.replace(start, mse=float("inf")))
+    earlier = GPTQStep(block_size=8)(whole, dataclasses.replace(start, mse=float("inf")))
     assert earlier.weight_codes is not None
-    results, chunk_rows = {}, []
-    monkeypatch.setattr(gptq_step, "chunks", lambda total, step: chunk_rows.append(step) or chunks(total, step))
-    for rows in (3, 1 << 20):
-        monkeypatch.setattr(gptq_step, "MIN_CHUNK_ROWS", rows)
-        monkeypatch.setattr(gptq_step, "CHUNK_BYTES_PER_WEIGHT", 1 << 20 if rows == 3 else 24)  # the budget: 1 row
-        results[rows] = [step(problem, state) for state in (start, earlier)]
-    assert chunk_rows == [3, 3, 1 << 20, 1 << 20]  # 4 chunks of 10 rows, then one
-    for chunked, whole in zip(results[3], results[1 << 20]):
-        assert torch.equal(chunked.weight_codes, whole.weight_codes)
-        assert (chunked.weight_block_scale is None) == (whole.weight_block_scale is None)
-        if whole.weight_block_scale is not None:
-            assert torch.equal(chunked.weight_block_scale, whole.weight_block_scale)
-        assert chunked.mse == whole.mse
+    for state in (start, earlier):
+        sliced, one = step(problem, state), step(whole, state)
+        assert torch.equal(sliced.weight_codes, one.weight_codes)
+        assert (sliced.weight_block_scale is None) == (one.weight_block_scale is None)
+        if one.weight_block_scale is not None:
+            assert torch.equal(sliced.weight_block_scale, one.weight_block_scale)
+        assert sliced.mse == pytest.approx(one.mse, rel=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a host-device synchronization exists on CUDA only")

@@ -7,13 +7,16 @@ against the layer's output error with the quantized input; the math is in quant_
    (`LinearProblem.weight_stats`), in static activation order, damping and lazy block size from the knobs; aimed at
    W itself (aim "weight", the published algorithm) or at W* = W - V G'^-1, the real-valued minimiser of the exact
    output error below (aim "output", `output_target`: the rounding also compensates the input's own quantization).
-   H's factors are computed once; the rows go through steps 2 and 3 in slices within the problem's budget
-   (`gptq_round_factored`, CHUNK_BYTES_PER_WEIGHT), so the step's working memory is G, its factors and one slice.
+   GPTQ's pass runs once over all rows (its Python loop over the columns is the step's time): the weight, its
+   working copy and the rounding in float32, beside G and its factor.
 3. Per row, keep GPTQ's rounding only where its EXACT row loss u^T G u + 2 u.v + c (`LinearProblem.row_losses`) is
    below the one of the state's own rounding under the same scales (round to nearest, or the state's stored codes):
    rows are independent given the activation quantizer, so the sum of the row losses only goes down.
 4. Store the result as codes (QuantParams.weight_codes, `encode_frozen`) with the frozen block scales, recompute the
    loss (`LinearProblem.loss`, the reference quantizer) and return the given state where it is not above it.
+   Steps 3 and 4 run in the row slices of `LinearProblem.row_loss_chunks` (the slices row_losses takes anyway, so
+   the products are the same bit for bit): the state's own rounding, the residuals and the codes' temporaries exist
+   for one slice at a time.
 
 A state without a weight format is returned unchanged. Where the damped H has no Cholesky factor (the damping too
 small for a badly rounded G, e.g. G in bfloat16 on a GPU) the damping is raised tenfold, twice (DAMPING_RETRIES);
@@ -34,18 +37,11 @@ from quant_layers.gptq import (activation_order, frozen_quantizer, gptq_round_fa
                                max_based_block_scale, output_target_factor, target_from_factor)
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import quantize
-from utils.search.problem import LinearProblem, chunks
+from utils.search.problem import LinearProblem
 from utils.search.space import SearchSpace
 
 DAMPING_RETRIES = (1.0, 10.0, 100.0)  # multipliers of the damping tried in turn while H + lambda I has no factor
 AIMS = ("weight", "output")  # what GPTQ's rounding approaches: W, or the exact output error's minimiser W*
-# Output rows are rounded in slices within the problem's budget (rows are independent given the factors): about
-# CHUNK_BYTES_PER_WEIGHT bytes per weight element of a slice at its fullest (float32: the weight, GPTQ's rounding,
-# the state's own rounding, a residual or the chosen values, the codes' temporaries; while GPTQ runs: the weight, its
-# working copy, the target of the output aim, the rounding), at least MIN_CHUNK_ROWS rows (a slice of a few rows
-# would make the column loop's products tiny). Every slice repeats GPTQ's Python loop over the columns.
-CHUNK_BYTES_PER_WEIGHT = 24
-MIN_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -77,21 +73,28 @@ class GPTQStep:
         gram = gram.float()
         order = activation_order(gram) if self.act_order else torch.arange(problem.in_features, device=gram.device)
         factors = self._factors(gram, order)
+        del gram  # row_losses takes the stats' own
         if factors is None:
             problem.release_weight_stats()
             warnings.warn(f"GPTQ: Xq^T Xq of a {problem.out_features} x {problem.in_features} Linear has no Cholesky "
                           f"factor up to damping {self.damping * DAMPING_RETRIES[-1]:g}; it keeps its rounding",
                           stacklevel=2)
             return state
-        max_value = state.weight_max_value.float().view(-1, 1).expand(problem.out_features, 1)
-        codes, block_scales = [], []
-        for rows in chunks(problem.out_features,
-                           max(MIN_CHUNK_ROWS, problem.budget.rows(problem.in_features * CHUNK_BYTES_PER_WEIGHT))):
-            rows_codes, rows_scale = self._round_rows(problem, state, rows, max_value[rows], factors, cross, order)
-            codes.append(rows_codes)
-            block_scales.append(rows_scale)
-        block_scale = None if fmt.block is None else torch.cat(block_scales)
-        result = dataclasses.replace(state, weight_block_scale=block_scale, weight_codes=torch.cat(codes))
+        inverse_factor, target_factor = factors
+        weight = problem.weight.float()
+        max_value = state.weight_max_value.float().view(-1, 1)
+        block_scale = state.weight_block_scale
+        if fmt.block is not None and block_scale is None:
+            block_scale = max_based_block_scale(weight, fmt, max_value)
+        target = weight if target_factor is None else target_from_factor(weight, cross.float(), target_factor)
+        rounded = gptq_round_factored(target, inverse_factor, frozen_quantizer(fmt, max_value, block_scale),
+                                      self.block_size, order)
+        del target, factors, inverse_factor, target_factor
+        row_range = max_value.expand(problem.out_features, 1)
+        codes = torch.cat([self._select(problem, state, rows, weight[rows], rounded[rows], row_range[rows],
+                                        None if block_scale is None else block_scale[rows])
+                           for rows in problem.row_loss_chunks(problem.out_features)])
+        result = dataclasses.replace(state, weight_block_scale=block_scale, weight_codes=codes)
         result.mse = problem.loss(result)
         problem.release_weight_stats()
         if math.isnan(state.mse) or result.mse <= state.mse:
@@ -110,28 +113,18 @@ class GPTQStep:
                 continue
         return None
 
-    def _round_rows(self, problem: LinearProblem, state: QuantParams, rows: slice, max_value: torch.Tensor,
-                    factors: tuple, cross: torch.Tensor, order: torch.Tensor) -> tuple:
-        """(codes [r, in], block scales [r, blocks] or None) of the output rows `rows` (max_value [r, 1]): GPTQ's
-        rounding where its exact row loss is below the state's own rounding's (module docstring, steps 1 to 4)."""
+    @staticmethod
+    def _select(problem: LinearProblem, state: QuantParams, rows: slice, weight: torch.Tensor, rounded: torch.Tensor,
+                max_value: torch.Tensor, block_scale: torch.Tensor | None) -> torch.Tensor:
+        """Codes [r, in] of the output rows `rows` (weight, rounded [r, in], max_value [r, 1]): GPTQ's rounding where
+        its exact row loss is below the state's own rounding's (step 3), encoded under the frozen scales (step 4)."""
         fmt = state.weight_format
-        weight = problem.weight[rows].float()
-        block_scale = state.weight_block_scale
-        if fmt.block is not None:
-            block_scale = max_based_block_scale(weight, fmt, max_value) if block_scale is None else block_scale[rows]
-        inverse_factor, target_factor = factors
-        target = weight if target_factor is None else target_from_factor(weight, cross[rows].float(), target_factor)
-        rounded = gptq_round_factored(target, inverse_factor, frozen_quantizer(fmt, max_value, block_scale),
-                                      self.block_size, order)
-        del target
-        rounded_loss = problem.row_losses(rounded - weight, state, rows)
-        if state.weight_codes is None:  # the state's own rounding, made after GPTQ's: one copy fewer during it
+        if state.weight_codes is None:
             current = quantize(weight, fmt, max_value, block_scale)
         else:
             current = decode_frozen(state.weight_codes[rows].to(weight.device), fmt, max_value, block_scale)
-        better = rounded_loss < problem.row_losses(current - weight, state, rows)
-        values = torch.where(better.view(-1, 1), rounded, current)
-        return encode_frozen(values, fmt, max_value, block_scale), block_scale
+        better = problem.row_losses(rounded - weight, state, rows) < problem.row_losses(current - weight, state, rows)
+        return encode_frozen(torch.where(better.view(-1, 1), rounded, current), fmt, max_value, block_scale)
 
 
 class GPTQOutputStep:

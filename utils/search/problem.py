@@ -135,6 +135,9 @@ class ActCandidates:
         return ActCandidates(state.act_format, state.act_max_value.reshape(1), shift, clip)
 
 
+ROW_LOSS_BYTES = 16  # row_losses' working set per weight element of a row slice
+
+
 def chunks(total: int, step: int):
     """Slices [start, start + step) covering range(total)."""
     for start in range(0, total, step):
@@ -312,10 +315,15 @@ class LinearProblem:
         flat = residual.reshape(-1, *residual.shape[-2:])
         losses = torch.empty(flat.shape[:2], device=self.x.device)
         for c in range(flat.shape[0]):
-            for outs in chunks(flat.shape[1], self.budget.rows(self.in_features * 16)):
+            for outs in self.row_loss_chunks(flat.shape[1]):
                 u = flat[c, outs].float()
                 losses[c, outs] = ((u @ gram).add_(v[outs], alpha=2) * u).sum(-1) + const[outs]
         return losses.view(residual.shape[:-1])
+
+    def row_loss_chunks(self, rows: int):
+        """The row slices `row_losses` evaluates at once (ROW_LOSS_BYTES per weight element: u, u G and their
+        product): a caller that hands row_losses these slices one at a time gets the same products, bit for bit."""
+        return chunks(rows, self.budget.rows(self.in_features * ROW_LOSS_BYTES))
 
     def quantized_inputs(self, xt: torch.Tensor, acts: ActCandidates) -> torch.Tensor:
         """Q_a(xt) [C, n, in] float32 for every candidate by the reference quantizer (any format, a block format's
