@@ -10,6 +10,8 @@
 #              the GPU (a timing); each run writes issue 20's calib_7b_best_recipe_minutes (once 32 layers ran) and
 #              the peak ratio (no model data: it can run while the calls stage the GGUFs); CALIB_LAYERS (default
 #              "8 32") picks the layer counts
+#   memtrace   bench/mem_trace.py --placement offload --layers 2 --calib_size 32 --quant_config CALIB_RECIPE: the
+#              recipe's peak GPU memory per block and per search step at the 7B target's tokens (no model data)
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
 #   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,
@@ -109,6 +111,7 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
     step probes 1800 env RECIPES="${PROBE_RECIPES:?name PROBE_RECIPES}" FLAGS="${PROBE_FLAGS:-}" TAG="${PROBE_TAG:-}" \
       JOBS="${PROBE_JOBS:-999}" OUT=$Q/out/probes LIMIT_S=1700 bash bench/gpu/recipe_probe.sh
   }
+  recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama}  # calib7b's and memtrace's
   for name in ${STEPS:-benches qwen_bench rows}; do
     echo "$name since $(date +%T)" > $Q/current
     case $name in
@@ -119,11 +122,14 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       step packed_gemm 420 python3 bench/packed_gemm.py --parts gemm
       ;;
     calib7b)
-      recipe=${CALIB_RECIPE:-NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama}
       # each run rewrites the target files from every run file so far (the minutes only once 32 layers ran)
       for layers in ${CALIB_LAYERS:-8 32}; do
         step calib_7b_L$layers 3600 python3 bench/calib_7b.py --quant_config $recipe --layers $layers
       done
+      ;;
+    memtrace)
+      step mem_trace 900 env OUT=$Q/out python3 bench/mem_trace.py --placement offload --layers 2 --calib_size 32 \
+        --quant_config $recipe
       ;;
     stepcosts)
       step step_costs 900 python3 bench/step_costs.py --shape llama7b --device cuda
