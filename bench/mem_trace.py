@@ -38,6 +38,7 @@ from utils.search.space import SearchSpace
 GIB = 1 << 30
 SHAPES = {"llama7b": LLAMA_7B, "qwen1.5b": QWEN_1_5B}
 MMAP_THRESHOLD = "65536"
+PAPER_CONFIG = "FPQ_config_llama"  # the default config; other configs tag the trace file's name
 
 
 class GpuMemory:
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size instead of the shape's")
     parser.add_argument("--candidates", type=int, default=100, help="search candidates per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quant_config", default="FPQ_config_llama", help="a config or recipe (configs/recipes.py)")
+    parser.add_argument("--quant_config", default=PAPER_CONFIG, help="a config or recipe (configs/recipes.py)")
     args = parser.parse_args()
     try:
         quant_config = get_config(args.quant_config)  # before the model is built: a wrong name fails at once
@@ -166,7 +167,7 @@ def main() -> None:
         memory = GpuMemory()
     model = build(args)
     shape = "llama7b" if args.placement == "split" else args.shape
-    tag = "" if args.quant_config == "FPQ_config_llama" else f"_{args.quant_config}"
+    tag = "" if args.quant_config == PAPER_CONFIG else f"_{args.quant_config}"
     out = Path(os.environ.get("OUT", ".")) / f"mem_{args.placement}_{shape}_L{args.layers}_S{args.calib_size}{tag}.txt"
     config = model.config
     tokens = args.calib_size * 1024
