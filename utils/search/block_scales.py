@@ -94,14 +94,18 @@ class BlockScaleStep:
         cands, max_based = self.candidates(fmt, weight, state.weight_max_value)
         local = local_block_losses(problem, state, cands)  # [C, out, blocks]
         searched = cands.gather(0, local.argmin(0, keepdim=True))[0]
-        current = state.weight_block_scale.to(cands) if state.weight_block_scale is not None else max_based
+        # each block's exact_candidates best local candidates [k, out, blocks]; the [C, out, blocks] tensors (and the
+        # int64 sort) are dropped here, before the exact losses and the descent
+        trials = cands.gather(0, local.argsort(0)[: self.exact_candidates]) if self.exact_passes else None
+        del cands, local
+        current = state.weight_block_scale.to(max_based) if state.weight_block_scale is not None else max_based
         options = torch.stack([current, max_based, searched])
         exact = exact_row_losses(problem, state, options)  # [3, out]
         best_loss = exact.min(0).values
         pick = (exact <= best_loss).to(torch.int8).argmax(0)  # the first option reaching the minimum: current first
         chosen = options.gather(0, pick.view(1, -1, 1).expand(1, *options.shape[1:]))[0]
         if self.exact_passes:
-            chosen = self._descend(problem, state, weight, cands, local, chosen, best_loss)
+            chosen = self._descend(problem, state, weight, trials, chosen, best_loss)
         result = dataclasses.replace(state, weight_block_scale=chosen, weight_codes=None)  # scored rounded to nearest
         result.mse = problem.loss(result)
         problem.release_weight_stats()
@@ -109,12 +113,12 @@ class BlockScaleStep:
             return result
         return state
 
-    def _descend(self, problem: LinearProblem, state: QuantParams, weight: torch.Tensor, cands: torch.Tensor,
-                 local: torch.Tensor, chosen: torch.Tensor, best_loss: torch.Tensor) -> torch.Tensor:
+    def _descend(self, problem: LinearProblem, state: QuantParams, weight: torch.Tensor, trials: torch.Tensor,
+                 chosen: torch.Tensor, best_loss: torch.Tensor) -> torch.Tensor:
         """`exact_passes` passes of exact coordinate descent over the blocks, all rows at once: block j of row o
-        moves to the one of its `exact_candidates` best local candidates that lowers the exact row loss most, the
-        change computed exactly from g = u G + v: 2 e . g_j + e^T H_j e for a change e of block j's residual. A row
-        whose exact loss (recomputed at the end) did not drop keeps its scales."""
+        moves to the one of its `exact_candidates` best local candidates (trials [k, out, blocks]) that lowers the
+        exact row loss most, the change computed exactly from g = u G + v: 2 e . g_j + e^T H_j e for a change e of
+        block j's residual. A row whose exact loss (recomputed at the end) did not drop keeps its scales."""
         fmt, size = state.weight_format, state.weight_format.block.size
         gram, v, _ = problem.weight_stats(state)
         gram = gram.float()
@@ -124,11 +128,10 @@ class BlockScaleStep:
         chosen = chosen.clone()
         u = quantize(weight, fmt, max_value, chosen) - weight
         g = u @ gram + v
-        order = local.argsort(0)[: self.exact_candidates]  # [k, out, blocks]
         for _ in range(self.exact_passes):
-            for block in range(cands.shape[2]):
+            for block in range(trials.shape[2]):
                 cols = slice(block * size, (block + 1) * size)
-                trial = cands[:, :, block].gather(0, order[:, :, block])  # [k, out]
+                trial = trials[:, :, block]  # [k, out]
                 e = quantize(weight[:, cols], fmt, max_value, trial.unsqueeze(-1)) - weight[:, cols] - u[:, cols]
                 change = 2 * (e * g[:, cols]).sum(-1) + torch.einsum("kob,bc,koc->ko", e, hessian[block], e)
                 best_change, which = change.min(0)
