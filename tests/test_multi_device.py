@@ -137,3 +137,46 @@ def test_replaced_weights_are_freed_at_once():
     finally:
         gc.enable()
     assert len(originals) == 15 and alive == 0
+
+
+def test_entries_home_moves_the_entries_under_the_prefix_with_every_tensor():
+    from types import SimpleNamespace
+
+    from quant_layers.formats import BLOCK_ALIASES
+    from quant_layers.modules import QuantParams
+    from utils.params import TransformParams
+    from utils.quant_calib import _entries_home
+
+    nvfp4 = BLOCK_ALIASES["NVFP4"]
+    linear = QuantParams(nvfp4, torch.ones(4), nvfp4, torch.tensor(2.0), mse=0.5, mse_minmax=0.75,
+                         weight_block_scale=torch.ones(4, 2), weight_codes=torch.zeros(4, 32, dtype=torch.uint8))
+    smooth = TransformParams({"name": "smoothquant"}, torch.ones(32))
+    other = QuantParams(nvfp4, torch.ones(4))
+    run = SimpleNamespace(params={"model.layers.1.mlp.down_proj": linear,
+                                  "model.layers.1.post_attention_layernorm": smooth,
+                                  "model.layers.10.mlp.down_proj": other})
+    _entries_home(run, "model.layers.1.", torch.device("meta"))
+    moved = run.params["model.layers.1.mlp.down_proj"]
+    tensors = [moved.weight_max_value, moved.act_max_value, moved.weight_block_scale, moved.weight_codes]
+    assert all(t.is_meta for t in tensors) and moved.weight_codes.dtype == torch.uint8
+    assert (moved.mse, moved.mse_minmax, moved.weight_format, moved.act_format) == (0.5, 0.75, nvfp4, nvfp4)
+    assert moved.act_channel_shift is None and moved.act_block_clip is None
+    assert run.params["model.layers.1.post_attention_layernorm"].value.is_meta
+    assert run.params["model.layers.10.mlp.down_proj"] is other and not other.weight_max_value.is_meta
+    assert not linear.weight_codes.is_meta  # the entry is replaced, not changed in place
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_offloaded_calibration_keeps_no_parameter_tensor_on_the_gpu():
+    """Blocks on the CPU visit the GPU one at a time; the searched codes and scales go back with them (left on the
+    GPU they made the peak grow with depth)."""
+    model = make_llama(300, layers=3)
+    swap_modules(model)
+    ids = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(0))
+    settings = CalibSettings(get_config("NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama"),
+                             QBits.parse([4, 4, 4, 2, 2, 2]), SearchSpace((0.3, 1.2, 6), search_round=1),
+                             offload_device="cuda")
+    params = calibrate(model, ids, settings)
+    tensors = [value for entry in params.values() for value in vars(entry).values() if isinstance(value, torch.Tensor)]
+    assert any(entry.weight_codes is not None for entry in params.values() if hasattr(entry, "weight_codes"))
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
