@@ -170,7 +170,9 @@ def test_entries_home_moves_the_entries_under_the_prefix_with_every_tensor():
 def test_offloaded_calibration_keeps_no_parameter_tensor_on_the_gpu():
     """Blocks on the CPU visit the GPU one at a time; the searched codes and scales go back with them (left on the
     GPU they made the peak grow with depth)."""
-    model = make_llama(300, layers=3)
+    model = make_llama(300, layers=3).to("cuda")  # as bench/calib_7b.py places it: the blocks wait on the CPU
+    for block in decoder_layers(model):
+        block.to("cpu")
     swap_modules(model)
     ids = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(0))
     settings = CalibSettings(get_config("NVFP4_4over6_search_gptq_smooth_headsmooth_config_llama"),

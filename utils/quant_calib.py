@@ -477,9 +477,10 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, settings: CalibSettings
         checkpoint.save(run.params, 0)
     blocks = decoder_layers(model)
     hidden, block_kwargs = first_block_inputs(model, blocks, calib_ids, settings.offload_device)
-    if settings.offload_device is not None:  # GPU memory for one block: the table and the head wait on the CPU
-        model.get_input_embeddings().to("cpu")
+    if settings.offload_device is not None:  # GPU memory for one block: the table, the head and the entries so far
+        model.get_input_embeddings().to("cpu")  # (the table's ranges, model-wide transforms) wait on the CPU
         model.get_output_embeddings().to("cpu")
+        _entries_home(run, "", torch.device("cpu"))
     hidden = _replay(run, blocks, start, hidden, block_kwargs)
     started = time.perf_counter()
     progress = tqdm(range(start, len(blocks)), desc="calibrating blocks", unit="block", initial=start,
