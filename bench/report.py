@@ -63,8 +63,9 @@ HOW = {
     "calib_best_recipe_peak_mem_over_block_budget": (
         "`bench/calib_7b.py` with the recipe, as calib_peak_mem_over_block_budget (the worst ratio over the run "
         "files' layer counts; met only with more than one). Where the peak sits, step by step: `bench/mem_trace.py "
-        "--quant_config ...` (`bench/results/mem_cpu_llama7b_L1_S2_NVFP4_4over6_search_gptq_smooth_headsmooth_config_"
-        "llama.txt`, CPU)."),
+        "--quant_config ...` (`bench/results/mem_offload_llama7b_L2_S32_NVFP4_4over6_search_gptq_smooth_headsmooth_"
+        "config_llama.txt`, GPU, the target's tokens; `mem_cpu_llama7b_L1_S2_..._config_llama.txt`, CPU, 2 x 1024 "
+        "tokens)."),
     "calib_speedup_vs_original": (
         "`bench/original_search.py`: block 0 of the 32-layer 7B shape. The original (from "
         "`../shared/reference/original-code-digest.md`): one full 32-sequence forward of the whole model per Linear "

@@ -393,7 +393,7 @@ def _calibrate_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tens
 def _entries_home(run: _Run, prefix: str, home: torch.device) -> None:
     """Move run.params' entries under prefix to home (a block's or the head's device once it left the offload
     device): left on the GPU, an NVFP4 recipe's codes and block scales add about 236 MB a LLaMA-7B block, so the
-    offloaded calibration's peak grew with depth (9.1 GiB at 8 layers, 13.2 GiB at 32; 2026-12-07, H100)."""
+    offloaded calibration's peak grew with depth (9.14 GiB at 8 layers, 12.31 GiB at 32; 2026-12-07, H100)."""
     for name in [name for name in run.params if name.startswith(prefix)]:
         entry = run.params[name]
         tensors = {spec.name: value.to(home) for spec in fields(entry)
