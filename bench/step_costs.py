@@ -70,6 +70,16 @@ def random_linear_cpu() -> dict:
     return {"rows": step_rows(problem, fmt, steps + block_steps(space)), "torch_threads": torch.get_num_threads()}
 
 
+def llama_7b_problem(name: str, device: str, tokens: int, generator: torch.Generator) -> LinearProblem:
+    """LLaMA-7B's Linear `name` (LLAMA_7B_LINEARS) as a search problem: x [tokens, in] bfloat16 with per-channel
+    scales, a random bfloat16 weight, the device's default budget."""
+    out_features, in_features = LLAMA_7B_LINEARS[name][0]
+    channel = torch.rand(in_features, device=device, generator=generator) * 3
+    x = (torch.randn(tokens, in_features, device=device, generator=generator) * channel).to(torch.bfloat16)
+    weight = (torch.randn(out_features, in_features, device=device, generator=generator) * 0.02).to(torch.bfloat16)
+    return LinearProblem(x, weight, default_budget(device))
+
+
 def llama_7b_block(device: str, format_name: str, tokens: int) -> dict:
     """Each step's seconds on LLaMA-7B's three Linear shapes, and per block (weighted by how many Linears share the
     shape)."""
@@ -78,15 +88,12 @@ def llama_7b_block(device: str, format_name: str, tokens: int) -> dict:
     linears, per_block = {}, {}
     for name, ((out_features, in_features), count) in LLAMA_7B_LINEARS.items():
         print(f"{name} [{out_features}, {in_features}] x {count} a block, {tokens} tokens", flush=True)
-        channel = torch.rand(in_features, device=device, generator=generator) * 3
-        x = (torch.randn(tokens, in_features, device=device, generator=generator) * channel).to(torch.bfloat16)
-        weight = (torch.randn(out_features, in_features, device=device, generator=generator) * 0.02).to(torch.bfloat16)
-        problem = LinearProblem(x, weight, default_budget(device))
+        problem = llama_7b_problem(name, device, tokens, generator)
         step_rows(problem, fmt, block_steps(space))  # untimed: kernels compiled and autotuned
         linears[name] = step_rows(problem, fmt, block_steps(space))
         for row in linears[name]:
             per_block[row["step"]] = per_block.get(row["step"], 0.0) + count * row["seconds"]
-        del x, weight, problem
+        del problem
     print("one block: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in per_block.items()))
     return {"linears": linears, "block_seconds": per_block, "format": fmt.name, "tokens": tokens}
 

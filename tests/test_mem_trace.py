@@ -1,5 +1,6 @@
 """bench/mem_trace.py's nested stage peaks: a stage's peak is the largest of its own and its inner stages', though
-an inner stage resets the high-water mark (a fake memory whose high-water mark the test sets by hand)."""
+an inner stage resets the high-water mark; bench/step_memory.py's line peaks: a line's peak is charged to it and to
+the calls in progress above it (a fake memory whose high-water mark the tests set by hand)."""
 
 import importlib
 from pathlib import Path
@@ -60,3 +61,32 @@ def test_stage_peak_is_its_own_when_inner_stages_stay_lower(monkeypatch):
         memory.use(5.0)
 
     assert peaks.measure(outer)[1] == [5.0]
+
+
+def _inner(memory):
+    memory.use(5.0)
+    return 1
+
+
+def _outer(memory):
+    memory.use(2.0)
+    _inner(memory)
+    return 0
+
+
+def test_line_peaks_charge_the_line_and_the_calls_above_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    step_memory = importlib.import_module("step_memory")
+    here = str(Path(__file__).resolve())
+    monkeypatch.setattr(step_memory, "WATCHED", (here,))  # these functions stand for the project's modules
+    memory = FakeMemory()
+    tracer = step_memory.LinePeaks(memory)
+    assert tracer.run(_outer, memory) == 0
+    first_outer, first_inner = _outer.__code__.co_firstlineno, _inner.__code__.co_firstlineno
+    assert tracer.peaks[(here, first_outer + 1, "_outer")] == (2.0, 0)  # memory.use(2.0): its own peak only
+    assert tracer.peaks[(here, first_outer + 2, "_outer")] == (5.0, 0)  # the call of _inner: the callee's peak
+    assert tracer.peaks[(here, first_inner + 1, "_inner")] == (5.0, 1)  # the line itself, one call deep
+    assert tracer.peaks.get((here, first_outer + 3, "_outer"), (0.0, 0))[0] == 0.0  # after the call: nothing new
+    lines = tracer.report(0.0, 2)
+    assert len(lines) == 2 and "_outer" in lines[0] and "_inner" in lines[1]
+    assert lines[1].split("GiB")[1].startswith("    tests/")  # the callee indented under its caller

@@ -14,6 +14,8 @@
 #              recipe's peak GPU memory per block and per search step at the 7B target's tokens (no model data)
 #   stepcosts  bench/step_costs.py --shape llama7b: each step of the best recipe on LLaMA-7B's Linear shapes, per block
 #              (where calib7b's minutes go; no model data)
+#   stepmem    bench/step_memory.py --device cuda on down_proj and gate_proj: the line of each step of the best recipe
+#              that holds its peak GPU memory (where memtrace's block peak sits, line by line; no model data)
 #   probes     held-out perplexity only, SmolLM2: bench/gpu/recipe_probe.sh with RECIPES=$PROBE_RECIPES, FLAGS=$PROBE_FLAGS,
 #              TAG=$PROBE_TAG (e.g. PROBE_FLAGS="--gptq_damping 0.1" PROBE_TAG=_damping0.1), PROBE_JOBS at once (default
 #              all), into out/probes
@@ -133,6 +135,11 @@ run)  # the queue itself (started by PART=start, in its own session, in the froz
       ;;
     stepcosts)
       step step_costs 900 python3 bench/step_costs.py --shape llama7b --device cuda
+      ;;
+    stepmem)
+      for linear in down_proj gate_proj; do
+        step step_memory_$linear 900 env OUT=$Q/out python3 bench/step_memory.py --device cuda --linear $linear
+      done
       ;;
     qwen_bench | qwen_fp8 | qwen_packed | qwen_ct)  # qwen_bench: all three
       wait_for $S/qwen.ok

@@ -80,16 +80,20 @@ class BlockScaleStep:
             return cands, base
         code, tensor_scale = block_scale_codes(amax, fmt, row_range, blocks)  # 4/6: the block's own choice
         values = scale_format_values(fmt.block.scale_format).to(weight.device)
-        position = torch.searchsorted(values, code.squeeze(-1).contiguous())  # codes are exact values of the list
-        offsets = torch.arange(-self.codes_below, self.codes_above + 1, device=weight.device)
+        # codes are exact values of the list; int32 positions halve the [C, out, blocks] index, the largest temporary
+        position = torch.searchsorted(values, code.squeeze(-1).contiguous(), out_int32=True)
+        offsets = torch.arange(-self.codes_below, self.codes_above + 1, dtype=torch.int32, device=weight.device)
         index = (position.unsqueeze(0) + offsets.view(-1, 1, 1)).clamp_(0, values.numel() - 1)
+        candidate_codes = values[index]
+        del index
         t = tensor_scale.squeeze(-1)
-        return block_range(fmt, values[index], t.unsqueeze(0)), block_range(fmt, values[position], t)
+        return block_range(fmt, candidate_codes, t.unsqueeze(0)), block_range(fmt, values[position], t)
 
     def __call__(self, problem: LinearProblem, state: QuantParams) -> QuantParams:
         fmt = state.weight_format
         if fmt is None or fmt.block is None:
             return state
+        problem.weight_stats(state)  # G, V, c (kept by the problem) made before the candidates' tensors exist
         weight = problem.weight.float()
         cands, max_based = self.candidates(fmt, weight, state.weight_max_value)
         local = local_block_losses(problem, state, cands)  # [C, out, blocks]
@@ -107,8 +111,8 @@ class BlockScaleStep:
         if self.exact_passes:
             chosen = self._descend(problem, state, weight, trials, chosen, best_loss)
         result = dataclasses.replace(state, weight_block_scale=chosen, weight_codes=None)  # scored rounded to nearest
+        problem.release_weight_stats()  # before the loss, which reads X and W only
         result.mse = problem.loss(result)
-        problem.release_weight_stats()
         if math.isnan(state.mse) or result.mse <= state.mse:
             return result
         return state
@@ -141,6 +145,7 @@ class BlockScaleStep:
                     u[rows, cols] += step
                     g[rows] += step @ gram[cols]
                     chosen[rows, block] = trial[which[rows], rows]
+        del u, g, gram, hessian  # the exact losses below make their own residuals
         exact = exact_row_losses(problem, state, chosen)
         return torch.where((exact < best_loss).unsqueeze(-1), chosen, start)
 

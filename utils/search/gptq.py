@@ -37,11 +37,12 @@ from quant_layers.gptq import (activation_order, frozen_quantizer, gptq_round_fa
                                max_based_block_scale, output_target_factor, target_from_factor)
 from quant_layers.modules import QuantParams
 from quant_layers.quantize import quantize
-from utils.search.problem import LinearProblem
+from utils.search.problem import LinearProblem, chunks
 from utils.search.space import SearchSpace
 
 DAMPING_RETRIES = (1.0, 10.0, 100.0)  # multipliers of the damping tried in turn while H + lambda I has no factor
 AIMS = ("weight", "output")  # what GPTQ's rounding approaches: W, or the exact output error's minimiser W*
+ENCODE_BYTES = 40  # encode_frozen's working memory per weight element (32 measured on the CPU, NVFP4 and MXFP4)
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class GPTQStep:
                                         None if block_scale is None else block_scale[rows])
                            for rows in problem.row_loss_chunks(problem.out_features)])
         result = dataclasses.replace(state, weight_block_scale=block_scale, weight_codes=codes)
+        problem.release_weight_stats()  # before the loss, which reads X and W only
         result.mse = problem.loss(result)
-        problem.release_weight_stats()
         if math.isnan(state.mse) or result.mse <= state.mse:
             return result
         return state
@@ -117,14 +118,19 @@ class GPTQStep:
     def _select(problem: LinearProblem, state: QuantParams, rows: slice, weight: torch.Tensor, rounded: torch.Tensor,
                 max_value: torch.Tensor, block_scale: torch.Tensor | None) -> torch.Tensor:
         """Codes [r, in] of the output rows `rows` (weight, rounded [r, in], max_value [r, 1]): GPTQ's rounding where
-        its exact row loss is below the state's own rounding's (step 3), encoded under the frozen scales (step 4)."""
+        its exact row loss is below the state's own rounding's (step 3), encoded under the frozen scales (step 4) in
+        row parts within the budget (ENCODE_BYTES per element)."""
         fmt = state.weight_format
         if state.weight_codes is None:
             current = quantize(weight, fmt, max_value, block_scale)
         else:
             current = decode_frozen(state.weight_codes[rows].to(weight.device), fmt, max_value, block_scale)
         better = problem.row_losses(rounded - weight, state, rows) < problem.row_losses(current - weight, state, rows)
-        return encode_frozen(torch.where(better.view(-1, 1), rounded, current), fmt, max_value, block_scale)
+        chosen = torch.where(better.view(-1, 1), rounded, current)
+        del current
+        parts = chunks(chosen.shape[0], problem.budget.rows(ENCODE_BYTES * problem.in_features))
+        return torch.cat([encode_frozen(chosen[part], fmt, max_value[part],
+                                        None if block_scale is None else block_scale[part]) for part in parts])
 
 
 class GPTQOutputStep:
