@@ -58,6 +58,11 @@ def heldout(results: dict) -> float | None:
     return (results.get("quantization", {}).get("heldout_perplexity") or {}).get("perplexity")
 
 
+def signed(value: float, digits: int) -> str:
+    """value with its sign at `digits` decimals; a change that rounds to zero reads +0.0, never -0.0."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
 def mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
@@ -392,8 +397,8 @@ def attention_section(model: str, folder: Path) -> list[str]:
                 continue
             if suffix == "":
                 reference = (ppl, info)
-            change = f"{100 * (ppl / reference[0] - 1):+.1f}%" if reference and suffix else ""
-            info_change = (f"{round(info - reference[1], 2) + 0.0:+.2f}"  # + 0.0: a -0.0 difference reads +0.00
+            change = signed(100 * (ppl / reference[0] - 1), 1) + "%" if reference and suffix else ""
+            info_change = (signed(info - reference[1], 2)
                            if reference and suffix and None not in (info, reference[1]) else "")
             kv_cell = (f"{kv['format']} K {kv['key_granularity']}, V {kv['value_granularity']}" if kv else "-")
             attention_cell = (f"{attention['query_format'] or '-'} / {attention['probs_format'] or '-'}" if attention
@@ -480,7 +485,8 @@ def cheap_steps_decision(all_rows: dict, all_averages: dict) -> list[str]:
         verdicts.append(within)
         calib = [rows[row]["quantization"].get("calib_seconds") for row in ("FPQ", "FPQ_cheap_steps")]
         lines.append(f"- {model}: held-out perplexity {heldout(rows['FPQ_cheap_steps']):.2f} against "
-                     f"{heldout(rows['FPQ']):.2f} ({ppl_change:+.1f}%), informative average {info_change:+.2f} "
+                     f"{heldout(rows['FPQ']):.2f} ({signed(ppl_change, 1)}%), informative average "
+                     f"{signed(info_change, 2)} "
                      f"points, calibration {calib[1]:.0f} s against {calib[0]:.0f} s (different runs and machine "
                      f"loads: see the waves): {'within' if within else 'outside'} the limits.")
     if False in verdicts:

@@ -44,6 +44,9 @@ def test_results_report_informative_tasks_and_averages():
     results = {"results": {t: {"acc,none": a} for t, a in accs.items()}}
     assert results_report.informative_tasks(results) == ["piqa", "hellaswag", "arc_easy", "lambada_openai"]
     assert results_report.mean([1.0, 2.0]) == 1.5 and results_report.mean([1.0, None]) is None
+    assert results_report.signed(100 * (26.472 / 26.474 - 1), 1) == "+0.0"  # -0.008 %: no "-0.0"
+    assert results_report.signed(-0.004, 2) == "+0.00" and results_report.signed(-0.26, 1) == "-0.3"
+    assert results_report.signed(2.849, 2) == "+2.85"
 
 
 def test_results_report_appends_notes_in_number_order():
