@@ -5,9 +5,11 @@ order from MinMax on `bench/step_costs.py`'s problem (x [--tokens, in] bfloat16,
 budget). While they run, every line executed in the project's own modules (quant_layers/, utils/) is charged with the
 memory peak reached while it ran, as GiB above the memory in use when its step began, read and reset at every line
 (bench/mem_trace.py's readers: CUDA's allocator peak on GPU 0; on the CPU the process's resident-set high-water mark,
-glibc told to return every freed buffer over 64 KiB). The line charged is the innermost project line running (a
-torch operator's temporaries count for the line that called it). Writes $OUT (or bench/results)/step_memory_<device>_<linear>.txt: per step its peak
-and the --top lines by peak.
+glibc told to return every freed buffer over 64 KiB). The peak is charged to the innermost project line running (a
+torch operator's temporaries count for the line that called it) and to every project line above it on the call
+stack (the calls in progress), so a step's own line shows which call holds the peak and the lines under it, indented,
+where inside. Writes $OUT (or bench/results)/step_memory_<device>_<linear>.txt: per step its peak and the --top lines
+by peak.
 
     python bench/step_memory.py --device cuda --linear down_proj
     python bench/step_memory.py --device cpu --linear down_proj --tokens 8192
