@@ -59,7 +59,7 @@ def test_local_search_equals_brute_force(fmt):
     state = minmax_state(problem, fmt, fmt)
     step = BlockScaleStep(codes_below=3, codes_above=2)
     cands, _ = step.candidates(fmt, w.float(), state.weight_max_value)
-    fast = local_block_losses(problem, state, cands)
+    fast = local_block_losses(problem, state, cands, problem.weight.float())
     xq = quantize(x.float(), fmt, state.act_max_value).double()
     gram = xq.T @ xq
     size = fmt.block.size
@@ -137,7 +137,7 @@ def test_planted_scales_are_found(fmt):
     start.mse = problem.loss(start)
     step = BlockScaleStep(codes_below=4, codes_above=6, exact_passes=0)
     cands, max_based = step.candidates(fmt, w, row_range)
-    local = local_block_losses(problem, start, cands)
+    local = local_block_losses(problem, start, cands, problem.weight.float())
     assert torch.equal(cands.gather(0, local.argmin(0, keepdim=True))[0], planted.to(cands.dtype))
     if not fmt.block.power_of_two:
         assert not torch.equal(max_based, planted) and start.mse > 0

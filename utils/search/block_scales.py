@@ -96,7 +96,7 @@ class BlockScaleStep:
         problem.weight_stats(state)  # G, V, c (kept by the problem) made before the candidates' tensors exist
         weight = problem.weight.float()
         cands, max_based = self.candidates(fmt, weight, state.weight_max_value)
-        local = local_block_losses(problem, state, cands)  # [C, out, blocks]
+        local = local_block_losses(problem, state, cands, weight)  # [C, out, blocks]
         searched = cands.gather(0, local.argmin(0, keepdim=True))[0]
         # each block's exact_candidates best local candidates [k, out, blocks]; the [C, out, blocks] tensors (and the
         # int64 sort) are dropped here, before the exact losses and the descent
@@ -104,7 +104,7 @@ class BlockScaleStep:
         del cands, local
         current = state.weight_block_scale.to(max_based) if state.weight_block_scale is not None else max_based
         options = torch.stack([current, max_based, searched])
-        exact = exact_row_losses(problem, state, options)  # [3, out]
+        exact = exact_row_losses(problem, state, options, weight)  # [3, out]
         best_loss = exact.min(0).values
         pick = (exact <= best_loss).to(torch.int8).argmax(0)  # the first option reaching the minimum: current first
         chosen = options.gather(0, pick.view(1, -1, 1).expand(1, *options.shape[1:]))[0]
@@ -146,14 +146,15 @@ class BlockScaleStep:
                     g[rows] += step @ gram[cols]
                     chosen[rows, block] = trial[which[rows], rows]
         del u, g, gram, hessian  # the exact losses below make their own residuals
-        exact = exact_row_losses(problem, state, chosen)
+        exact = exact_row_losses(problem, state, chosen, weight)
         return torch.where((exact < best_loss).unsqueeze(-1), chosen, start)
 
 
-def exact_row_losses(problem: LinearProblem, state: QuantParams, scales: torch.Tensor) -> torch.Tensor:
+def exact_row_losses(problem: LinearProblem, state: QuantParams, scales: torch.Tensor, weight: torch.Tensor
+                     ) -> torch.Tensor:
     """Exact row losses [..., out] (`LinearProblem.row_losses`) of state's weight format under block scales
-    [..., out, blocks], the residuals built in row chunks within the problem's budget."""
-    weight = problem.weight.float()
+    [..., out, blocks] for weight [out, in] (problem.weight in float32, the caller's copy), the residuals built in
+    row chunks within the problem's budget."""
     max_value = state.weight_max_value.view(-1, 1)
     count = scales[..., 0, 0].numel()
     losses = torch.empty(*scales.shape[:-1], device=weight.device)
@@ -169,14 +170,15 @@ def diagonal_blocks(gram: torch.Tensor, size: int) -> torch.Tensor:
     return gram.float().view(blocks, size, blocks, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def local_block_losses(problem: LinearProblem, state: QuantParams, cands: torch.Tensor) -> torch.Tensor:
+def local_block_losses(problem: LinearProblem, state: QuantParams, cands: torch.Tensor, weight: torch.Tensor
+                       ) -> torch.Tensor:
     """d^T H_j d [C, out, blocks] for candidate block scales cands [C, out, blocks] of state's weight format, d the
-    block's residual and H_j the diagonal block of G (the quantized inputs of state's activation quantizer);
-    chunked over rows and candidates to the problem's budget (about 16 bytes per weight element)."""
+    block's residual of weight [out, in] (problem.weight in float32, the caller's copy) and H_j the diagonal block
+    of G (the quantized inputs of state's activation quantizer); chunked over rows and candidates to the problem's
+    budget (about 16 bytes per weight element)."""
     fmt = state.weight_format
     gram = problem.weight_stats(state)[0]
     hessian = diagonal_blocks(gram, fmt.block.size)
-    weight = problem.weight.float()
     max_value = state.weight_max_value.view(-1, 1)
     count, out, blocks = cands.shape
     losses = torch.empty(count, out, blocks, device=weight.device)

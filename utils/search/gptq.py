@@ -7,16 +7,17 @@ against the layer's output error with the quantized input; the math is in quant_
    (`LinearProblem.weight_stats`), in static activation order, damping and lazy block size from the knobs; aimed at
    W itself (aim "weight", the published algorithm) or at W* = W - V G'^-1, the real-valued minimiser of the exact
    output error below (aim "output", `output_target`: the rounding also compensates the input's own quantization).
-   GPTQ's pass runs once over all rows (its Python loop over the columns is the step's time): the weight, its
-   working copy and the rounding in float32, beside G and its factor.
+   GPTQ's pass runs once over all rows (its Python loop over the columns is the step's time): its working copy of
+   the target and the rounding in float32, beside W and G as the problem holds them (bfloat16 on a GPU), the
+   float32 factor U and, for aim "output", W* (float32); the step keeps no float32 copy of W or G.
 3. Per row, keep GPTQ's rounding only where its EXACT row loss u^T G u + 2 u.v + c (`LinearProblem.row_losses`) is
    below the one of the state's own rounding under the same scales (round to nearest, or the state's stored codes):
    rows are independent given the activation quantizer, so the sum of the row losses only goes down.
 4. Store the result as codes (QuantParams.weight_codes, `encode_frozen`) with the frozen block scales, recompute the
    loss (`LinearProblem.loss`, the reference quantizer) and return the given state where it is not above it.
    Steps 3 and 4 run in the row slices of `LinearProblem.row_loss_chunks` (the slices row_losses takes anyway, so
-   the products are the same bit for bit): the state's own rounding, the residuals and the codes' temporaries exist
-   for one slice at a time.
+   the products are the same bit for bit): W in float32, the state's own rounding, the residuals and the codes'
+   temporaries exist for one slice at a time.
 
 A state without a weight format is returned unchanged. Where the damped H has no Cholesky factor (the damping too
 small for a badly rounded G, e.g. G in bfloat16 on a GPU) the damping is raised tenfold, twice (DAMPING_RETRIES);
@@ -70,11 +71,11 @@ class GPTQStep:
         fmt = state.weight_format
         if fmt is None:
             return state
+        # the stats' own G (bfloat16 on a GPU): the factors copy it to float32 and its diagonal sorts as in float32
         gram, cross, _ = problem.weight_stats(state)
-        gram = gram.float()
         order = activation_order(gram) if self.act_order else torch.arange(problem.in_features, device=gram.device)
         factors = self._factors(gram, order)
-        del gram  # row_losses takes the stats' own
+        del gram
         if factors is None:
             problem.release_weight_stats()
             warnings.warn(f"GPTQ: Xq^T Xq of a {problem.out_features} x {problem.in_features} Linear has no Cholesky "
@@ -82,19 +83,25 @@ class GPTQStep:
                           stacklevel=2)
             return state
         inverse_factor, target_factor = factors
-        weight = problem.weight.float()
+        del factors
+        # no float32 copy of W lives through the column loop and the selection: each use upcasts its own (exact)
         max_value = state.weight_max_value.float().view(-1, 1)
         block_scale = state.weight_block_scale
         if fmt.block is not None and block_scale is None:
-            block_scale = max_based_block_scale(weight, fmt, max_value)
-        target = weight if target_factor is None else target_from_factor(weight, cross.float(), target_factor)
+            block_scale = max_based_block_scale(problem.weight.float(), fmt, max_value)
+        if target_factor is None:
+            target = problem.weight  # gptq_round_factored rounds a float32 copy of it
+        else:
+            target = target_from_factor(problem.weight.float(), cross.float(), target_factor)
+        del target_factor, cross
         rounded = gptq_round_factored(target, inverse_factor, frozen_quantizer(fmt, max_value, block_scale),
                                       self.block_size, order)
-        del target, factors, inverse_factor, target_factor
+        del target, inverse_factor, order
         row_range = max_value.expand(problem.out_features, 1)
-        codes = torch.cat([self._select(problem, state, rows, weight[rows], rounded[rows], row_range[rows],
-                                        None if block_scale is None else block_scale[rows])
+        codes = torch.cat([self._select(problem, state, rows, problem.weight[rows].float(), rounded[rows],
+                                        row_range[rows], None if block_scale is None else block_scale[rows])
                            for rows in problem.row_loss_chunks(problem.out_features)])
+        del rounded
         result = dataclasses.replace(state, weight_block_scale=block_scale, weight_codes=codes)
         problem.release_weight_stats()  # before the loss, which reads X and W only
         result.mse = problem.loss(result)
