@@ -418,7 +418,7 @@ def _search_block(run: _Run, index: int, block: nn.Module, hidden: torch.Tensor,
         for name, module in group.items():
             run.params[name] = states[name]
             module.set_quant_params(states[name])
-    del inputs
+            del inputs[name]  # no later group reads it: the last group (down_proj, the widest) searches beside no other
     for name, module in attention.items():
         run.params[name] = calibrate_attention(module, records[name], run.settings.attention,
                                                run.settings.attention_space)
