@@ -78,6 +78,14 @@ class RssMemory:
         return self._status("VmHWM")
 
 
+def rss_memory() -> RssMemory:
+    """RssMemory of this process, which is first run again (once, at once: glibc reads the variable at start) with
+    MALLOC_MMAP_THRESHOLD_ at MMAP_THRESHOLD, so that every freed buffer over 64 KiB leaves the resident set."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
+    return RssMemory()
+
+
 def gib(values: list[float]) -> str:
     return " / ".join(f"{v / GIB:.3f}" for v in values)
 
@@ -157,10 +165,7 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.placement == "cpu":
-        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # freed buffers leave the resident set
-            os.execve(sys.executable, [sys.executable, *sys.argv],
-                      {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
-        memory = RssMemory()
+        memory = rss_memory()
     elif not torch.cuda.is_available():
         raise SystemExit("error: this placement measures GPU memory: run it on a CUDA machine, or use --placement cpu")
     else:

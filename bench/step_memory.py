@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, results_folder
-from mem_trace import MMAP_THRESHOLD, GpuMemory, RssMemory
+from mem_trace import GpuMemory, rss_memory
 from quant_layers.formats import parse_format
 from step_costs import LLAMA_7B_LINEARS, block_steps, llama_7b_problem
 from utils.search.space import SearchSpace
@@ -97,12 +97,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="lines listed per step")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # read by glibc at start
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
+    memory = GpuMemory() if device.type == "cuda" else rss_memory()  # before any work: the CPU's runs again first
     problem = llama_7b_problem(args.linear, args.device, args.tokens, torch.Generator(device=device).manual_seed(0))
     fmt = parse_format(args.format)
     state = minmax_state(problem, fmt, fmt, True)
-    memory = GpuMemory() if device.type == "cuda" else RssMemory()
     lines = [f"{args.linear} {tuple(problem.weight.shape)}, {args.tokens} tokens, {fmt.name}, device {args.device}, "
              f"budget {problem.budget.bytes / GIB:.2f} GiB; GiB above the memory in use at the step's start"]
     tracer = LinePeaks(memory)
