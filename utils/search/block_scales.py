@@ -165,9 +165,10 @@ def exact_row_losses(problem: LinearProblem, state: QuantParams, scales: torch.T
 
 
 def diagonal_blocks(gram: torch.Tensor, size: int) -> torch.Tensor:
-    """The [size, size] diagonal blocks of gram [in, in] as [in / size, size, size] (float32)."""
+    """The [size, size] diagonal blocks of gram [in, in] as [in / size, size, size] (float32: only the blocks are
+    converted, not the whole of a bfloat16 gram)."""
     blocks = gram.shape[0] // size
-    return gram.float().view(blocks, size, blocks, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return gram.view(blocks, size, blocks, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).float()
 
 
 def local_block_losses(problem: LinearProblem, state: QuantParams, cands: torch.Tensor, weight: torch.Tensor
